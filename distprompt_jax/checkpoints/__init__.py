@@ -1,0 +1,1 @@
+"""Reading checkpoints: HF directories (safetensors), GGUF files, and the registry of named models."""

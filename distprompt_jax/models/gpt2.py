@@ -1,0 +1,104 @@
+"""GPT-2: learned absolute positions, LayerNorm, biases everywhere, GELU MLP, tied unembedding.
+
+HF stores GPT-2's projections as Conv1D, already [in, out], with q/k/v fused in `c_attn`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+from distprompt_jax.models import hf_config
+from distprompt_jax.models.config import ModelConfig
+from distprompt_jax.models.layers import MLP, Attention, LayerNorm
+
+MODEL_TYPES = ("gpt2",)
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, stack: int | None = None):
+        self.attn_norm = LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, stack=stack)
+        self.attn = Attention(cfg, norm_offset=0.0, dtype=dtype, stack=stack)
+        self.mlp_norm = LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, stack=stack)
+        self.mlp = MLP(cfg, dtype=dtype, stack=stack)
+
+    def __call__(self, x, *, inv_freq, window):
+        x = x + self.attn(self.attn_norm(x), inv_freq=inv_freq, window=window)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def final_norm(cfg: ModelConfig, dtype) -> nnx.Module:
+    return LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+
+
+def config_from_hf(raw: dict) -> ModelConfig:
+    cfg = hf_config.HFConfig(raw)
+    cfg.require("model_type")
+    act = cfg.expect("activation_function", *_ACTIVATIONS)
+    cfg.expect("scale_attn_weights", True)
+    cfg.expect("scale_attn_by_inverse_layer_idx", False)
+    # Only changes where attention is upcast; float32 params compute the same.
+    cfg.ignore("reorder_and_upcast_attn")
+    d_model = cfg.require("n_embd")
+    n_heads = cfg.require("n_head")
+    result = ModelConfig(
+        family="gpt2",
+        vocab_size=cfg.require("vocab_size"),
+        d_model=d_model,
+        n_layers=cfg.require("n_layer"),
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        head_dim=d_model // n_heads,
+        d_ff=cfg.get("n_inner", 4 * d_model),
+        norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+        activation=_ACTIVATIONS[act],
+        tie_embeddings=cfg.get("tie_word_embeddings", True),
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+        max_positions=cfg.require("n_positions"),
+        bos_token_id=cfg.get("bos_token_id", None),
+        eos_token_id=hf_config.first_id(cfg.get("eos_token_id", None)),
+    )
+    cfg.check_all_read()
+    return result
+
+
+def params_from_hf(cfg: ModelConfig, tensors: hf_config.TensorSource) -> dict:
+    # The original OpenAI-converted checkpoints lack the `transformer.` prefix.
+    prefix = "transformer." if tensors.has("transformer.wte.weight") else ""
+    layer = prefix + "h.{i}."
+    n = cfg.n_layers
+
+    def norm(name: str) -> dict:
+        return {"scale": tensors.stacked(layer + name + ".weight", n), "bias": tensors.stacked(layer + name + ".bias", n)}
+
+    fused = tensors.stacked_linear(layer + "attn.c_attn", n, transpose=False)
+    q_kernel, k_kernel, v_kernel = np.split(fused["kernel"], 3, axis=-1)
+    q_bias, k_bias, v_bias = np.split(fused["bias"], 3, axis=-1)
+    params = {
+        "embed": {"embedding": tensors.take(prefix + "wte.weight")},
+        "pos_embed": {"embedding": tensors.take(prefix + "wpe.weight")},
+        "layers": {
+            "attn_norm": norm("ln_1"),
+            "attn": {
+                "q": {"kernel": q_kernel, "bias": q_bias},
+                "k": {"kernel": k_kernel, "bias": k_bias},
+                "v": {"kernel": v_kernel, "bias": v_bias},
+                "o": tensors.stacked_linear(layer + "attn.c_proj", n, transpose=False),
+            },
+            "mlp_norm": norm("ln_2"),
+            "mlp": {
+                "fc": tensors.stacked_linear(layer + "mlp.c_fc", n, transpose=False),
+                "proj": tensors.stacked_linear(layer + "mlp.c_proj", n, transpose=False),
+            },
+        },
+        "final_norm": {
+            "scale": tensors.take(prefix + "ln_f.weight"),
+            "bias": tensors.take(prefix + "ln_f.bias"),
+        },
+    }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = tensors.linear("lm_head")
+    return params

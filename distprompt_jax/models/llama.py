@@ -1,0 +1,100 @@
+"""Llama-style decoders: Llama 2/3, SmolLM2, TinyLlama, Mistral-free Qwen2 and Qwen3, chosen by config.
+
+Pre-norm blocks: x + attn(rms(x)), then x + mlp(rms(x)); SwiGLU MLP; RoPE; optional q/k/v biases
+(Qwen2) and per-head q/k RMSNorm (Qwen3).
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from distprompt_jax.models import hf_config
+from distprompt_jax.models.config import ModelConfig, UnsupportedConfigError
+from distprompt_jax.models.layers import Attention, GatedMLP, RMSNorm
+
+MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, stack: int | None = None):
+        norm = dict(eps=cfg.norm_eps, offset=0.0, dtype=dtype, stack=stack)
+        self.attn_norm = RMSNorm(cfg.d_model, **norm)
+        self.attn = Attention(cfg, norm_offset=0.0, dtype=dtype, stack=stack)
+        self.mlp_norm = RMSNorm(cfg.d_model, **norm)
+        self.mlp = GatedMLP(cfg, dtype=dtype, stack=stack)
+
+    def __call__(self, x, *, inv_freq, window):
+        x = x + self.attn(self.attn_norm(x), inv_freq=inv_freq, window=window)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def final_norm(cfg: ModelConfig, dtype) -> nnx.Module:
+    return RMSNorm(cfg.d_model, eps=cfg.norm_eps, offset=0.0, dtype=dtype)
+
+
+def config_from_hf(raw: dict) -> ModelConfig:
+    cfg = hf_config.HFConfig(raw)
+    model_type = cfg.require("model_type")
+    cfg.expect("hidden_act", "silu")
+    cfg.expect("pretraining_tp", 1)
+    if model_type in ("qwen2", "qwen3"):
+        cfg.expect("use_sliding_window", False)
+        cfg.ignore("max_window_layers", "sliding_window")
+        layer_types = set(cfg.get("layer_types", ["full_attention"]))
+        if layer_types != {"full_attention"}:
+            raise UnsupportedConfigError(f"unsupported layer_types {sorted(layer_types)}: only full attention")
+    n_layers = cfg.require("num_hidden_layers")
+    n_heads = cfg.require("num_attention_heads")
+    d_model = cfg.require("hidden_size")
+    attention_bias = cfg.get("attention_bias", False)
+    result = ModelConfig(
+        family="llama",
+        vocab_size=cfg.require("vocab_size"),
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads", None) or n_heads,
+        head_dim=cfg.get("head_dim", None) or d_model // n_heads,
+        d_ff=cfg.require("intermediate_size"),
+        norm_eps=cfg.require("rms_norm_eps"),
+        activation="silu",
+        tie_embeddings=cfg.get("tie_word_embeddings", model_type != "llama"),
+        # Qwen2 always has q/k/v biases and no output bias; Llama/Qwen3 follow attention_bias.
+        qkv_bias=model_type == "qwen2" or attention_bias,
+        out_bias=model_type != "qwen2" and attention_bias,
+        mlp_bias=cfg.get("mlp_bias", False),
+        qk_norm=model_type == "qwen3",
+        rope=(hf_config.rope_spec(cfg),) * n_layers,
+        max_positions=cfg.get("max_position_embeddings", 8192),
+        bos_token_id=cfg.get("bos_token_id", None),
+        eos_token_id=hf_config.first_id(cfg.get("eos_token_id", None)),
+    )
+    cfg.check_all_read()
+    return result
+
+
+def params_from_hf(cfg: ModelConfig, tensors: hf_config.TensorSource) -> dict:
+    layer = "model.layers.{i}."
+    attn = {
+        name: tensors.stacked_linear(layer + f"self_attn.{name}_proj", cfg.n_layers)
+        for name in ("q", "k", "v", "o")
+    }
+    if cfg.qk_norm:
+        attn["q_norm"] = {"scale": tensors.stacked(layer + "self_attn.q_norm.weight", cfg.n_layers)}
+        attn["k_norm"] = {"scale": tensors.stacked(layer + "self_attn.k_norm.weight", cfg.n_layers)}
+    params = {
+        "embed": {"embedding": tensors.take("model.embed_tokens.weight")},
+        "layers": {
+            "attn_norm": {"scale": tensors.stacked(layer + "input_layernorm.weight", cfg.n_layers)},
+            "attn": attn,
+            "mlp_norm": {"scale": tensors.stacked(layer + "post_attention_layernorm.weight", cfg.n_layers)},
+            "mlp": {
+                name: tensors.stacked_linear(layer + f"mlp.{name}_proj", cfg.n_layers)
+                for name in ("gate", "up", "down")
+            },
+        },
+        "final_norm": {"scale": tensors.take("model.norm.weight")},
+    }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = tensors.linear("lm_head")
+    return params
