@@ -126,11 +126,18 @@ def _map_leading(fn, x, core_ndim: int):
 
 def build_language_model(name: str, config: ModelConfig, params_np: dict, tokenizer, dtype: str = "float32"):
     """Place float32 numpy params on the default device in `dtype` and wrap them."""
+    skeleton = abstract_language_model(config, dtype, name)
+    params = jax.tree.map(lambda a: jnp.asarray(a, skeleton.dtype), params_np)
+    return dataclasses.replace(skeleton, params=params, tokenizer=tokenizer)
+
+
+def abstract_language_model(config: ModelConfig, dtype: str = "float32", name: str = "abstract") -> LanguageModel:
+    """A LanguageModel whose params are ShapeDtypeStructs: for `jax.eval_shape` on any size, no memory used."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    jdtype = DTYPES[dtype]
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DecoderLM(config, dtype=jdtype)))
-    params = jax.tree.map(lambda a: jnp.asarray(a, jdtype), params_np)
+    model = nnx.eval_shape(lambda: DecoderLM(config, dtype=DTYPES[dtype]))
+    graphdef, state = nnx.split(model)
     return LanguageModel(
-        name=name, config=config, params=params, tokenizer=tokenizer, dtype=jdtype, _graphdef=graphdef
+        name=name, config=config, params=nnx.to_pure_dict(state), tokenizer=None, dtype=DTYPES[dtype],
+        _graphdef=graphdef,
     )

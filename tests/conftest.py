@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random-init HF models of every family, saved to temp dirs like real checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+TINY_VOCAB = 300
+
+
+def tiny_hf_configs() -> dict:
+    """Small configs that still exercise each family's peculiarities (GQA, biases, q/k norm, windows, RoPE types)."""
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    llama3_rope = {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+    }
+    return {
+        "llama": LlamaConfig(**common, tie_word_embeddings=False, rope_parameters=llama3_rope),
+        "qwen2": Qwen2Config(**common, tie_word_embeddings=True),
+        "qwen3": Qwen3Config(**common, head_dim=24, tie_word_embeddings=False),
+        "gemma3": Gemma3TextConfig(
+            **common, head_dim=16, sliding_window=3, query_pre_attn_scalar=20,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
+        "gpt2": GPT2Config(
+            vocab_size=TINY_VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2
+        ),
+    }
+
+
+def build_tiny_hf_model(family: str, seed: int = 0):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_configs()[family], dtype=torch.float32).eval()
+    # HF initializes norms to the identity; perturb them so a misplaced norm cannot go unnoticed.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                param.add_(0.2 * torch.randn_like(param))
+    return model
+
+
+FAMILIES = tuple(tiny_hf_configs())
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """family -> (HF torch model, directory it was saved to)."""
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            model = build_tiny_hf_model(family)
+            path = tmp_path_factory.mktemp(f"tiny-{family}")
+            model.save_pretrained(path)
+            made[family] = (model, path)
+        return made[family]
+
+    return get
+
+
+def kl_rows(ref_logits, our_logits) -> np.ndarray:
+    """KL(ref || ours) per row, in float64 so the comparison itself adds no noise."""
+    ref = np.asarray(ref_logits, np.float64)
+    ours = np.asarray(our_logits, np.float64)
+    log_p = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
+    log_q = ours - np.logaddexp.reduce(ours, axis=-1, keepdims=True)
+    return np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def torch_last_logits(model, ids) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(ids))).logits[:, -1].float().numpy()
