@@ -6,9 +6,11 @@ install can be checked end to end on real weights.
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from distprompt_jax.checkpoints import registry
 
@@ -39,9 +41,15 @@ def next_token_report(lm, prompt: str, top_k: int) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        # absl logs at INFO by default, which surfaces JAX's backend probing.
+        logging.set_verbosity(logging.WARNING)
     from distprompt_jax import load_model
 
-    lm = load_model(_MODEL.value, dtype=_DTYPE.value)
+    try:
+        lm = load_model(_MODEL.value, dtype=_DTYPE.value)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        sys.exit(f"distprompt: {err}")
     print(next_token_report(lm, _PROMPT.value, _TOP_K.value))
 
 

