@@ -39,8 +39,12 @@ def timed(fn, repeats: int) -> float:
 
 
 def load_seconds_in_subprocess(model: str, cache: str | None) -> float:
-    """Wall time of `load_model` in a fresh interpreter (imports excluded), optionally with another cache."""
-    env = dict(os.environ, **({"DISTPROMPT_JAX_CACHE": cache} if cache else {}))
+    """Wall time of `load_model` in a fresh interpreter (imports excluded).
+
+    With `cache`, the model cache is that (empty) directory and pip's own HTTP cache is off, so the wheels
+    really come over the network.
+    """
+    env = dict(os.environ, **({"DISTPROMPT_JAX_CACHE": cache, "PIP_NO_CACHE_DIR": "1"} if cache else {}))
     code = (
         "import time; from distprompt_jax import load_model; t = time.perf_counter(); "
         f"load_model({model!r}); print(time.perf_counter() - t)"
