@@ -61,9 +61,9 @@ def config_from_hf(raw: dict) -> ModelConfig:
         )
     cfg.expect("hidden_activation", "gelu_pytorch_tanh")
     cfg.expect("use_bidirectional_attention", False)
-    n_layers = cfg.require("num_hidden_layers")
-    d_model = cfg.require("hidden_size")
-    layer_types = _layer_types(cfg, n_layers)
+    # Gemma's head_dim is not hidden/heads (HF's default is 256), so the config must state it.
+    sizes = {**hf_config.decoder_sizes(cfg), "head_dim": cfg.require("head_dim")}
+    layer_types = _layer_types(cfg, sizes["n_layers"])
     window = cfg.require("sliding_window")
     if cfg.raw.get("rope_parameters") is not None:
         local_rope = hf_config.rope_spec(cfg, "sliding_attention")
@@ -74,14 +74,7 @@ def config_from_hf(raw: dict) -> ModelConfig:
     attention_bias = cfg.get("attention_bias", False)
     result = ModelConfig(
         family="gemma3",
-        vocab_size=cfg.require("vocab_size"),
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=cfg.require("num_attention_heads"),
-        n_kv_heads=cfg.require("num_key_value_heads"),
-        head_dim=cfg.require("head_dim"),
-        d_ff=cfg.require("intermediate_size"),
-        norm_eps=cfg.require("rms_norm_eps"),
+        **sizes,
         activation="gelu_tanh",
         tie_embeddings=cfg.get("tie_word_embeddings", True),
         qkv_bias=attention_bias,
@@ -90,28 +83,20 @@ def config_from_hf(raw: dict) -> ModelConfig:
         query_scale=cfg.require("query_pre_attn_scalar") ** -0.5,
         attn_logit_softcap=cfg.get("attn_logit_softcapping", None),
         final_logit_softcap=cfg.get("final_logit_softcapping", None),
-        embed_scale=math.sqrt(d_model),
+        embed_scale=math.sqrt(sizes["d_model"]),
         rope=tuple(local_rope if t == "sliding_attention" else global_rope for t in layer_types),
         sliding_window=tuple(window if t == "sliding_attention" else None for t in layer_types),
         max_positions=cfg.get("max_position_embeddings", 32768),
-        bos_token_id=cfg.get("bos_token_id", None),
-        eos_token_id=hf_config.first_id(cfg.get("eos_token_id", None)),
     )
     cfg.check_all_read()
     return result
 
 
 def params_from_hf(cfg: ModelConfig, tensors: hf_config.TensorSource) -> dict:
-    layer = "model.layers.{i}."
-
     def norm(name: str) -> dict:
-        return {"scale": tensors.stacked(layer + name + ".weight", cfg.n_layers)}
+        return {"scale": tensors.stacked("model.layers.{i}." + name + ".weight", cfg.n_layers)}
 
-    attn = {
-        name: tensors.stacked_linear(layer + f"self_attn.{name}_proj", cfg.n_layers) for name in ("q", "k", "v", "o")
-    }
-    attn["q_norm"] = norm("self_attn.q_norm")
-    attn["k_norm"] = norm("self_attn.k_norm")
+    attn, mlp = tensors.attention_and_gated_mlp(cfg.n_layers, qk_norm=True)
     params = {
         "embed": {"embedding": tensors.take("model.embed_tokens.weight")},
         "layers": {
@@ -119,9 +104,7 @@ def params_from_hf(cfg: ModelConfig, tensors: hf_config.TensorSource) -> dict:
             "attn": attn,
             "post_attn_norm": norm("post_attention_layernorm"),
             "mlp_norm": norm("pre_feedforward_layernorm"),
-            "mlp": {
-                name: tensors.stacked_linear(layer + f"mlp.{name}_proj", cfg.n_layers) for name in ("gate", "up", "down")
-            },
+            "mlp": mlp,
             "post_mlp_norm": norm("post_feedforward_layernorm"),
         },
         "final_norm": {"scale": tensors.take("model.norm.weight")},

@@ -11,8 +11,9 @@ import numpy as np
 
 from distprompt_jax.models.config import RopeSpec, UnsupportedConfigError
 
-# Attributes that never change the forward pass of a causal LM at inference time.
-HARMLESS_KEYS = frozenset({
+# Attributes that never change a causal LM's forward pass at inference. Every other attribute must be read
+# by the family module, which refuses values it does not implement; one nobody reads fails the load by name.
+_NO_EFFECT_ON_INFERENCE = frozenset({
     "_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache",
     "initializer_range", "attention_dropout", "hidden_dropout", "dropout", "embd_pdrop", "resid_pdrop",
     "attn_pdrop", "summary_activation", "summary_first_dropout", "summary_proj_to_labels", "summary_type",
@@ -20,23 +21,8 @@ HARMLESS_KEYS = frozenset({
     "output_attentions", "output_hidden_states", "return_dict", "tokenizer_class", "id2label", "label2id",
     "task_specific_params", "n_ctx", "add_cross_attention", "chunk_size_feed_forward", "problem_type",
     "is_decoder", "is_encoder_decoder", "cross_attention_hidden_size", "tie_encoder_decoder",
-    "_sliding_window_pattern", "sliding_window_pattern", "model_type", "max_position_embeddings",
-    "use_bidirectional_attention", "cache_implementation", "final_logit_softcapping", "attn_logit_softcapping",
-    "bos_token_id", "eos_token_id", "tie_word_embeddings", "generation_config", "_attn_implementation",
-    "_attn_implementation_autoset", "layer_norm_eps", "rope_scaling", "rope_theta", "rope_parameters",
-    "use_sliding_window", "max_window_layers", "sliding_window", "layer_types", "pretraining_tp",
-    "hidden_act", "hidden_activation", "activation_function", "partial_rotary_factor",
+    "cache_implementation", "generation_config", "_attn_implementation", "_attn_implementation_autoset",
 })
-# Of those, the ones that do change the math are checked by the family modules through `expect`;
-# the rest must be consumed explicitly, and anything not listed at all is refused.
-_CHECKED_KEYS = frozenset({
-    "use_bidirectional_attention", "final_logit_softcapping", "attn_logit_softcapping", "rope_scaling",
-    "rope_theta", "rope_parameters", "use_sliding_window", "max_window_layers", "sliding_window",
-    "layer_types", "pretraining_tp", "hidden_act", "hidden_activation", "activation_function",
-    "partial_rotary_factor", "tie_word_embeddings", "bos_token_id", "eos_token_id", "max_position_embeddings",
-    "_sliding_window_pattern", "sliding_window_pattern", "layer_norm_eps",
-})
-_ALWAYS_IGNORED = HARMLESS_KEYS - _CHECKED_KEYS
 
 
 class HFConfig:
@@ -44,7 +30,7 @@ class HFConfig:
 
     def __init__(self, raw: Mapping[str, Any]):
         self.raw = dict(raw)
-        self._read = set(_ALWAYS_IGNORED)
+        self._read = set(_NO_EFFECT_ON_INFERENCE)
 
     def require(self, key: str):
         if self.raw.get(key) is None:
@@ -116,6 +102,24 @@ def rope_spec(cfg: HFConfig, layer_type: str | None = None, legacy_theta_key: st
     return RopeSpec(theta=float(theta), rope_type=rope_type, **kwargs)
 
 
+def decoder_sizes(cfg: HFConfig) -> dict:
+    """The ModelConfig fields that Llama-style configs (Llama, Qwen, Gemma) name alike."""
+    d_model = cfg.require("hidden_size")
+    n_heads = cfg.require("num_attention_heads")
+    return dict(
+        vocab_size=cfg.require("vocab_size"),
+        d_model=d_model,
+        n_layers=cfg.require("num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads", n_heads),
+        head_dim=cfg.get("head_dim", d_model // n_heads),
+        d_ff=cfg.require("intermediate_size"),
+        norm_eps=cfg.require("rms_norm_eps"),
+        bos_token_id=cfg.get("bos_token_id", None),
+        eos_token_id=first_id(cfg.get("eos_token_id", None)),
+    )
+
+
 def first_id(token_id):
     """eos_token_id may be a list in HF configs; the first one is the canonical end token."""
     if isinstance(token_id, (list, tuple)):
@@ -154,6 +158,16 @@ class TensorSource:
     def stacked_linear(self, template: str, n_layers: int, *, transpose: bool = True) -> dict:
         layers = [self.linear(template.format(i=i), transpose=transpose) for i in range(n_layers)]
         return {key: np.stack([layer[key] for layer in layers]) for key in layers[0]}
+
+    def attention_and_gated_mlp(self, n_layers: int, qk_norm: bool) -> tuple[dict, dict]:
+        """Stacked `self_attn.{q,k,v,o}_proj` (+ q/k norms) and `mlp.{gate,up,down}_proj` of Llama-style layers."""
+        layer = "model.layers.{i}."
+        attn = {name: self.stacked_linear(layer + f"self_attn.{name}_proj", n_layers) for name in "qkvo"}
+        if qk_norm:
+            for name in ("q_norm", "k_norm"):
+                attn[name] = {"scale": self.stacked(layer + f"self_attn.{name}.weight", n_layers)}
+        mlp = {name: self.stacked_linear(layer + f"mlp.{name}_proj", n_layers) for name in ("gate", "up", "down")}
+        return attn, mlp
 
     def unused(self) -> list[str]:
         return sorted(

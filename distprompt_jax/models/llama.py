@@ -43,31 +43,20 @@ def config_from_hf(raw: dict) -> ModelConfig:
         layer_types = set(cfg.get("layer_types", ["full_attention"]))
         if layer_types != {"full_attention"}:
             raise UnsupportedConfigError(f"unsupported layer_types {sorted(layer_types)}: only full attention")
-    n_layers = cfg.require("num_hidden_layers")
-    n_heads = cfg.require("num_attention_heads")
-    d_model = cfg.require("hidden_size")
     attention_bias = cfg.get("attention_bias", False)
+    sizes = hf_config.decoder_sizes(cfg)
     result = ModelConfig(
         family="llama",
-        vocab_size=cfg.require("vocab_size"),
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads", None) or n_heads,
-        head_dim=cfg.get("head_dim", None) or d_model // n_heads,
-        d_ff=cfg.require("intermediate_size"),
-        norm_eps=cfg.require("rms_norm_eps"),
+        **sizes,
         activation="silu",
-        tie_embeddings=cfg.get("tie_word_embeddings", model_type != "llama"),
+        tie_embeddings=cfg.get("tie_word_embeddings", False),
         # Qwen2 always has q/k/v biases and no output bias; Llama/Qwen3 follow attention_bias.
         qkv_bias=model_type == "qwen2" or attention_bias,
         out_bias=model_type != "qwen2" and attention_bias,
         mlp_bias=cfg.get("mlp_bias", False),
         qk_norm=model_type == "qwen3",
-        rope=(hf_config.rope_spec(cfg),) * n_layers,
+        rope=(hf_config.rope_spec(cfg),) * sizes["n_layers"],
         max_positions=cfg.get("max_position_embeddings", 8192),
-        bos_token_id=cfg.get("bos_token_id", None),
-        eos_token_id=hf_config.first_id(cfg.get("eos_token_id", None)),
     )
     cfg.check_all_read()
     return result
@@ -75,23 +64,14 @@ def config_from_hf(raw: dict) -> ModelConfig:
 
 def params_from_hf(cfg: ModelConfig, tensors: hf_config.TensorSource) -> dict:
     layer = "model.layers.{i}."
-    attn = {
-        name: tensors.stacked_linear(layer + f"self_attn.{name}_proj", cfg.n_layers)
-        for name in ("q", "k", "v", "o")
-    }
-    if cfg.qk_norm:
-        attn["q_norm"] = {"scale": tensors.stacked(layer + "self_attn.q_norm.weight", cfg.n_layers)}
-        attn["k_norm"] = {"scale": tensors.stacked(layer + "self_attn.k_norm.weight", cfg.n_layers)}
+    attn, mlp = tensors.attention_and_gated_mlp(cfg.n_layers, qk_norm=cfg.qk_norm)
     params = {
         "embed": {"embedding": tensors.take("model.embed_tokens.weight")},
         "layers": {
             "attn_norm": {"scale": tensors.stacked(layer + "input_layernorm.weight", cfg.n_layers)},
             "attn": attn,
             "mlp_norm": {"scale": tensors.stacked(layer + "post_attention_layernorm.weight", cfg.n_layers)},
-            "mlp": {
-                name: tensors.stacked_linear(layer + f"mlp.{name}_proj", cfg.n_layers)
-                for name in ("gate", "up", "down")
-            },
+            "mlp": mlp,
         },
         "final_norm": {"scale": tensors.take("model.norm.weight")},
     }
