@@ -1,0 +1,58 @@
+"""Spreading independent targets over processes and devices.
+
+Targets never interact. In a multi-host run (after `jax.distributed.initialize`) each process takes a
+contiguous slice of the targets and works on its local devices only: no collective crosses hosts. Within
+a process, a chunk's target axis is sharded over the local devices with `jit` + `NamedSharding`, and the
+model parameters are replicated. Chunks have a fixed size (the last is padded) so one compiled step
+serves them all.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+TARGET_AXIS = "targets"
+
+
+def local_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over this process's devices, its axis named `targets`."""
+    return Mesh(np.asarray(devices if devices is not None else jax.local_devices()), (TARGET_AXIS,))
+
+
+def target_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (target) axis split over the mesh, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(TARGET_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def process_slice(n_targets: int, process_index: int | None = None, process_count: int | None = None) -> slice:
+    """This process's contiguous share of `n_targets` (sizes differ by at most one)."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    bounds = np.linspace(0, n_targets, count + 1).round().astype(int)
+    return slice(int(bounds[index]), int(bounds[index + 1]))
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def chunk_bounds(n_targets: int, chunk_size: int) -> list[tuple[int, int]]:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return [(start, min(start + chunk_size, n_targets)) for start in range(0, n_targets, chunk_size)]
+
+
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+    """Pad the leading axis to `size` by repeating the first row (a valid input whose result is dropped)."""
+    x = np.asarray(x)
+    if len(x) > size:
+        raise ValueError(f"{len(x)} rows do not fit a chunk of {size}")
+    if len(x) == size:
+        return x
+    return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)])

@@ -1,0 +1,1 @@
+"""Finding prompts: the objective and the soft- and hard-prompt engines."""
