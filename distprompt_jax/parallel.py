@@ -56,3 +56,34 @@ def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
     if len(x) == size:
         return x
     return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)])
+
+
+def available_bytes(device) -> int:
+    """Free memory of one device; CPU devices share the host's available RAM."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    host = int(info["MemAvailable"].split()[0]) * 1024
+    return host // len(jax.local_devices(backend=device.platform))
+
+
+def auto_chunk_size(
+    lower, *, n_targets: int, n_devices: int, fixed_bytes: int, budget_fraction: float = 0.5,
+    max_chunk: int = 4096,
+) -> int:
+    """The largest chunk whose compiled step fits `budget_fraction` of each device's free memory.
+
+    `lower(size)` lowers the step for a chunk of `size` targets; XLA's memory analysis of a small probe
+    gives the bytes per target (everything beyond `fixed_bytes`, the replicated parameters, counted
+    against the targets — an overestimate, so the chunk errs small).
+    """
+    probe = 4 * n_devices
+    memory = lower(probe).compile().memory_analysis()
+    used = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+    per_target = max(1, used - fixed_bytes) / (probe / n_devices)
+    budget = budget_fraction * available_bytes(jax.local_devices()[0]) - fixed_bytes
+    per_device = max(1, int(budget // per_target))
+    chunk = per_device * n_devices
+    return max(n_devices, min(chunk, max_chunk, round_up(n_targets, n_devices)))

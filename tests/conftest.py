@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
+
+# Four fake CPU devices, so sharded code paths run (and can be compared with one device) in every test.
+jax.config.update("jax_num_cpu_devices", 4)
 
 TINY_VOCAB = 300
 

@@ -1,0 +1,160 @@
+"""The soft-prompt engine on tiny models whose outputs are peaked enough to be interesting."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import build_tiny_hf_model
+from distprompt_jax import SoftPromptConfig, load_model, soft_prompt
+from distprompt_jax.targets import TargetError
+
+
+@pytest.fixture(scope="module")
+def peaked_lm(tmp_path_factory):
+    """family -> a tiny model with embeddings scaled up, so its next-token entropies are ~1-4 nats."""
+    import torch
+
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            model = build_tiny_hf_model(family)
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "embed" in name or "lm_head" in name or "wte" in name:
+                        param.mul_(10)
+            path = tmp_path_factory.mktemp(f"peaked-{family}")
+            model.save_pretrained(path)
+            made[family] = load_model(path)
+        return made[family]
+
+    return get
+
+
+def self_generated_targets(lm, n: int, length: int, seed: int = 0) -> np.ndarray:
+    """The model's own next-token distributions after random token prompts: reachable exactly."""
+    ids = np.random.RandomState(seed).randint(0, lm.vocab_size, size=(n, length))
+    logits = jax.vmap(lm.logits, in_axes=(None, 0))(lm.params, lm.embed(lm.params, ids))
+    return np.asarray(jax.nn.softmax(logits), np.float64)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_self_generated_targets_are_reached(peaked_lm, family):
+    lm = peaked_lm(family)
+    targets = self_generated_targets(lm, 4, length=5)
+    result = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=5, max_steps=400, chunk_size=4))
+    table = result.to_pandas()
+    assert list(table.columns[:3]) == ["target_id", "method", "kl"]
+    assert (table.method == "soft").all() and (table.prompt_len == 5).all()
+    assert table.kl.max() < 1e-3, table.kl.tolist()
+    assert result.arrays["prompt"].shape == (4, 5, lm.d_model)
+    assert result.arrays["nearest_tokens"].shape == (4, 5)
+
+
+def test_reported_kl_is_the_kl_of_the_returned_prompt(peaked_lm):
+    lm = peaked_lm("gemma3")
+    targets = self_generated_targets(lm, 3, length=4, seed=1)
+    result = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=4, max_steps=30, chunk_size=4))
+    logits = jax.vmap(lm.logits, in_axes=(None, 0))(lm.params, result.arrays["prompt"])
+    log_q = np.asarray(jax.nn.log_softmax(logits), np.float64)
+    direct = np.sum(np.where(targets > 0, targets * (np.log(np.where(targets > 0, targets, 1)) - log_q), 0), -1)
+    np.testing.assert_allclose(result.columns["kl"], direct, atol=2e-5)
+    assert np.all(result.columns["kl"] <= result.columns["final_kl"])
+
+
+def test_best_kl_never_increases_with_more_steps(peaked_lm):
+    lm = peaked_lm("llama")
+    targets = self_generated_targets(lm, 4, length=3, seed=2)
+    best = [
+        soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, max_steps=steps, patience=1000, chunk_size=4))
+        .columns["kl"]
+        for steps in (1, 10, 40)
+    ]
+    assert np.all(best[1] <= best[0]) and np.all(best[2] <= best[1])
+    assert np.all(best[2] < best[0])
+
+
+def test_early_stopped_targets_stop_changing(peaked_lm):
+    lm = peaked_lm("gemma3")
+    targets = self_generated_targets(lm, 8, length=3, seed=3)
+
+    def run(max_steps):
+        return soft_prompt(lm, targets, SoftPromptConfig(
+            prompt_len=3, max_steps=max_steps, patience=3, min_delta=1e-2, chunk_size=8, segment_steps=4,
+        ))
+
+    short, long = run(40), run(200)
+    stopped = short.columns["steps"] < 40
+    assert stopped.any()
+    np.testing.assert_array_equal(short.columns["steps"][stopped], long.columns["steps"][stopped])
+    np.testing.assert_array_equal(short.arrays["prompt"][stopped], long.arrays["prompt"][stopped])
+
+
+def test_restarts_never_make_a_result_worse(peaked_lm):
+    lm = peaked_lm("llama")
+    targets = self_generated_targets(lm, 4, length=3, seed=4)
+    config = SoftPromptConfig(prompt_len=3, max_steps=15, chunk_size=4)
+    once = soft_prompt(lm, targets, config).columns["kl"]
+    thrice = soft_prompt(lm, targets, SoftPromptConfig(**{**config.__dict__, "restarts": 3})).columns["kl"]
+    assert np.all(thrice <= once)
+
+
+def test_four_devices_give_the_same_results_as_one_and_chunking_does_not_matter(peaked_lm):
+    assert len(jax.devices()) == 4
+    lm = peaked_lm("gemma3")
+    targets = self_generated_targets(lm, 6, length=3, seed=5)
+    config = SoftPromptConfig(prompt_len=3, max_steps=20, chunk_size=8)
+    four = soft_prompt(lm, targets, config)
+    one = soft_prompt(lm, targets, config, devices=jax.devices()[:1])
+    small_chunks = soft_prompt(lm, targets, SoftPromptConfig(**{**config.__dict__, "chunk_size": 4}))
+    for other in (one, small_chunks):
+        np.testing.assert_allclose(four.columns["kl"], other.columns["kl"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(four.arrays["prompt"], other.arrays["prompt"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer, mode", [(0, "replace"), (2, "add"), ("final_norm", "replace")])
+def test_interventions_reach_self_generated_targets(peaked_lm, layer, mode):
+    lm = peaked_lm("llama")
+    targets = self_generated_targets(lm, 2, length=1, seed=6)
+    config = SoftPromptConfig(
+        intervention_layer=layer, intervention_mode=mode, prefix=(5,), max_steps=300, chunk_size=4,
+    )
+    result = soft_prompt(lm, targets, config)
+    assert result.arrays["prompt"].shape == (2, lm.d_model)
+    assert (result.columns["prompt_len"] == 0).all()
+    assert result.columns["kl"].max() < 1e-3
+
+
+def test_inits(peaked_lm):
+    lm = peaked_lm("gemma3")
+    targets = self_generated_targets(lm, 2, length=3)
+    table = np.asarray(lm.embedding_matrix(lm.params))
+    vocab = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, init="vocab", max_steps=1, chunk_size=4))
+    # Before any step the prompt is made of vocabulary embeddings.
+    rows = vocab.arrays["prompt"].reshape(-1, lm.d_model)
+    assert all(np.any(np.all(np.isclose(table, row, atol=1e-6), axis=1)) for row in rows)
+    std = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, max_steps=1, chunk_size=4, restarts=1))
+    assert np.std(std.arrays["prompt"]) == pytest.approx(np.std(table), rel=0.3)
+
+
+def test_bad_targets_and_configs_are_named(peaked_lm):
+    lm = peaked_lm("gpt2")
+    good = self_generated_targets(lm, 3, length=2)
+    with pytest.raises(TargetError, match="301 columns, but the model's vocabulary has 300"):
+        soft_prompt(lm, np.full((2, 301), 1 / 301))
+    bad = good.copy()
+    bad[1, 0] = np.nan
+    with pytest.raises(TargetError, match="row 1: not finite"):
+        soft_prompt(lm, bad)
+    for field, value, message in [
+        ("prompt_len", 0, "prompt_len must be at least 1"),
+        ("init", "zeros", "init must be one of"),
+        ("intervention_layer", 7, r"intervention_layer must be None, 'final_norm' or an int in \[0, 3\]"),
+        ("learning_rate", -1.0, "learning_rate must be positive"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            soft_prompt(lm, good, SoftPromptConfig(**{field: value}))
+    with pytest.raises(ValueError, match="intervention needs fixed input tokens"):
+        soft_prompt(lm, good, SoftPromptConfig(intervention_layer=1))
