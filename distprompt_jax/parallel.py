@@ -87,3 +87,20 @@ def auto_chunk_size(
     per_device = max(1, int(budget // per_target))
     chunk = per_device * n_devices
     return max(n_devices, min(chunk, max_chunk, round_up(n_targets, n_devices)))
+
+
+def sharded_params(params, mesh: Mesh):
+    """Parameters split over the mesh along each leaf's largest evenly divisible axis (others replicated).
+
+    For models too large for one device: each device stores 1/n of the weights and XLA gathers them
+    where the replicated-over-targets computation needs them (ZeRO-3 style), trading memory for traffic.
+    """
+
+    def spec(leaf) -> NamedSharding:
+        axes = sorted(range(leaf.ndim), key=lambda a: -leaf.shape[a])
+        for axis in axes:
+            if leaf.shape[axis] % mesh.size == 0:
+                return NamedSharding(mesh, PartitionSpec(*([None] * axis), TARGET_AXIS))
+        return replicated(mesh)
+
+    return jax.device_put(params, jax.tree.map(spec, params))

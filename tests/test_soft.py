@@ -109,7 +109,8 @@ def test_four_devices_give_the_same_results_as_one_and_chunking_does_not_matter(
     four = soft_prompt(lm, targets, config)
     one = soft_prompt(lm, targets, config, devices=jax.devices()[:1])
     small_chunks = soft_prompt(lm, targets, SoftPromptConfig(**{**config.__dict__, "chunk_size": 4}))
-    for other in (one, small_chunks):
+    sharded_weights = soft_prompt(lm, targets, SoftPromptConfig(**{**config.__dict__, "shard_params": True}))
+    for other in (one, small_chunks, sharded_weights):
         np.testing.assert_allclose(four.columns["kl"], other.columns["kl"], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(four.arrays["prompt"], other.arrays["prompt"], rtol=1e-4, atol=1e-5)
 

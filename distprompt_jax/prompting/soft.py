@@ -54,6 +54,7 @@ class SoftPromptConfig:
     intervention_layer: int | str | None = None  # None: input embeddings; k: residual entering layer k; "final_norm"
     intervention_mode: str = "add"
     top_k: int = 10  # for the top-k overlap figure
+    shard_params: bool = False  # split the weights over the devices (models too large for one device)
 
     def validate(self, lm) -> None:
         def fail(message):
@@ -127,7 +128,10 @@ def soft_prompt(lm, targets, config: SoftPromptConfig | None = None, *, devices=
     probs = target_set.probs[share]
     metadata = target_set.metadata.iloc[share].reset_index(drop=True)
     mesh = parallel.local_mesh(devices)
-    params = jax.device_put(lm.params, parallel.replicated(mesh))
+    if config.shard_params:
+        params = parallel.sharded_params(lm.params, mesh)
+    else:
+        params = jax.device_put(lm.params, parallel.replicated(mesh))
 
     problem = _Problem.build(lm, config)
     chunk_size = parallel.round_up(
@@ -330,7 +334,8 @@ class _Problem:
             )
             return jax.jit(self.run_segment, static_argnames="num_steps").lower(params, p, log_p, state, num_steps=1)
 
-        fixed = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+        # What one device holds of the parameters (all of them, unless they are sharded).
+        fixed = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(params))
         return parallel.auto_chunk_size(lower, n_targets=n_targets, n_devices=mesh.size, fixed_bytes=fixed)
 
 

@@ -1,0 +1,190 @@
+"""Soft-prompt engine benchmark on smollm2-135m (L = 10), against PyTorch measured in the same run.
+
+    python bench/bench_soft.py [--sizes 1,8,64,256] [--steps 5] [--memory 256,1024,4096] [--quality 64]
+
+1. Throughput, target·steps/s: our compiled segment (`jit(vmap(value_and_grad(KL)))` + per-target Adam
+   inside a `while_loop`, every target active) against HF PyTorch with `inputs_embeds` + torch Adam,
+   (a) one target at a time, as the public reproduction does, and (b) the whole batch at once.
+2. MFU: model FLOPs of a step (counted from the architecture: XLA's cost analysis counts a scanned
+   layer once) over its time, divided by this machine's dense float32 matmul peak, measured here.
+3. Peak memory (max RSS of a fresh process) of `soft_prompt` on N targets with the automatic chunk size.
+4. Quality per compute: the default recipe against the peer recipe (N(0,1) init, Adam 0.1, L = 5,
+   patience 20) at the same step budget, on vanilla targets across entropies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODEL = "smollm2-135m"
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_targets(n: int, vocab: int, seed: int = 0) -> np.ndarray:
+    logits = np.random.default_rng(seed).standard_normal((n, vocab)) * 2
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def step_flops(config, prompt_len: int) -> float:
+    """FLOPs of one value_and_grad step for one target, gradients to the prompt only.
+
+    Forward: every projection on every position, attention scores and mixing, the unembedding of the
+    last position. Backward to the inputs: one matmul per projection (no weight gradients), two per
+    attention product.
+    """
+    n, d, hd = prompt_len, config.d_model, config.head_dim
+    q_dim, kv_dim = config.n_heads * hd, config.n_kv_heads * hd
+    mlp = 3 if config.family != "gpt2" else 2
+    linear = 2 * n * d * (2 * q_dim + 2 * kv_dim + mlp * config.d_ff)
+    attention = 2 * 2 * n * n * q_dim
+    forward_linear = config.n_layers * linear + 2 * d * config.vocab_size
+    forward_attention = config.n_layers * attention
+    return 2 * forward_linear + 3 * forward_attention
+
+
+def jax_segment(lm, n: int, steps: int):
+    """A callable running `steps` optimizer steps for n targets."""
+    from distprompt_jax.prompting.objective import safe_log
+    from distprompt_jax.prompting.soft import SoftPromptConfig, _Problem
+
+    config = SoftPromptConfig(max_steps=10**6, patience=10**6)
+    problem = _Problem.build(lm, config)
+    p = jnp.asarray(random_targets(n, lm.vocab_size))
+    log_p = safe_log(p)
+    state = problem.init_state(lm.params, jax.random.key(0), 0, n)
+    segment = jax.jit(problem.run_segment, static_argnames="num_steps")
+    return lambda: jax.block_until_ready(segment(lm.params, p, log_p, state, num_steps=steps))
+
+
+def torch_steps(hf, targets: np.ndarray, steps: int, embed_std: float):
+    """Adam on inputs_embeds for a batch of targets (a batch of one: the per-target loop)."""
+    import torch
+
+    p = torch.as_tensor(targets)
+    log_p = torch.log(torch.where(p > 0, p, torch.ones_like(p)))
+
+    def run():
+        x = (embed_std * torch.randn(len(targets), 10, hf.config.hidden_size)).requires_grad_(True)
+        optimizer = torch.optim.Adam([x], lr=0.1)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            log_q = torch.log_softmax(hf(inputs_embeds=x).logits[:, -1].float(), dim=-1)
+            loss = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum()
+            loss.backward()
+            optimizer.step()
+
+    return run
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
+    a = jnp.ones((size, size), jnp.float32)
+    dot = jax.jit(lambda a: a @ a)
+    seconds = median_seconds(lambda: jax.block_until_ready(dot(a)), repeats)
+    return 2 * size**3 / seconds
+
+
+def peak_rss_gb(n: int) -> float:
+    code = (
+        "import resource, numpy as np, sys; sys.path.insert(0, 'bench');"
+        "from bench_soft import random_targets; from distprompt_jax import load_model, soft_prompt, SoftPromptConfig;"
+        f"lm = load_model({MODEL!r}); soft_prompt(lm, random_targets({n}, lm.vocab_size), SoftPromptConfig(max_steps=1));"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 2**20
+
+
+def quality(lm, n: int, budget: int):
+    from distprompt_jax import SoftPromptConfig, soft_prompt
+    from distprompt_jax.targets import vanilla_targets
+
+    entropies = np.linspace(0.0, np.log(lm.vocab_size), n)
+    targets = vanilla_targets(lm.vocab_size, entropies, seed=0)
+    ours = soft_prompt(lm, targets, SoftPromptConfig(max_steps=budget)).columns["kl"]
+    peer = soft_prompt(
+        lm, targets, SoftPromptConfig(prompt_len=5, init="normal", patience=20, max_steps=budget)
+    ).columns["kl"]
+    return ours, peer, entropies
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1,8,64,256")
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per timed run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory", default="256,1024,4096", help="target counts for peak memory ('' to skip)")
+    parser.add_argument("--quality", type=int, default=64, help="targets for the recipe comparison (0 to skip)")
+    parser.add_argument("--budget", type=int, default=100, help="step budget of the recipe comparison")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distprompt_jax import load_model
+    from distprompt_jax.checkpoints import registry
+
+    torch.set_num_threads(os.cpu_count())
+    print(f"# {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.devices()[0].platform}), "
+          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, load {os.getloadavg()[0]:.2f}\n")
+    lm = load_model(MODEL)
+    gguf = registry.fetch(MODEL)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    for param in hf.parameters():
+        param.requires_grad_(False)
+    embed_std = float(jnp.std(lm.embedding_matrix(lm.params)))
+    peak = matmul_peak_flops()
+
+    # The per-target loop's rate does not depend on N: measure it on one target.
+    loop_seconds = median_seconds(torch_steps(hf, random_targets(1, lm.vocab_size), args.steps, embed_std), args.repeats)
+    loop_rate = args.steps / loop_seconds
+    print(f"dense float32 matmul peak: {peak / 1e9:.1f} GFLOP/s; one step is "
+          f"{step_flops(lm.config, 10) / 1e9:.2f} GFLOP per target\n")
+    print("| N | distprompt_jax target·steps/s | MFU | PyTorch batched | PyTorch per-target loop | vs batched | vs loop |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n in [int(s) for s in args.sizes.split(",")]:
+        ours = median_seconds(jax_segment(lm, n, args.steps), args.repeats)
+        ours_rate = n * args.steps / ours
+        mfu = step_flops(lm.config, 10) * ours_rate / peak
+        batched = median_seconds(torch_steps(hf, random_targets(n, lm.vocab_size), args.steps, embed_std), args.repeats)
+        batched_rate = n * args.steps / batched
+        print(f"| {n} | {ours_rate:.1f} | {mfu:.0%} | {batched_rate:.1f} | {loop_rate:.1f} | "
+              f"{ours_rate / batched_rate:.2f}× | {ours_rate / loop_rate:.2f}× |", flush=True)
+
+    if args.memory:
+        print("\n| targets | peak RSS (GB), soft_prompt, automatic chunks, 1 step |\n|---:|---:|")
+        for n in [int(s) for s in args.memory.split(",")]:
+            print(f"| {n} | {peak_rss_gb(n):.2f} |", flush=True)
+
+    if args.quality:
+        ours, peer, entropies = quality(lm, args.quality, args.budget)
+        print(f"\nrecipes at {args.budget} steps on {args.quality} vanilla targets (h from 0 to ln|V|):")
+        print(f"default wins {np.mean(ours < peer):.0%}, peer wins {np.mean(peer < ours):.0%}, "
+              f"ties {np.mean(ours == peer):.0%}; mean KL default {ours.mean():.4f}, peer {peer.mean():.4f}")
+        for lo, hi in [(0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 1.0001)]:
+            band = (entropies >= lo * entropies.max()) & (entropies < hi * entropies.max())
+            print(f"  h in [{lo * entropies.max():.1f}, {min(hi, 1) * entropies.max():.1f}]: mean KL default "
+                  f"{ours[band].mean():.4f}, peer {peer[band].mean():.4f}")
+
+
+if __name__ == "__main__":
+    main()
