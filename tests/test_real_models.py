@@ -130,3 +130,9 @@ def test_soft_prompts_on_smollm2():
     # A short run lowers the KL of targets the model cannot reach exactly.
     assert kl[1:].mean() < 0.9 * initial[1:].mean(), (kl, initial)
     assert len(result.columns["nearest_text"][0]) > 0
+
+    # A text init starts from exactly that text's prompt.
+    paris = soft_prompt(lm, text_target, SoftPromptConfig(
+        prompt_len=5, init="text", init_text="The capital of France is", max_steps=1, chunk_size=4,
+    ))
+    assert paris.columns["initial_kl"][0] < 1e-5

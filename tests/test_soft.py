@@ -159,3 +159,27 @@ def test_bad_targets_and_configs_are_named(peaked_lm):
             soft_prompt(lm, good, SoftPromptConfig(**{field: value}))
     with pytest.raises(ValueError, match="intervention needs fixed input tokens"):
         soft_prompt(lm, good, SoftPromptConfig(intervention_layer=1))
+
+
+def test_targets_do_not_influence_each_other(peaked_lm):
+    # Per-target optimizer state and clipping: a target's result is the same alone or beside another
+    # whose gradients are far larger.
+    lm = peaked_lm("llama")
+    targets = self_generated_targets(lm, 2, length=3, seed=7)
+    one_hot = np.zeros((1, lm.vocab_size))
+    one_hot[0, 17] = 1.0
+    config = SoftPromptConfig(prompt_len=3, max_steps=10, chunk_size=4, clip_norm=0.5)
+    alone = soft_prompt(lm, targets[:1], config)
+    beside = soft_prompt(lm, np.concatenate([targets[:1], one_hot]), config)
+    np.testing.assert_allclose(alone.arrays["prompt"][0], beside.arrays["prompt"][0], rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_model(tiny_hf_dir):
+    lm = load_model(tiny_hf_dir("qwen3")[1], dtype="bfloat16")
+    targets = np.full((2, lm.vocab_size), 1.0 / lm.vocab_size)
+    targets[:, :5] += 0.1
+    targets /= targets.sum(-1, keepdims=True)
+    result = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, max_steps=20))  # automatic chunk size
+    assert result.arrays["prompt"].dtype == np.float32
+    assert np.all(np.isfinite(result.columns["kl"]))
+    assert np.all(result.columns["kl"] < result.columns["initial_kl"])
