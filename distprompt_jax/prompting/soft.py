@@ -160,17 +160,16 @@ def soft_prompt(lm, targets, config: SoftPromptConfig | None = None, *, devices=
                     break
             best = state if best is None else _keep_better(best, state)
             progress.update(stop - start)
-        n = stop - start
-        figures = jax.tree.map(lambda a: np.asarray(a)[:n], report(params, p, best.best_v))
+        figures = report(params, p, best.best_v)
         nearest = figures.pop("nearest_tokens", None)
-        columns.append({
-            "kl": best.best_kl, "initial_kl": best.initial_kl, "final_kl": best.final_kl,
-            "best_step": best.best_step, "steps": best.steps,
-            **figures,
-        })
-        arrays.append({"prompt": best.best_v} | ({"nearest_tokens": nearest} if nearest is not None else {}))
-        columns[-1] = {k: np.asarray(v)[:n] for k, v in columns[-1].items()}
-        arrays[-1] = {k: np.asarray(v)[:n] for k, v in arrays[-1].items()}
+        chunk_columns = dict(
+            kl=best.best_kl, initial_kl=best.initial_kl, final_kl=best.final_kl, best_step=best.best_step,
+            steps=best.steps, **figures,
+        )
+        chunk_arrays = {"prompt": best.best_v} | ({} if nearest is None else {"nearest_tokens": nearest})
+        # Drop the padding rows.
+        columns.append({k: np.asarray(v)[: stop - start] for k, v in chunk_columns.items()})
+        arrays.append({k: np.asarray(v)[: stop - start] for k, v in chunk_arrays.items()})
     progress.close()
     columns = {k: np.concatenate([c[k] for c in columns]) for k in columns[0]}
     arrays = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
