@@ -122,61 +122,128 @@ def soft_prompt(lm, targets, config: SoftPromptConfig | None = None, *, devices=
       `.arrays["nearest_tokens"]` each soft vector's nearest vocabulary token (input prompts only).
     """
     config = config or SoftPromptConfig()
-    config.validate(lm)
     target_set = as_target_set(targets, lm.vocab_size)
     share = parallel.process_slice(len(target_set))
     probs = target_set.probs[share]
-    metadata = target_set.metadata.iloc[share].reset_index(drop=True)
-    mesh = parallel.local_mesh(devices)
-    if config.shard_params:
-        params = parallel.sharded_params(lm.params, mesh)
-    else:
-        params = jax.device_put(lm.params, parallel.replicated(mesh))
-
-    problem = _Problem.build(lm, config)
-    chunk_size = parallel.round_up(
-        config.chunk_size or problem.auto_chunk_size(params, mesh, len(probs)), mesh.size
-    )
-    bounds = parallel.chunk_bounds(len(probs), chunk_size)
-    run_segment = jax.jit(problem.run_segment, static_argnames="num_steps")
-    report = jax.jit(problem.report)
-    # Restart r always starts from the same key, whatever the number of restarts.
-    restart_keys = [jax.random.fold_in(jax.random.key(config.seed), r) for r in range(config.restarts)]
-    progress = tqdm(
-        total=len(probs) * config.restarts, desc="soft prompts", unit="target", disable=len(bounds) * config.restarts < 2
-    )
-    columns, arrays = [], []
+    engine = SoftEngine(lm, config, n_targets=len(probs), devices=devices)
+    bounds = parallel.chunk_bounds(len(probs), engine.chunk_size)
+    progress = tqdm(total=len(probs), desc="soft prompts", unit="target", disable=len(bounds) < 2)
+    chunks = []
     for start, stop in bounds:
-        p = jax.device_put(parallel.pad_rows(probs[start:stop], chunk_size), parallel.target_sharding(mesh))
-        log_p = safe_log(p)
-        best = None
-        for key in restart_keys:
-            # A target's init depends on its index in the set, not on how the set was chunked.
-            state = problem.init_state(params, key, start, chunk_size)
-            state = jax.device_put(state, parallel.target_sharding(mesh))
-            for _ in range(-(-config.max_steps // config.segment_steps)):
-                state = run_segment(params, p, log_p, state, num_steps=config.segment_steps)
-                if not bool(jnp.any(state.active)):
-                    break
-            best = state if best is None else _keep_better(best, state)
-            progress.update(stop - start)
-        figures = report(params, p, best.best_v)
+        chunk = engine.start(probs[start:stop], first_index=start)
+        while not chunk.finished:
+            chunk = engine.advance(chunk)
+        chunks.append(engine.results(chunk))
+        progress.update(stop - start)
+    progress.close()
+    return engine.assemble(chunks, target_set.metadata.iloc[share].reset_index(drop=True))
+
+
+@dataclasses.dataclass
+class ChunkRun:
+    """Where one chunk's optimization stands: the current restart's state and the best over earlier ones.
+
+    All of it is arrays and ints, so it can be checkpointed between segments and resumed exactly.
+    """
+
+    first_index: int  # index of the chunk's first target in the (process's) target set
+    n_rows: int  # real targets; the rest of the chunk is padding
+    restart: int
+    state: _State
+    best: _State | None
+    finished: bool = False
+
+
+class SoftEngine:
+    """A configured soft-prompt optimization, advanced chunk by chunk and segment by segment.
+
+    `soft_prompt` drives it from start to finish; a sweep can checkpoint a `ChunkRun` between `advance`
+    calls and resume it later with the same result.
+    """
+
+    def __init__(self, lm, config: SoftPromptConfig, *, n_targets: int, devices=None):
+        config.validate(lm)
+        self.lm, self.config = lm, config
+        self.mesh = parallel.local_mesh(devices)
+        if config.shard_params:
+            self.params = parallel.sharded_params(lm.params, self.mesh)
+        else:
+            self.params = jax.device_put(lm.params, parallel.replicated(self.mesh))
+        self.problem = _Problem.build(lm, config)
+        size = config.chunk_size or self.problem.auto_chunk_size(self.params, self.mesh, n_targets)
+        self.chunk_size = parallel.round_up(size, self.mesh.size)
+        self._run_segment = jax.jit(self.problem.run_segment, static_argnames="num_steps")
+        self._report = jax.jit(self.problem.report)
+        self._probs_cache: tuple[int, jax.Array, jax.Array] | None = None
+
+    def _restart_key(self, restart: int):
+        # Restart r always starts from the same key, whatever the number of restarts.
+        return jax.random.fold_in(jax.random.key(self.config.seed), restart)
+
+    def _sharded(self, tree):
+        return jax.device_put(tree, parallel.target_sharding(self.mesh))
+
+    def _init_state(self, first_index: int, restart: int) -> _State:
+        # A target's init depends on its index in the set, not on how the set was chunked.
+        state = self.problem.init_state(self.params, self._restart_key(restart), first_index, self.chunk_size)
+        return self._sharded(state)
+
+    def start(self, probs: np.ndarray, first_index: int) -> ChunkRun:
+        self._set_probs(probs, first_index)
+        return ChunkRun(first_index, len(probs), 0, self._init_state(first_index, 0), None)
+
+    def _set_probs(self, probs: np.ndarray, first_index: int):
+        p = self._sharded(parallel.pad_rows(probs, self.chunk_size))
+        self._probs_cache = (first_index, p, safe_log(p))
+
+    def resume(self, probs: np.ndarray, run: ChunkRun) -> ChunkRun:
+        """Continue a checkpointed run on the same targets."""
+        self._set_probs(probs, run.first_index)
+        return dataclasses.replace(
+            run, state=self._sharded(run.state), best=None if run.best is None else self._sharded(run.best)
+        )
+
+    def advance(self, run: ChunkRun) -> ChunkRun:
+        """One compiled segment of steps; moves on to the next restart when every target has finished."""
+        first_index, p, log_p = self._probs_cache
+        if first_index != run.first_index:
+            raise ValueError("advance() got a chunk other than the one last started or resumed")
+        state = self._run_segment(self.params, p, log_p, run.state, num_steps=self.config.segment_steps)
+        if bool(jnp.any(state.active)):
+            return dataclasses.replace(run, state=state)
+        best = state if run.best is None else _keep_better(run.best, state)
+        if run.restart + 1 == self.config.restarts:
+            return dataclasses.replace(run, state=state, best=best, finished=True)
+        restart = run.restart + 1
+        return ChunkRun(run.first_index, run.n_rows, restart, self._init_state(run.first_index, restart), best)
+
+    def results(self, run: ChunkRun) -> tuple[dict, dict]:
+        """(columns, arrays) of a finished chunk's real targets."""
+        if not run.finished:
+            raise ValueError("results() of a chunk that has not finished")
+        _, p, _ = self._probs_cache
+        best = run.best
+        figures = self._report(self.params, p, best.best_v)
         nearest = figures.pop("nearest_tokens", None)
-        chunk_columns = dict(
+        columns = dict(
             kl=best.best_kl, initial_kl=best.initial_kl, final_kl=best.final_kl, best_step=best.best_step,
             steps=best.steps, **figures,
         )
-        chunk_arrays = {"prompt": best.best_v} | ({} if nearest is None else {"nearest_tokens": nearest})
-        # Drop the padding rows.
-        columns.append({k: np.asarray(v)[: stop - start] for k, v in chunk_columns.items()})
-        arrays.append({k: np.asarray(v)[: stop - start] for k, v in chunk_arrays.items()})
-    progress.close()
-    columns = {k: np.concatenate([c[k] for c in columns]) for k in columns[0]}
-    arrays = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
-    columns["prompt_len"] = np.full(len(probs), problem.prompt_len)
-    if "nearest_tokens" in arrays and lm.tokenizer is not None:
-        columns["nearest_text"] = np.array([lm.tokenizer.decode(row.tolist()) for row in arrays["nearest_tokens"]])
-    return PromptResults(method="soft", columns=columns, arrays=arrays, metadata=metadata)
+        arrays = {"prompt": best.best_v} | ({} if nearest is None else {"nearest_tokens": nearest})
+        keep = run.n_rows  # drop the padding rows
+        return (
+            {k: np.asarray(v)[:keep] for k, v in columns.items()},
+            {k: np.asarray(v)[:keep] for k, v in arrays.items()},
+        )
+
+    def assemble(self, chunks: list[tuple[dict, dict]], metadata) -> PromptResults:
+        columns = {k: np.concatenate([c[k] for c, _ in chunks]) for k in chunks[0][0]}
+        arrays = {k: np.concatenate([a[k] for _, a in chunks]) for k in chunks[0][1]}
+        columns["prompt_len"] = np.full(len(metadata), self.problem.prompt_len)
+        tokenizer = self.lm.tokenizer
+        if "nearest_tokens" in arrays and tokenizer is not None:
+            columns["nearest_text"] = np.array([tokenizer.decode(row.tolist()) for row in arrays["nearest_tokens"]])
+        return PromptResults(method="soft", columns=columns, arrays=arrays, metadata=metadata)
 
 
 def _keep_better(a: _State, b: _State) -> _State:
