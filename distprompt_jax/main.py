@@ -1,7 +1,9 @@
 """Command line entry point (`distprompt`).
 
-Until the sweep lands, this loads a model and prints the next-token distribution of a prompt, so a new
-install can be checked end to end on real weights.
+    distprompt --config=configs/quickstart.py --workdir=runs/quick [--config.soft.max_steps=300 ...]
+        runs (or resumes) an experiment and writes its results and report into the workdir;
+    distprompt --prompt="The capital of France is" [--model=...]
+        prints a model's next-token distribution: a quick end-to-end check of an install.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import sys
 import jax
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from distprompt_jax.checkpoints import registry
 
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the experiment's files (resumed if it exists).")
 _MODEL = flags.DEFINE_string(
     "model", registry.DEFAULT_MODEL, "Registry name, HF model directory, or .gguf path."
 )
-_PROMPT = flags.DEFINE_string("prompt", "The capital of France is", "Text whose next token to predict.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Without --config: text whose next token to predict.")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "How many of the most likely next tokens to print.", lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
 
@@ -44,13 +49,28 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         # absl logs at INFO by default, which surfaces JAX's backend probing.
         logging.set_verbosity(logging.WARNING)
-    from distprompt_jax import load_model
-
     try:
-        lm = load_model(_MODEL.value, dtype=_DTYPE.value)
+        if _CONFIG.value is not None:
+            run_experiment(_CONFIG.value, _WORKDIR.value)
+        elif _PROMPT.value is not None:
+            from distprompt_jax import load_model
+
+            lm = load_model(_MODEL.value, dtype=_DTYPE.value)
+            print(next_token_report(lm, _PROMPT.value, _TOP_K.value))
+        else:
+            raise app.UsageError("give --config and --workdir to run an experiment, or --prompt to check a model")
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         sys.exit(f"distprompt: {err}")
-    print(next_token_report(lm, _PROMPT.value, _TOP_K.value))
+
+
+def run_experiment(config, workdir: str | None):
+    if not workdir:
+        raise app.UsageError("--workdir is required with --config")
+    from distprompt_jax import report, sweep
+
+    sweep.run(config, workdir)
+    if jax.process_index() == 0:
+        print(f"report: {report.write_report(workdir)}")
 
 
 def run():

@@ -1,0 +1,89 @@
+"""From an experiment config (ml_collections) to the objects the engines take.
+
+A config holds:
+    model, dtype, seed           the prompted model (registry name, HF dir or .gguf) and the base seed
+    targets.<name>               one recipe per name: kind = vanilla | outlier | model | cross_model | file
+    methods                      which engines run, in order (a tuple of names)
+    soft                         the fields of SoftPromptConfig (0 / "" stand for None where noted there)
+    checkpoint_every             segments between checkpoints of an unfinished chunk
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+from ml_collections import ConfigDict
+
+from distprompt_jax.prompting.soft import SoftPromptConfig
+from distprompt_jax.targets import TargetSet
+
+TARGET_KINDS = ("vanilla", "outlier", "model", "cross_model", "file")
+
+
+def soft_defaults() -> ConfigDict:
+    """SoftPromptConfig's defaults as a ConfigDict whose fields all have a type (None → 0 or "")."""
+    fields = {f.name: f.default for f in dataclasses.fields(SoftPromptConfig)}
+    fields.update(
+        chunk_size=0, clip_norm=0.0, init_text="", intervention_layer="", prefix="", suffix="",
+    )
+    return ConfigDict(fields)
+
+
+def soft_config(config) -> SoftPromptConfig:
+    """The SoftPromptConfig a run's `soft` section describes."""
+    fields = config.soft.to_dict()
+    layer = fields["intervention_layer"]
+    fields.update(
+        chunk_size=fields["chunk_size"] or None,
+        clip_norm=fields["clip_norm"] or None,
+        init_text=fields["init_text"] or None,
+        intervention_layer=int(layer) if str(layer).isdigit() else (layer or None),
+    )
+    known = {f.name for f in dataclasses.fields(SoftPromptConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown field(s) config.soft.{', config.soft.'.join(unknown)}; known: {sorted(known)}")
+    return SoftPromptConfig(**fields)
+
+
+def entropy_range(recipe, vocab_size: int) -> np.ndarray:
+    """`n` entropies evenly from `entropy_min` to `entropy_max` (a negative maximum means ln|V|)."""
+    top = np.log(vocab_size) if recipe.entropy_max < 0 else recipe.entropy_max
+    return np.linspace(recipe.entropy_min, top, recipe.n)
+
+
+def build_targets(config, lm) -> TargetSet:
+    """All of the config's target recipes, concatenated; `recipe` names each row's source."""
+    from distprompt_jax import targets as targets_lib
+
+    parts = []
+    for name, recipe in sorted(config.targets.items()):
+        kind = recipe.kind
+        seed = config.seed + recipe.get("seed_offset", 0)
+        if kind == "vanilla":
+            part = targets_lib.vanilla_targets(lm.vocab_size, entropy_range(recipe, lm.vocab_size), seed=seed)
+        elif kind == "outlier":
+            part = targets_lib.outlier_targets(
+                lm.vocab_size, entropy_range(recipe, lm.vocab_size), k=recipe.k, seed=seed
+            )
+        elif kind == "model":
+            part = targets_lib.model_targets(lm, recipe.n, seed=seed)
+        elif kind == "cross_model":
+            from distprompt_jax import load_model
+
+            part = targets_lib.cross_model_targets(load_model(recipe.source), lm, recipe.n, seed=seed)
+        elif kind == "file":
+            part = targets_lib.load_targets(recipe.path, lm.vocab_size)
+        else:
+            raise ValueError(f"config.targets.{name}.kind = {kind!r}; known kinds: {TARGET_KINDS}")
+        metadata = part.metadata.copy()
+        metadata.insert(0, "recipe", name)
+        parts.append(TargetSet(part.probs, metadata))
+    if not parts:
+        raise ValueError("config.targets has no recipe: add at least one, e.g. config.targets.vanilla")
+    metadata = pd.concat([p.metadata for p in parts], ignore_index=True)
+    metadata = metadata.rename(columns={"target_id": "recipe_target_id"})
+    metadata.insert(0, "target_id", np.arange(len(metadata)))
+    return TargetSet(np.concatenate([p.probs for p in parts]), metadata)

@@ -1,0 +1,134 @@
+"""Experiments end to end through the command line, on a tiny model: results, report, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import build_tiny_hf_model
+
+CONFIG = """
+from ml_collections import ConfigDict
+from distprompt_jax.experiment import soft_defaults
+
+def get_config():
+    c = ConfigDict()
+    c.model = {model!r}
+    c.dtype = "float32"
+    c.seed = 0
+    c.targets = ConfigDict()
+    c.targets.vanilla = ConfigDict(dict(kind="vanilla", n=7, entropy_min=0.0, entropy_max=-1.0))
+    c.methods = ("soft",)
+    c.soft = soft_defaults()
+    c.soft.max_steps = {max_steps}
+    c.soft.patience = 1000
+    c.soft.prompt_len = 3
+    c.soft.chunk_size = 4
+    c.soft.segment_steps = 5
+    c.checkpoint_every = 1
+    return c
+"""
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """Writes a config for a tiny model; returns a function running `distprompt` on it."""
+    root = tmp_path_factory.mktemp("sweep")
+    build_tiny_hf_model("llama").save_pretrained(root / "model")
+
+    def config(max_steps: int = 20) -> Path:
+        path = root / f"config_{max_steps}.py"
+        path.write_text(CONFIG.format(model=str(root / "model"), max_steps=max_steps))
+        return path
+
+    return config
+
+
+def distprompt(*args, **popen):
+    command = [sys.executable, "-m", "distprompt_jax.main", *map(str, args)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def finish(process, timeout=600):
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def test_run_writes_results_prompts_logs_and_report(experiment, tmp_path):
+    code, out, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path}"))
+    assert code == 0, err[-3000:]
+    results = pd.read_parquet(tmp_path / "results.parquet")
+    assert len(results) == 7
+    for column in ("target_id", "kind", "target_entropy", "method", "model", "prompt_len", "kl", "steps", "recipe"):
+        assert column in results.columns, column
+    assert (results.method == "soft").all() and (results.steps == 20).all()
+    with np.load(tmp_path / "prompts" / "soft.npz") as prompts:
+        assert prompts["prompt"].shape == (7, 3, 64)
+        np.testing.assert_array_equal(prompts["target_id"], results.target_id)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["config"]["soft"]["max_steps"] == 20 and run["versions"]["jax"]
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log and {"method", "chunk", "steps", "mean_best_kl", "active"} <= set(log[0])
+    assert (tmp_path / "figures" / "kl_vs_entropy.png").stat().st_size > 10_000
+    assert (tmp_path / "figures" / "kl_vs_entropy.svg").is_file()
+    assert "mean KL" in (tmp_path / "report.md").read_text()
+
+    # Finished: a rerun does nothing and says so.
+    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path}"))
+    assert code == 0 and "already holds the finished run" in err
+    # A different config refuses to mix into this workdir.
+    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path}", "--config.soft.max_steps=30"))
+    assert code != 0 and "different config" in err and "soft.max_steps" in err
+
+
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(experiment, tmp_path):
+    config = experiment(max_steps=60)
+    code, _, err = finish(distprompt(f"--config={config}", f"--workdir={tmp_path / 'straight'}"))
+    assert code == 0, err[-3000:]
+
+    killed = tmp_path / "killed"
+    process = distprompt(f"--config={config}", f"--workdir={killed}", start_new_session=True)
+    checkpoints = killed / "checkpoints" / "soft"
+    deadline = time.time() + 300
+    # Kill once the first chunk is done and the second is mid-way, checkpointed.
+    while time.time() < deadline and not (
+        any((killed / "chunks" / "soft").glob("*.npz")) and any(checkpoints.glob("00000004"))
+    ):
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "results.parquet").exists()
+    logged_before_kill = len((killed / "log.jsonl").read_text().splitlines())
+
+    code, _, err = finish(distprompt(f"--config={config}", f"--workdir={killed}"))
+    assert code == 0, err[-3000:]
+    # The second chunk went on from its checkpoint rather than from step 0.
+    after = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()[logged_before_kill:]]
+    assert after[0]["chunk"] == 4 and after[0]["steps"] > 5
+    straight = pd.read_parquet(tmp_path / "straight" / "results.parquet")
+    resumed = pd.read_parquet(killed / "results.parquet")
+    pd.testing.assert_frame_equal(straight, resumed)
+    with np.load(tmp_path / "straight" / "prompts" / "soft.npz") as a, np.load(killed / "prompts" / "soft.npz") as b:
+        np.testing.assert_array_equal(a["prompt"], b["prompt"])
+
+
+def test_config_errors_are_named(experiment, tmp_path):
+    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path}", "--config.soft.bogus=1"))
+    assert code != 0 and "bogus" in err
+    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path / 'b'}", "--config.soft.max_steps=many"))
+    assert code != 0 and "max_steps" in err
+    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path / 'c'}", "--config.targets.vanilla.kind=weird"))
+    assert code != 0 and "known kinds" in err
+    code, _, err = finish(distprompt(f"--config={experiment()}"))
+    assert code != 0 and "--workdir is required" in err
