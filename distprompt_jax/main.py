@@ -25,6 +25,14 @@ _MODEL = flags.DEFINE_string(
 _PROMPT = flags.DEFINE_string("prompt", None, "Without --config: text whose next token to predict.")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "How many of the most likely next tokens to print.", lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Multi-host: call jax.distributed.initialize() first. TPU pods and SLURM are detected; elsewhere give "
+    "--coordinator_address, --num_processes and --process_id.",
+)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
 
 
 def next_token_report(lm, prompt: str, top_k: int) -> str:
@@ -49,6 +57,10 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         # absl logs at INFO by default, which surfaces JAX's backend probing.
         logging.set_verbosity(logging.WARNING)
+    if _DISTRIBUTED.value:
+        # Cross-process collectives on CPU devices (a CPU-only cluster) go through gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         if _CONFIG.value is not None:
             run_experiment(_CONFIG.value, _WORKDIR.value)

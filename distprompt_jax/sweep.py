@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from distprompt_jax import parallel
 from distprompt_jax.experiment import build_targets, soft_config
 from distprompt_jax.prompting.soft import ChunkRun, SoftEngine
-from distprompt_jax.targets import TargetSet
+from distprompt_jax.targets import validate_probs
+from distprompt_jax.targets.io import METADATA_FILE, PROBS_FILE
 
 METHODS = ("soft",)
 
@@ -46,29 +47,50 @@ class WorkdirError(ValueError):
     """The workdir belongs to another run."""
 
 
-def run(config, workdir: str | os.PathLike) -> pd.DataFrame:
-    """Run (or resume, or confirm finished) the experiment `config` in `workdir`; returns results.parquet."""
+def run(config, workdir: str | os.PathLike) -> pd.DataFrame | None:
+    """Run (or resume, or confirm finished) the experiment `config` in `workdir`.
+
+    Multi-host (after `jax.distributed.initialize`): every process runs the same command on a workdir
+    they share; process 0 writes the config, targets and final results, each process optimizes its own
+    contiguous share of the targets, and only process 0 returns the results table.
+    """
     workdir = Path(workdir)
+    leader = jax.process_index() == 0
     results_path = workdir / "results.parquet"
-    _claim_workdir(config, workdir)
+    if leader:
+        _claim_workdir(config, workdir)
+    _sync("workdir claimed")
     if results_path.is_file():
-        print(f"distprompt: {workdir} already holds the finished run; nothing to do", file=sys.stderr)
-        return pd.read_parquet(results_path)
+        if leader:
+            print(f"distprompt: {workdir} already holds the finished run; nothing to do", file=sys.stderr)
+        return pd.read_parquet(results_path) if leader else None
 
     from distprompt_jax import load_model
 
     lm = load_model(config.model, dtype=config.dtype)
-    targets = _targets(config, lm, workdir)
-    _write_run_info(config, workdir)
+    if leader:
+        _ensure_targets(config, lm, workdir)
+        _write_run_info(config, workdir)
+    _sync("targets written")
+    metadata, share, probs = _load_share(workdir / "targets", lm.vocab_size)
     tables = []
     for method in config.methods:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r} in config.methods; available: {METHODS}")
-        tables.append(_run_soft(config, lm, targets, workdir))
+        tables.append(_run_soft(config, lm, metadata, share, probs, workdir))
+    if not leader:
+        return None
     results = pd.concat(tables, ignore_index=True)
     results.insert(results.columns.get_loc("method") + 1, "model", lm.name)
     _atomic_write(results_path, lambda path: results.to_parquet(path, index=False))
     return results
+
+
+def _sync(name: str):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _claim_workdir(config, workdir: Path):
@@ -97,66 +119,96 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _targets(config, lm, workdir: Path) -> TargetSet:
+def _ensure_targets(config, lm, workdir: Path):
     path = workdir / "targets"
     if path.is_dir():
-        return TargetSet.load(path)
-    targets = build_targets(config, lm)
+        return
     staging = workdir / "targets.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    targets.save(staging)
+    build_targets(config, lm).save(staging)
     staging.rename(path)
-    return targets
 
 
-def _run_soft(config, lm, targets: TargetSet, workdir: Path) -> pd.DataFrame:
-    soft = soft_config(config)
-    share = parallel.process_slice(len(targets))
-    probs = targets.probs[share]
-    metadata = targets.metadata.iloc[share].reset_index(drop=True)
-    engine = SoftEngine(lm, soft, n_targets=len(probs))
+def _load_share(path: Path, vocab_size: int) -> tuple[pd.DataFrame, slice, np.ndarray]:
+    """All targets' metadata, and this process's share of the probabilities (only those rows are read)."""
+    metadata = pd.read_parquet(path / METADATA_FILE)
+    share = parallel.process_slice(len(metadata))
+    probs = validate_probs(np.load(path / PROBS_FILE, mmap_mode="r")[share], vocab_size)
+    return metadata, share, probs
+
+
+def _run_soft(config, lm, metadata: pd.DataFrame, share: slice, probs: np.ndarray, workdir: Path) -> pd.DataFrame | None:
+    engine = SoftEngine(lm, soft_config(config), n_targets=len(probs))
     chunk_dir = workdir / "chunks" / "soft"
     checkpoint_dir = (workdir / "checkpoints" / "soft").absolute()
     chunk_dir.mkdir(parents=True, exist_ok=True)
-    bounds = parallel.chunk_bounds(len(probs), engine.chunk_size)
-    done = {start for start, _ in bounds if (chunk_dir / f"{start:08d}.npz").is_file()}
+    # Files are named by the global index of the chunk's first target.
+    bounds = [(share.start + a, share.start + b) for a, b in parallel.chunk_bounds(len(probs), engine.chunk_size)]
+    done = {start for start, _ in bounds if _chunk_file(chunk_dir, start).is_file()}
     progress = tqdm(
         total=len(probs), initial=sum(stop - start for start, stop in bounds if start in done),
         desc="soft prompts", unit="target", disable=jax.process_index() != 0,
     )
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = _process_local_checkpointer()
     for start, stop in bounds:
         if start in done:
             continue
-        chunk = _resume_or_start(engine, checkpointer, checkpoint_dir / f"{start:08d}", probs[start:stop], start)
+        rows = probs[start - share.start : stop - share.start]
+        checkpoint = checkpoint_dir / f"{start:08d}"
+        chunk = _resume_or_start(engine, checkpointer, checkpoint, rows, start)
         segments = 0
         while not chunk.finished:
             chunk = engine.advance(chunk)
             segments += 1
             _log(workdir, "soft", start, chunk)
             if segments % config.checkpoint_every == 0 and not chunk.finished:
-                _save_chunk(checkpointer, checkpoint_dir / f"{start:08d}", chunk)
+                _save_chunk(checkpointer, checkpoint, chunk)
         columns, arrays = engine.results(chunk)
-        _atomic_write(chunk_dir / f"{start:08d}.npz", lambda path: np.savez(path, **columns, **{
-            f"array:{k}": v for k, v in arrays.items()
-        }))
-        shutil.rmtree(checkpoint_dir / f"{start:08d}", ignore_errors=True)
+        _atomic_write(_chunk_file(chunk_dir, start), lambda path: np.savez(
+            path, **columns, **{f"array:{k}": v for k, v in arrays.items()}
+        ))
+        shutil.rmtree(checkpoint, ignore_errors=True)
         progress.update(stop - start)
     progress.close()
-
-    chunks = []
-    for start, _ in bounds:
-        with np.load(chunk_dir / f"{start:08d}.npz") as saved:
-            chunks.append((
-                {k: saved[k] for k in saved.files if not k.startswith("array:")},
-                {k.removeprefix("array:"): saved[k] for k in saved.files if k.startswith("array:")},
-            ))
-    result = engine.assemble(chunks, metadata)
+    _sync("soft chunks written")
+    if jax.process_index() != 0:
+        return None
+    result = engine.assemble(_read_chunks(chunk_dir, len(metadata)), metadata)
     prompts = workdir / "prompts"
     prompts.mkdir(exist_ok=True)
-    _atomic_write(prompts / "soft.npz", lambda path: np.savez(path, target_id=metadata.target_id.to_numpy(), **result.arrays))
-    table = result.to_pandas()
-    return table
+    _atomic_write(prompts / "soft.npz", lambda path: np.savez(
+        path, target_id=metadata.target_id.to_numpy(), **result.arrays
+    ))
+    return result.to_pandas()
+
+
+def _chunk_file(chunk_dir: Path, start: int) -> Path:
+    return chunk_dir / f"{start:08d}.npz"
+
+
+def _read_chunks(chunk_dir: Path, n_targets: int) -> list[tuple[dict, dict]]:
+    """Every process's finished chunks in target order, checked to cover each target exactly once."""
+    chunks, expected_start = [], 0
+    for path in sorted(chunk_dir.glob("*.npz"), key=lambda p: int(p.stem)):
+        if int(path.stem) != expected_start:
+            raise RuntimeError(f"{chunk_dir}: chunk {path.name} does not start at target {expected_start}")
+        with np.load(path) as saved:
+            columns = {k: saved[k] for k in saved.files if not k.startswith("array:")}
+            arrays = {k.removeprefix("array:"): saved[k] for k in saved.files if k.startswith("array:")}
+        chunks.append((columns, arrays))
+        expected_start += len(columns["kl"])
+    if expected_start != n_targets:
+        raise RuntimeError(f"{chunk_dir}: chunks cover {expected_start} of {n_targets} targets")
+    return chunks
+
+
+def _process_local_checkpointer() -> ocp.StandardCheckpointer:
+    """Each process checkpoints its own chunks on its own: no barrier with the other processes."""
+    me = jax.process_index()
+    local = ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process{me}"
+    )
+    return ocp.StandardCheckpointer(multiprocessing_options=local)
 
 
 def _resume_or_start(engine: SoftEngine, checkpointer, path: Path, probs: np.ndarray, start: int) -> ChunkRun:

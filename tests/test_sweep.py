@@ -132,3 +132,29 @@ def test_config_errors_are_named(experiment, tmp_path):
     assert code != 0 and "known kinds" in err
     code, _, err = finish(distprompt(f"--config={experiment()}"))
     assert code != 0 and "--workdir is required" in err
+
+
+def test_two_processes_split_the_targets_and_match_one(experiment, tmp_path):
+    """Multi-host on one machine: two processes on loopback, gloo collectives, a shared workdir."""
+    import socket
+
+    config = experiment()
+    code, _, err = finish(distprompt(f"--config={config}", f"--workdir={tmp_path / 'one'}"))
+    assert code == 0, err[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workers = [
+        distprompt("--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                   f"--process_id={i}", f"--config={config}", f"--workdir={tmp_path / 'two'}")
+        for i in range(2)
+    ]
+    for worker in workers:
+        code, _, err = finish(worker)
+        assert code == 0, err[-3000:]
+    chunk_files = sorted(p.name for p in (tmp_path / "two" / "chunks" / "soft").glob("*.npz"))
+    # 7 targets: process 0 takes targets 0-3, process 1 targets 4-6, each in one chunk of up to 4.
+    assert chunk_files == ["00000000.npz", "00000004.npz"]
+    one = pd.read_parquet(tmp_path / "one" / "results.parquet")
+    two = pd.read_parquet(tmp_path / "two" / "results.parquet")
+    pd.testing.assert_frame_equal(one, two)

@@ -130,7 +130,8 @@ def soft_prompt(lm, targets, config: SoftPromptConfig | None = None, *, devices=
     progress = tqdm(total=len(probs), desc="soft prompts", unit="target", disable=len(bounds) < 2)
     chunks = []
     for start, stop in bounds:
-        chunk = engine.start(probs[start:stop], first_index=start)
+        # Initializations are keyed by the global target index, so the split over processes does not matter.
+        chunk = engine.start(probs[start:stop], first_index=share.start + start)
         while not chunk.finished:
             chunk = engine.advance(chunk)
         chunks.append(engine.results(chunk))
@@ -146,7 +147,7 @@ class ChunkRun:
     All of it is arrays and ints, so it can be checkpointed between segments and resumed exactly.
     """
 
-    first_index: int  # index of the chunk's first target in the (process's) target set
+    first_index: int  # index of the chunk's first target in the whole target set
     n_rows: int  # real targets; the rest of the chunk is padding
     restart: int
     state: _State
