@@ -2,9 +2,12 @@
 
 A config holds:
     model, dtype, seed           the prompted model (registry name, HF dir or .gguf) and the base seed
-    targets.<name>               one recipe per name: kind = vanilla | outlier | model | cross_model | file
+    targets.<name>               one recipe per name: kind = vanilla | outlier | model | cross_model | file;
+                                 vanilla/outlier take n, entropy_min, entropy_max (< 0: ln|V|) or
+                                 entropies_from=<another recipe> (its achieved entropies: matched pairs)
     methods                      which engines run, in order (a tuple of names)
     soft                         the fields of SoftPromptConfig (0 / "" stand for None where noted there)
+    prompt_lengths               optional: run soft once per prompt length (KL vs L)
     checkpoint_every             segments between checkpoints of an unfinished chunk
 """
 
@@ -54,20 +57,45 @@ def entropy_range(recipe, vocab_size: int) -> np.ndarray:
     return np.linspace(recipe.entropy_min, top, recipe.n)
 
 
+def _recipe_order(recipes) -> list[str]:
+    """Recipe names sorted, except that a recipe comes after the one it takes its entropies from."""
+    order: list[str] = []
+
+    def visit(name: str, seen: tuple[str, ...] = ()):
+        if name in order:
+            return
+        if name in seen:
+            raise ValueError(f"config.targets: entropies_from forms a cycle through {name!r}")
+        source = recipes[name].get("entropies_from", "")
+        if source:
+            if source not in recipes:
+                raise ValueError(f"config.targets.{name}.entropies_from = {source!r} names no recipe")
+            visit(source, seen + (name,))
+        order.append(name)
+
+    for name in sorted(recipes):
+        visit(name)
+    return order
+
+
 def build_targets(config, lm) -> TargetSet:
     """All of the config's target recipes, concatenated; `recipe` names each row's source."""
     from distprompt_jax import targets as targets_lib
 
-    parts = []
-    for name, recipe in sorted(config.targets.items()):
+    built: dict[str, TargetSet] = {}
+    for name in _recipe_order(config.targets):
+        recipe = config.targets[name]
         kind = recipe.kind
         seed = config.seed + recipe.get("seed_offset", 0)
+        if recipe.get("entropies_from", ""):
+            source = built[recipe.entropies_from].metadata
+            entropies = np.clip(source.get("entropy", source.target_entropy).to_numpy(), 0, np.log(lm.vocab_size))
+        elif kind in ("vanilla", "outlier"):
+            entropies = entropy_range(recipe, lm.vocab_size)
         if kind == "vanilla":
-            part = targets_lib.vanilla_targets(lm.vocab_size, entropy_range(recipe, lm.vocab_size), seed=seed)
+            part = targets_lib.vanilla_targets(lm.vocab_size, entropies, seed=seed)
         elif kind == "outlier":
-            part = targets_lib.outlier_targets(
-                lm.vocab_size, entropy_range(recipe, lm.vocab_size), k=recipe.k, seed=seed
-            )
+            part = targets_lib.outlier_targets(lm.vocab_size, entropies, k=recipe.k, seed=seed)
         elif kind == "model":
             part = targets_lib.model_targets(lm, recipe.n, seed=seed)
         elif kind == "cross_model":
@@ -80,10 +108,15 @@ def build_targets(config, lm) -> TargetSet:
             raise ValueError(f"config.targets.{name}.kind = {kind!r}; known kinds: {TARGET_KINDS}")
         metadata = part.metadata.copy()
         metadata.insert(0, "recipe", name)
-        parts.append(TargetSet(part.probs, metadata))
+        built[name] = dataclasses.replace(part, metadata=metadata)
+    parts = [built[name] for name in sorted(built)]
     if not parts:
         raise ValueError("config.targets has no recipe: add at least one, e.g. config.targets.vanilla")
     metadata = pd.concat([p.metadata for p in parts], ignore_index=True)
     metadata = metadata.rename(columns={"target_id": "recipe_target_id"})
     metadata.insert(0, "target_id", np.arange(len(metadata)))
-    return TargetSet(np.concatenate([p.probs for p in parts]), metadata)
+    failures = [p.failures.assign(recipe=name) for name, p in sorted(built.items()) if p.failures is not None]
+    return TargetSet(
+        np.concatenate([p.probs for p in parts]), metadata,
+        failures=pd.concat(failures, ignore_index=True) if failures else None,
+    )

@@ -19,6 +19,7 @@ uninterrupted run's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 
 from distprompt_jax import parallel
 from distprompt_jax.experiment import build_targets, soft_config
-from distprompt_jax.prompting.soft import ChunkRun, SoftEngine
+from distprompt_jax.prompting.soft import ChunkRun, SoftEngine, SoftPromptConfig
 from distprompt_jax.targets import validate_probs
 from distprompt_jax.targets.io import METADATA_FILE, PROBS_FILE
 
@@ -77,7 +78,8 @@ def run(config, workdir: str | os.PathLike) -> pd.DataFrame | None:
     for method in config.methods:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r} in config.methods; available: {METHODS}")
-        tables.append(_run_soft(config, lm, metadata, share, probs, workdir))
+        for label, soft in _soft_runs(config):
+            tables.append(_run_soft(config, soft, label, lm, metadata, share, probs, workdir))
     if not leader:
         return None
     results = pd.concat(tables, ignore_index=True)
@@ -137,17 +139,29 @@ def _load_share(path: Path, vocab_size: int) -> tuple[pd.DataFrame, slice, np.nd
     return metadata, share, probs
 
 
-def _run_soft(config, lm, metadata: pd.DataFrame, share: slice, probs: np.ndarray, workdir: Path) -> pd.DataFrame | None:
-    engine = SoftEngine(lm, soft_config(config), n_targets=len(probs))
-    chunk_dir = workdir / "chunks" / "soft"
-    checkpoint_dir = (workdir / "checkpoints" / "soft").absolute()
+def _soft_runs(config) -> list[tuple[str, SoftPromptConfig]]:
+    """(label, config) of each soft run: one, or one per entry of `config.prompt_lengths`."""
+    soft = soft_config(config)
+    lengths = tuple(config.get("prompt_lengths", ()))
+    if not lengths:
+        return [("soft", soft)]
+    return [(f"soft-L{length}", dataclasses.replace(soft, prompt_len=length)) for length in lengths]
+
+
+def _run_soft(
+    config, soft: SoftPromptConfig, label: str, lm, metadata: pd.DataFrame, share: slice, probs: np.ndarray,
+    workdir: Path,
+) -> pd.DataFrame | None:
+    engine = SoftEngine(lm, soft, n_targets=len(probs))
+    chunk_dir = workdir / "chunks" / label
+    checkpoint_dir = (workdir / "checkpoints" / label).absolute()
     chunk_dir.mkdir(parents=True, exist_ok=True)
     # Files are named by the global index of the chunk's first target.
     bounds = [(share.start + a, share.start + b) for a, b in parallel.chunk_bounds(len(probs), engine.chunk_size)]
     done = {start for start, _ in bounds if _chunk_file(chunk_dir, start).is_file()}
     progress = tqdm(
         total=len(probs), initial=sum(stop - start for start, stop in bounds if start in done),
-        desc="soft prompts", unit="target", disable=jax.process_index() != 0,
+        desc=f"{label} prompts", unit="target", disable=jax.process_index() != 0,
     )
     checkpointer = _process_local_checkpointer()
     for start, stop in bounds:
@@ -160,7 +174,7 @@ def _run_soft(config, lm, metadata: pd.DataFrame, share: slice, probs: np.ndarra
         while not chunk.finished:
             chunk = engine.advance(chunk)
             segments += 1
-            _log(workdir, "soft", start, chunk)
+            _log(workdir, label, start, chunk)
             if segments % config.checkpoint_every == 0 and not chunk.finished:
                 _save_chunk(checkpointer, checkpoint, chunk)
         columns, arrays = engine.results(chunk)
@@ -170,13 +184,13 @@ def _run_soft(config, lm, metadata: pd.DataFrame, share: slice, probs: np.ndarra
         shutil.rmtree(checkpoint, ignore_errors=True)
         progress.update(stop - start)
     progress.close()
-    _sync("soft chunks written")
+    _sync(f"{label} chunks written")
     if jax.process_index() != 0:
         return None
     result = engine.assemble(_read_chunks(chunk_dir, len(metadata)), metadata)
     prompts = workdir / "prompts"
     prompts.mkdir(exist_ok=True)
-    _atomic_write(prompts / "soft.npz", lambda path: np.savez(
+    _atomic_write(prompts / f"{label}.npz", lambda path: np.savez(
         path, target_id=metadata.target_id.to_numpy(), **result.arrays
     ))
     return result.to_pandas()

@@ -158,3 +158,41 @@ def test_two_processes_split_the_targets_and_match_one(experiment, tmp_path):
     one = pd.read_parquet(tmp_path / "one" / "results.parquet")
     two = pd.read_parquet(tmp_path / "two" / "results.parquet")
     pd.testing.assert_frame_equal(one, two)
+
+
+def test_every_shipped_config_loads():
+    import importlib.util
+
+    from distprompt_jax.experiment import TARGET_KINDS, _recipe_order, soft_config
+
+    configs = sorted(Path(__file__).parent.parent.glob("configs/*.py"))
+    assert {p.stem for p in configs} >= {
+        "quickstart", "entropy_sweep", "outliers", "lm_targets", "cross_tokenizer", "prompt_length"
+    }
+    for path in configs:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+        soft_config(config)
+        _recipe_order(config.targets)
+        assert all(recipe.kind in TARGET_KINDS for recipe in config.targets.values()), path
+
+
+def test_paired_recipes_share_entropies(tiny_hf_dir):
+    from ml_collections import ConfigDict
+
+    from distprompt_jax import load_model
+    from distprompt_jax.experiment import build_targets
+
+    lm = load_model(tiny_hf_dir("llama")[1])
+    config = ConfigDict(dict(seed=0, targets=dict(
+        outlier=dict(kind="outlier", n=4, k=3, entropy_min=2.0, entropy_max=4.0),
+        vanilla=dict(kind="vanilla", entropies_from="outlier", seed_offset=100),
+    )))
+    targets = build_targets(config, lm)
+    table = targets.metadata
+    assert list(table.target_id) == list(range(len(table)))
+    outlier, vanilla = table[table.recipe == "outlier"], table[table.recipe == "vanilla"]
+    assert len(vanilla) == len(outlier) > 0
+    np.testing.assert_allclose(vanilla.entropy.to_numpy(), outlier.entropy.to_numpy(), atol=2e-4)
