@@ -115,6 +115,14 @@ def build_targets(config, lm) -> TargetSet:
     metadata = pd.concat([p.metadata for p in parts], ignore_index=True)
     metadata = metadata.rename(columns={"target_id": "recipe_target_id"})
     metadata.insert(0, "target_id", np.arange(len(metadata)))
+    # A recipe that took another's entropies is paired with it row by row (for paired tests).
+    metadata["pair_target_id"] = -1
+    for name in built:
+        source = config.targets[name].get("entropies_from", "")
+        if source:
+            metadata.loc[metadata.recipe == name, "pair_target_id"] = (
+                metadata.target_id[metadata.recipe == source].to_numpy()
+            )
     failures = [p.failures.assign(recipe=name) for name, p in sorted(built.items()) if p.failures is not None]
     return TargetSet(
         np.concatenate([p.probs for p in parts]), metadata,

@@ -50,10 +50,10 @@ def plot_kl_vs_entropy(results: pd.DataFrame, stem: Path, n_bins: int = 8) -> pd
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=150)
     summaries = []
-    for method, rows in results.groupby("method", sort=True):
+    for i, (method, rows) in enumerate(results.groupby("method", sort=True)):
         bins = binned_means(rows, "target_entropy", "kl", n_bins)
-        ax.scatter(rows.target_entropy, rows.kl, s=8, alpha=0.35)
-        color = ax.collections[-1].get_facecolor()[0]
+        color = f"C{i}"
+        ax.scatter(rows.target_entropy, rows.kl, s=8, alpha=0.35, color=color)
         ax.plot(bins.center, bins["mean"], color=color, label=f"{method} (binned mean, 95% CI)")
         ax.fill_between(bins.center, bins.ci_low, bins.ci_high, color=color, alpha=0.2, linewidth=0)
         summaries.append(bins.assign(method=method))
@@ -69,6 +69,80 @@ def plot_kl_vs_entropy(results: pd.DataFrame, stem: Path, n_bins: int = 8) -> pd
     return pd.concat(summaries, ignore_index=True)
 
 
+def paired_comparison(results: pd.DataFrame, method: str, recipe: str) -> dict | None:
+    """KL of `recipe`'s targets against the targets they were paired with (equal entropy), one method.
+
+    Wilcoxon signed-rank test on the paired differences (two-sided).
+    """
+    from scipy.stats import wilcoxon
+
+    rows = results[(results.method == method)]
+    paired = rows[(rows.recipe == recipe) & (rows.pair_target_id >= 0)]
+    if len(paired) < 2:
+        return None
+    by_id = rows.set_index("target_id")
+    partner = by_id.loc[paired.pair_target_id.to_numpy()]
+    mine, theirs = paired.kl.to_numpy(np.float64), partner.kl.to_numpy(np.float64)
+    test = wilcoxon(theirs, mine)
+    return {
+        "method": method, "recipe": recipe, "paired_with": partner.recipe.iloc[0], "n": len(paired),
+        "median_kl": float(np.median(mine)), "median_kl_paired": float(np.median(theirs)),
+        "median_difference": float(np.median(theirs - mine)), "wins": int(np.sum(theirs > mine)),
+        "wilcoxon_statistic": float(test.statistic), "p_value": float(test.pvalue),
+    }
+
+
+def plot_recipes(results: pd.DataFrame, method: str, recipes: list[str], stem: Path, n_bins: int = 6):
+    """KL vs entropy for several target recipes under one method (binned means, 95% CIs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=150)
+    for i, recipe in enumerate(recipes):
+        rows = results[(results.method == method) & (results.recipe == recipe)]
+        bins = binned_means(rows, "target_entropy", "kl", n_bins)
+        color = f"C{i}"
+        ax.scatter(rows.target_entropy, rows.kl, s=8, alpha=0.35, color=color)
+        ax.plot(bins.center, bins["mean"], color=color, label=f"{recipe} targets")
+        ax.fill_between(bins.center, bins.ci_low, bins.ci_high, color=color, alpha=0.2, linewidth=0)
+    ax.set_xlabel("target entropy (nats)")
+    ax.set_ylabel(f"KL(p ‖ q) reached, {method} (nats)")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    for suffix in (".png", ".svg"):
+        fig.savefig(stem.with_suffix(suffix))
+    plt.close(fig)
+
+
+def plot_prompt_length(results: pd.DataFrame, stem: Path) -> pd.DataFrame:
+    """Mean KL (95% CI) against soft-prompt length, from methods labelled soft-L<length>."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for method, group in results[results.method.str.match(r"soft-L\d+$")].groupby("method"):
+        low, high = bootstrap_ci(group.kl.to_numpy())
+        rows.append({"prompt_len": int(method.removeprefix("soft-L")), "n": len(group), "mean": group.kl.mean(),
+                     "ci_low": low, "ci_high": high})
+    table = pd.DataFrame(rows).sort_values("prompt_len")
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=150)
+    ax.errorbar(table.prompt_len, table["mean"], yerr=[table["mean"] - table.ci_low, table.ci_high - table["mean"]],
+                marker="o", capsize=3)
+    ax.set_xscale("log")
+    ax.set_xticks(table.prompt_len, [str(v) for v in table.prompt_len])
+    ax.set_xlabel("soft prompt length L")
+    ax.set_ylabel("mean KL(p ‖ q) (nats)")
+    fig.tight_layout()
+    for suffix in (".png", ".svg"):
+        fig.savefig(stem.with_suffix(suffix))
+    plt.close(fig)
+    return table
+
+
 def write_report(workdir) -> Path:
     """Figures and report.md for the run in `workdir`; returns the report's path."""
     workdir = Path(workdir)
@@ -76,7 +150,8 @@ def write_report(workdir) -> Path:
     if not results_path.is_file():
         raise FileNotFoundError(f"{results_path} does not exist: run the experiment (to the end) first")
     results = pd.read_parquet(results_path)
-    bins = plot_kl_vs_entropy(results, workdir / "figures" / "kl_vs_entropy")
+    figures = workdir / "figures"
+    bins = plot_kl_vs_entropy(results, figures / "kl_vs_entropy")
     lines = [
         f"# Report: {results.model.iloc[0]}, {results.target_id.nunique()} targets",
         "",
@@ -94,9 +169,39 @@ def write_report(workdir) -> Path:
     lines += ["", "| method | targets | mean KL | median KL |", "|---|---:|---:|---:|"]
     for method, rows in results.groupby("method"):
         lines.append(f"| {method} | {len(rows)} | {rows.kl.mean():.4f} | {rows.kl.median():.4f} |")
+    lines += _paired_sections(results, figures)
+    if results.method.str.match(r"soft-L\d+$").any():
+        table = plot_prompt_length(results, figures / "kl_vs_prompt_length")
+        lines += ["", "## KL vs prompt length", "", "![KL vs prompt length](figures/kl_vs_prompt_length.png)", "",
+                  "| L | targets | mean KL | 95% CI |", "|---:|---:|---:|---|"]
+        lines += [f"| {r.prompt_len} | {r.n} | {r.mean:.4f} | {r.ci_low:.4f}–{r.ci_high:.4f} |"
+                  for r in table.itertuples()]
     path = workdir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _paired_sections(results: pd.DataFrame, figures: Path) -> list[str]:
+    if "pair_target_id" not in results.columns:
+        return []
+    lines = []
+    for recipe in sorted(results.recipe[results.pair_target_id >= 0].unique()):
+        for method in sorted(results.method.unique()):
+            found = paired_comparison(results, method, recipe)
+            if found is None:
+                continue
+            stem = f"paired_{found['paired_with']}_vs_{recipe}_{method}"
+            plot_recipes(results, method, [found["paired_with"], recipe], figures / stem)
+            lines += [
+                "", f"## {found['paired_with']} vs {recipe} targets at equal entropy ({method})", "",
+                f"![{stem}](figures/{stem}.png)", "",
+                f"{found['n']} pairs. Median KL: {found['paired_with']} {found['median_kl_paired']:.4f}, "
+                f"{recipe} {found['median_kl']:.4f}; median paired difference ({found['paired_with']} − {recipe}) "
+                f"{found['median_difference']:.4f}; {found['paired_with']} has the higher KL in {found['wins']} of "
+                f"{found['n']} pairs. Wilcoxon signed-rank (two-sided): W = {found['wilcoxon_statistic']:.1f}, "
+                f"p = {found['p_value']:.3g}.",
+            ]
+    return lines
 
 
 def main(argv):

@@ -196,3 +196,5 @@ def test_paired_recipes_share_entropies(tiny_hf_dir):
     outlier, vanilla = table[table.recipe == "outlier"], table[table.recipe == "vanilla"]
     assert len(vanilla) == len(outlier) > 0
     np.testing.assert_allclose(vanilla.entropy.to_numpy(), outlier.entropy.to_numpy(), atol=2e-4)
+    np.testing.assert_array_equal(vanilla.pair_target_id, outlier.target_id)
+    assert (outlier.pair_target_id == -1).all()

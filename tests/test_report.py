@@ -1,0 +1,55 @@
+"""The report from a small results file: figures, paired tests, prompt-length table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import wilcoxon
+
+from distprompt_jax import report
+
+
+def small_results() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    n = 12
+    entropy = np.linspace(0, 10, n)
+    rows = []
+    for method in ("soft", "soft-L2", "soft-L10"):
+        for recipe, offset, pair in (("outlier", 0, -1), ("vanilla", n, 0)):
+            for i in range(n):
+                kl = 0.5 + 0.1 * rng.standard_normal() + (0.3 if recipe == "vanilla" else 0.0)
+                kl += 0.2 if method == "soft-L2" else 0.0
+                rows.append(dict(target_id=offset + i, method=method, model="m", recipe=recipe, kind=recipe,
+                                 target_entropy=entropy[i], kl=kl, pair_target_id=-1 if pair < 0 else i,
+                                 prompt_len=2 if method == "soft-L2" else 10, steps=100))
+    return pd.DataFrame(rows)
+
+
+def test_report_writes_figures_and_statistics(tmp_path):
+    results = small_results()
+    results.to_parquet(tmp_path / "results.parquet")
+    path = report.write_report(tmp_path)
+    text = path.read_text()
+    for figure in ("kl_vs_entropy", "paired_outlier_vs_vanilla_soft", "kl_vs_prompt_length"):
+        assert (tmp_path / "figures" / f"{figure}.png").stat().st_size > 5_000, figure
+        assert (tmp_path / "figures" / f"{figure}.svg").is_file()
+        assert f"figures/{figure}.png" in text
+    # The paired test in the report is the Wilcoxon test on the paired KLs.
+    soft = results[results.method == "soft"]
+    expected = wilcoxon(soft.kl[soft.recipe == "outlier"].to_numpy(), soft.kl[soft.recipe == "vanilla"].to_numpy())
+    assert f"p = {expected.pvalue:.3g}" in text
+    found = report.paired_comparison(results, "soft", "vanilla")
+    assert found["paired_with"] == "outlier" and found["n"] == 12 and found["wins"] <= 12
+    assert "| 2 | 24 |" in text and "| 10 | 24 |" in text
+
+
+def test_bootstrap_interval_covers_the_mean():
+    values = np.random.default_rng(1).standard_normal(200) + 3
+    low, high = report.bootstrap_ci(values)
+    assert low < values.mean() < high and high - low < 0.6
+
+
+def test_report_without_results(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the experiment"):
+        report.write_report(tmp_path)
