@@ -5,8 +5,9 @@ A config holds:
     targets.<name>               one recipe per name: kind = vanilla | outlier | model | cross_model | file;
                                  vanilla/outlier take n, entropy_min, entropy_max (< 0: ln|V|) or
                                  entropies_from=<another recipe> (its achieved entropies: matched pairs)
-    methods                      which engines run, in order (a tuple of names)
-    soft                         the fields of SoftPromptConfig (0 / "" stand for None where noted there)
+    methods                      which run, in order: soft, hard, bound, bound_norm
+    soft, hard, bound            the fields of SoftPromptConfig, HardPromptConfig, BoundConfig (for optional
+                                 fields, 0 or "" stands for None)
     prompt_lengths               optional: run soft once per prompt length (KL vs L)
     checkpoint_every             segments between checkpoints of an unfinished chunk
 """
@@ -25,30 +26,67 @@ from distprompt_jax.targets import TargetSet
 TARGET_KINDS = ("vanilla", "outlier", "model", "cross_model", "file")
 
 
-def soft_defaults() -> ConfigDict:
-    """SoftPromptConfig's defaults as a ConfigDict whose fields all have a type (None → 0 or "")."""
-    fields = {f.name: f.default for f in dataclasses.fields(SoftPromptConfig)}
-    fields.update(
-        chunk_size=0, clip_norm=0.0, init_text="", intervention_layer="", prefix="", suffix="",
-    )
+def section_defaults(config_class) -> ConfigDict:
+    """A config dataclass's defaults as a ConfigDict in which every field has a type.
+
+    ml_collections cannot override a None field from the command line, so optional fields default to a
+    falsy value of their type (0, 0.0 or "") that `section_config` turns back into None.
+    """
+    fields = {}
+    for field in dataclasses.fields(config_class):
+        value = field.default
+        if value is None:
+            value = "" if "str" in field.type else 0.0 if "float" in field.type else 0
+        fields[field.name] = value
     return ConfigDict(fields)
 
 
-def soft_config(config) -> SoftPromptConfig:
-    """The SoftPromptConfig a run's `soft` section describes."""
-    fields = config.soft.to_dict()
-    layer = fields["intervention_layer"]
-    fields.update(
-        chunk_size=fields["chunk_size"] or None,
-        clip_norm=fields["clip_norm"] or None,
-        init_text=fields["init_text"] or None,
-        intervention_layer=int(layer) if str(layer).isdigit() else (layer or None),
-    )
-    known = {f.name for f in dataclasses.fields(SoftPromptConfig)}
-    unknown = sorted(set(fields) - known)
+def section_config(config_class, section, where: str):
+    """The `config_class` instance that a config section (see `section_defaults`) describes."""
+    fields = section.to_dict()
+    known = {f.name: f for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(fields) - set(known))
     if unknown:
-        raise ValueError(f"unknown field(s) config.soft.{', config.soft.'.join(unknown)}; known: {sorted(known)}")
-    return SoftPromptConfig(**fields)
+        raise ValueError(f"unknown field(s) {', '.join(f'{where}.{k}' for k in unknown)}; known: {sorted(known)}")
+    for name, value in fields.items():
+        optional = "None" in known[name].type
+        if optional and value in (0, 0.0, ""):
+            fields[name] = None
+        elif "int" in known[name].type and isinstance(value, str) and value.isdigit():
+            fields[name] = int(value)
+    return config_class(**fields)
+
+
+def soft_defaults() -> ConfigDict:
+    return section_defaults(SoftPromptConfig)
+
+
+def hard_defaults() -> ConfigDict:
+    from distprompt_jax.prompting.hard import HardPromptConfig
+
+    return section_defaults(HardPromptConfig)
+
+
+def bound_defaults() -> ConfigDict:
+    from distprompt_jax.bounds import BoundConfig
+
+    return section_defaults(BoundConfig)
+
+
+def soft_config(config) -> SoftPromptConfig:
+    return section_config(SoftPromptConfig, config.soft, "config.soft")
+
+
+def hard_config(config):
+    from distprompt_jax.prompting.hard import HardPromptConfig
+
+    return section_config(HardPromptConfig, config.hard, "config.hard")
+
+
+def bound_config(config):
+    from distprompt_jax.bounds import BoundConfig
+
+    return section_config(BoundConfig, config.bound, "config.bound")
 
 
 def entropy_range(recipe, vocab_size: int) -> np.ndarray:

@@ -37,11 +37,12 @@ from tqdm.auto import tqdm
 
 from distprompt_jax import parallel
 from distprompt_jax.experiment import build_targets, soft_config
-from distprompt_jax.prompting.soft import ChunkRun, SoftEngine, SoftPromptConfig
+from distprompt_jax.prompting.soft import SoftEngine
+from distprompt_jax.results import PromptResults
 from distprompt_jax.targets import validate_probs
 from distprompt_jax.targets.io import METADATA_FILE, PROBS_FILE
 
-METHODS = ("soft",)
+METHODS = ("soft", "hard", "bound", "bound_norm")
 
 
 class WorkdirError(ValueError):
@@ -74,12 +75,13 @@ def run(config, workdir: str | os.PathLike) -> pd.DataFrame | None:
         _write_run_info(config, workdir)
     _sync("targets written")
     metadata, share, probs = _load_share(workdir / "targets", lm.vocab_size)
+    unknown = [m for m in config.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown} in config.methods; available: {METHODS}")
     tables = []
     for method in config.methods:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r} in config.methods; available: {METHODS}")
-        for label, soft in _soft_runs(config):
-            tables.append(_run_soft(config, soft, label, lm, metadata, share, probs, workdir))
+        for label, engine_factory in _engine_runs(config, method, lm, len(probs)):
+            tables.append(_run_engine(config, engine_factory, label, lm, metadata, share, probs, workdir))
     if not leader:
         return None
     results = pd.concat(tables, ignore_index=True)
@@ -139,29 +141,82 @@ def _load_share(path: Path, vocab_size: int) -> tuple[pd.DataFrame, slice, np.nd
     return metadata, share, probs
 
 
-def _soft_runs(config) -> list[tuple[str, SoftPromptConfig]]:
-    """(label, config) of each soft run: one, or one per entry of `config.prompt_lengths`."""
-    soft = soft_config(config)
+def _engine_runs(config, method: str, lm, n_targets: int) -> list[tuple[str, object]]:
+    """(label, engine factory) of each run of `method`: one, or one per entry of `config.prompt_lengths`
+    for the prompt engines. Bounds run as engines too (one segment each) so everything resumes alike."""
+    if method in ("bound", "bound_norm"):
+        if jax.process_count() > 1:
+            raise ValueError(f"method {method!r} does not run in multi-host sweeps yet: run it single-host")
+        from distprompt_jax.experiment import bound_config
+
+        bound = bound_config(config)
+        return [(method, lambda: _FunctionEngine(method, lm, bound))]
+    if method == "soft":
+        base, engine_class = soft_config(config), SoftEngine
+    else:
+        from distprompt_jax.experiment import hard_config
+        from distprompt_jax.prompting.hard import HardEngine
+
+        base, engine_class = hard_config(config), HardEngine
     lengths = tuple(config.get("prompt_lengths", ()))
     if not lengths:
-        return [("soft", soft)]
-    return [(f"soft-L{length}", dataclasses.replace(soft, prompt_len=length)) for length in lengths]
+        return [(method, lambda: engine_class(lm, base, n_targets=n_targets))]
+    return [
+        (f"{method}-L{length}",
+         lambda length=length: engine_class(lm, dataclasses.replace(base, prompt_len=length), n_targets=n_targets))
+        for length in lengths
+    ]
 
 
-def _run_soft(
-    config, soft: SoftPromptConfig, label: str, lm, metadata: pd.DataFrame, share: slice, probs: np.ndarray,
+class _FunctionEngine:
+    """The bound computations behind the engine interface: a chunk is one call (no mid-chunk state)."""
+
+    def __init__(self, method: str, lm, config):
+        from distprompt_jax import bounds
+
+        self.method, self.lm, self.config = method, lm, config
+        self.function = bounds.unembedding_bound if method == "bound" else bounds.norm_bound_estimate
+        self.chunk_size = config.chunk_size
+
+    def start(self, probs: np.ndarray, first_index: int) -> _FunctionRun:
+        result = self.function(self.lm, probs, self.config)
+        return _FunctionRun(first_index, len(probs), result.columns, result.arrays)
+
+    def advance(self, run):
+        raise AssertionError("a bound chunk finishes when it starts")
+
+    def results(self, run) -> tuple[dict, dict]:
+        return run.columns, run.arrays
+
+    def assemble(self, chunks, metadata) -> PromptResults:
+        columns = {k: np.concatenate([c[k] for c, _ in chunks]) for k in chunks[0][0]}
+        arrays = {k: np.concatenate([a[k] for _, a in chunks]) for k in chunks[0][1]}
+        return PromptResults(method=self.method, columns=columns, arrays=arrays, metadata=metadata)
+
+
+@dataclasses.dataclass
+class _FunctionRun:
+    first_index: int
+    n_rows: int
+    columns: dict
+    arrays: dict
+    finished: bool = True
+
+
+def _run_engine(
+    config, engine_factory, label: str, lm, metadata: pd.DataFrame, share: slice, probs: np.ndarray,
     workdir: Path,
 ) -> pd.DataFrame | None:
-    engine = SoftEngine(lm, soft, n_targets=len(probs))
     chunk_dir = workdir / "chunks" / label
     checkpoint_dir = (workdir / "checkpoints" / label).absolute()
     chunk_dir.mkdir(parents=True, exist_ok=True)
+    engine = engine_factory()
     # Files are named by the global index of the chunk's first target.
     bounds = [(share.start + a, share.start + b) for a, b in parallel.chunk_bounds(len(probs), engine.chunk_size)]
     done = {start for start, _ in bounds if _chunk_file(chunk_dir, start).is_file()}
     progress = tqdm(
         total=len(probs), initial=sum(stop - start for start, stop in bounds if start in done),
-        desc=f"{label} prompts", unit="target", disable=jax.process_index() != 0,
+        desc=label, unit="target", disable=jax.process_index() != 0,
     )
     checkpointer = _process_local_checkpointer()
     for start, stop in bounds:
@@ -188,12 +243,14 @@ def _run_soft(
     if jax.process_index() != 0:
         return None
     result = engine.assemble(_read_chunks(chunk_dir, len(metadata)), metadata)
+    table = result.to_pandas()
+    table["method"] = label
     prompts = workdir / "prompts"
     prompts.mkdir(exist_ok=True)
     _atomic_write(prompts / f"{label}.npz", lambda path: np.savez(
         path, target_id=metadata.target_id.to_numpy(), **result.arrays
     ))
-    return result.to_pandas()
+    return table
 
 
 def _chunk_file(chunk_dir: Path, start: int) -> Path:
@@ -225,35 +282,40 @@ def _process_local_checkpointer() -> ocp.StandardCheckpointer:
     return ocp.StandardCheckpointer(multiprocessing_options=local)
 
 
-def _resume_or_start(engine: SoftEngine, checkpointer, path: Path, probs: np.ndarray, start: int) -> ChunkRun:
+# The fields of a chunk run that hold per-target arrays; the others are ints saved as JSON.
+_ARRAY_FIELDS = ("state", "best")
+
+
+def _resume_or_start(engine, checkpointer, path: Path, probs: np.ndarray, start: int):
     fresh = engine.start(probs, first_index=start)
     if not path.is_dir():
         return fresh
-    # The saved leaves restore into the structure of a fresh chunk (best: the same structure as state).
-    saved_meta = json.loads((path / "distprompt_chunk.json").read_text())
-    template = {"state": fresh.state, "best": fresh.state if saved_meta["has_best"] else None}
-    restored = checkpointer.restore(path / "state", jax.tree.map(np.asarray, template))
-    run = ChunkRun(start, len(probs), saved_meta["restart"], restored["state"], restored["best"])
-    return engine.resume(probs, run)
+    scalars = json.loads((path / "distprompt_chunk.json").read_text())
+    # Saved arrays restore into the structure of a fresh run's state (a soft run's best shares it).
+    template = {name: jax.tree.map(np.asarray, fresh.state) for name in scalars.pop("arrays")}
+    restored = checkpointer.restore(path / "state", template)
+    return engine.resume(probs, dataclasses.replace(fresh, **restored, **scalars))
 
 
-def _save_chunk(checkpointer, path: Path, chunk: ChunkRun):
+def _save_chunk(checkpointer, path: Path, chunk):
     staging = path.with_name(path.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    tree = {"state": chunk.state, "best": chunk.best}
-    checkpointer.save(staging / "state", jax.tree.map(np.asarray, tree))
+    fields = {f.name: getattr(chunk, f.name) for f in dataclasses.fields(chunk)}
+    arrays = {k: jax.tree.map(np.asarray, v) for k, v in fields.items() if k in _ARRAY_FIELDS and v is not None}
+    scalars = {k: v for k, v in fields.items() if k not in _ARRAY_FIELDS and k != "first_index"}
+    checkpointer.save(staging / "state", arrays)
     checkpointer.wait_until_finished()
-    (staging / "distprompt_chunk.json").write_text(json.dumps({"restart": chunk.restart, "has_best": chunk.best is not None}))
+    (staging / "distprompt_chunk.json").write_text(json.dumps({**scalars, "arrays": sorted(arrays)}))
     shutil.rmtree(path, ignore_errors=True)
     staging.rename(path)
 
 
-def _log(workdir: Path, method: str, start: int, chunk: ChunkRun):
+def _log(workdir: Path, method: str, start: int, chunk):
     state = chunk.state
     rows = slice(0, chunk.n_rows)
     line = {
-        "time": time.time(), "method": method, "chunk": start, "restart": chunk.restart,
+        "time": time.time(), "method": method, "chunk": start, "restart": getattr(chunk, "restart", 0),
         "steps": int(np.max(np.asarray(state.steps)[rows])),
         "mean_best_kl": float(np.mean(np.asarray(state.best_kl)[rows])),
         "active": int(np.sum(np.asarray(state.active)[rows])),

@@ -1,0 +1,284 @@
+"""LM-generated targets: next-token distributions a model produces on real contexts.
+
+Contexts are either sampled from a model (seeded) or read from a text file. Sampling has no KV cache: a
+context lives in a fixed-length token buffer and each step runs the whole buffer through the model,
+reading the logits at the last filled position — causal attention makes the unfilled tail irrelevant,
+and one compiled program serves every step and every chunk. The targets of a context are then read off
+one more forward pass at the chosen positions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from distprompt_jax.lm import abstract_language_model
+from distprompt_jax.targets.batching import map_chunks
+from distprompt_jax.targets.controlled import target_seeds
+from distprompt_jax.targets.io import TargetError, TargetSet, entropy_nats
+from distprompt_jax.targets.mapping import TokenMapping, build_token_mapping, map_distribution, special_token_ids
+
+# Contexts per compiled chunk when not given: a forward pass holds [chunk, L, d] activations and [chunk, V]
+# logits, small next to the model for short contexts.
+DEFAULT_CONTEXT_CHUNK = 32
+
+
+@functools.lru_cache(maxsize=16)
+def _architecture(config, dtype_name: str):
+    """A parameterless stand-in for every model of this config and dtype: the static argument of the jitted
+    functions below, so models that share an architecture share compiled code (and the compile cache holds
+    no weights)."""
+    return abstract_language_model(config, dtype_name)
+
+
+def _forward_of(lm):
+    return _architecture(lm.config, jnp.dtype(lm.dtype).name)
+
+
+def _next_token_logits(lm, params, ids, positions):
+    """Logits [B, V] of the token after position positions[b] of each token buffer ids [B, L]."""
+    h = lm.run_layers(params, lm.input_stream(params, lm.embed(params, ids)), 0, lm.n_layers)
+    return lm.unembed(params, lm.final_norm(params, h[jnp.arange(len(ids)), positions]))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sample_contexts(lm, params, ids, keys, temperature, banned, start):
+    """Fill buffers ids [B, L] from position `start` on: token t ~ softmax(logits / temperature) over the
+    tokens not `banned` [V], keyed by fold_in(keys[b], t)."""
+
+    def step(t, ids):
+        logits = _next_token_logits(lm, params, ids, jnp.full((len(ids),), t - 1))
+        logits = jnp.where(banned, -jnp.inf, logits)
+        step_keys = jax.vmap(lambda key: jax.random.fold_in(key, t))(keys)
+        tokens = jax.vmap(jax.random.categorical)(step_keys, logits / temperature)
+        return ids.at[:, t].set(tokens.astype(ids.dtype))
+
+    return jax.lax.fori_loop(start, ids.shape[1], step, ids)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _distributions(lm, params, ids, positions, target_temperature):
+    """softmax(logits / target_temperature) [B, V] of the token after position positions[b] of ids[b]."""
+    logits = _next_token_logits(lm, params, ids, positions)
+    return jax.nn.softmax(logits / target_temperature, axis=-1)
+
+
+def _check_positive(name: str, value) -> float:
+    if not (isinstance(value, (int, float, np.integer, np.floating)) and value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _check_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _generate(lm, n, seed, *, context_len, temperature, target_temperature, seed_text, contexts_file,
+              positions, chunk_size, params, progress):
+    """Contexts and their next-token distributions: (probs float32 [n, V], metadata columns)."""
+    n = _check_count("n", n)
+    if chunk_size is not None:
+        _check_count("chunk_size", chunk_size)
+    temperature = _check_positive("temperature", temperature)
+    target_temperature = _check_positive("target_temperature", target_temperature)
+    params = lm.params if params is None else params
+    if contexts_file is not None:
+        if seed_text is not None or positions is not None:
+            raise ValueError("seed_text and positions apply to sampled contexts; with contexts_file each "
+                             "line is one context, its target the next token after the whole line")
+        contexts, columns = _file_contexts(lm, n, contexts_file)
+        ends = np.array([len(c) for c in contexts])
+        buffers = np.zeros((n, ends.max()), np.int32)  # right-padded: causal attention ignores the tail
+        for row, context in enumerate(contexts):
+            buffers[row, : len(context)] = context
+        read_at = (ends - 1).astype(np.int32)  # one target per line, after its last token
+    else:
+        context_len = _check_count("context_len", context_len)
+        positions = (context_len,) if positions is None else tuple(positions)
+        if not positions or any(
+            not isinstance(p, (int, np.integer)) or not 0 <= p <= context_len for p in positions
+        ):
+            raise ValueError(f"positions must be generated-token counts in [0, context_len={context_len}], "
+                             f"got {positions!r}")
+        prefix = _prefix(lm, seed_text)
+        n_contexts = -(-n // len(positions))
+        seeds = target_seeds(seed, n_contexts)
+        buffers = _sampled_buffers(lm, params, prefix, seeds, context_len, temperature, chunk_size, progress)
+        # Context c contributes targets after prefix + p generated tokens, p in positions, in that order.
+        context_of = np.repeat(np.arange(n_contexts), len(positions))[:n]
+        lengths = len(prefix) + np.tile(np.asarray(positions), n_contexts)[:n]
+        contexts = [buffers[c, :length] for c, length in zip(context_of, lengths)]
+        buffers, read_at = buffers[context_of], (lengths - 1).astype(np.int32)
+        columns = {"seed": seeds[context_of], "context_index": context_of, "position": lengths - len(prefix)}
+
+    def compute(chunk, sharding):
+        dists = _distributions(
+            _forward_of(lm), params, jax.device_put(chunk["ids"], sharding),
+            jax.device_put(chunk["read_at"], sharding), jnp.float32(target_temperature),
+        )
+        return {"probs": np.asarray(dists)}
+
+    probs = map_chunks(
+        compute, {"ids": buffers, "read_at": read_at}, chunk_size=chunk_size or DEFAULT_CONTEXT_CHUNK,
+        vocab_size=lm.vocab_size, desc=f"{lm.name} next-token targets", progress=progress,
+    )["probs"]
+    columns.update({
+        "context_ids": [c.tolist() for c in contexts],
+        "context_text": [_decode(lm, c) for c in contexts],
+        "sampling_temperature": temperature if contexts_file is None else np.nan,
+        "target_temperature": target_temperature,
+        "context_source": "sampled" if contexts_file is None else str(contexts_file),
+    })
+    return probs, columns
+
+
+def _prefix(lm, seed_text) -> np.ndarray:
+    if seed_text is not None:
+        prefix = lm.encode(seed_text)
+        if not len(prefix):
+            raise ValueError(f"seed_text {seed_text!r} encodes to no tokens")
+        return prefix
+    if lm.config.bos_token_id is None:
+        raise ValueError(f"{lm.name} has no BOS token to start sampling from; pass seed_text")
+    return np.array([lm.config.bos_token_id], np.int32)
+
+
+def _sampled_buffers(lm, params, prefix, seeds, context_len, temperature, chunk_size, progress) -> np.ndarray:
+    """Token buffers [n_contexts, len(prefix) + context_len]: prefix, then sampled tokens.
+
+    Special tokens (BOS, EOS, pad, markers such as Gemma's <start_of_image>) are never sampled: contexts
+    are text, and an EOS mid-context would end the document the model thinks it is continuing.
+    """
+    buffers = np.zeros((len(seeds), len(prefix) + context_len), np.int32)
+    buffers[:, : len(prefix)] = prefix
+    special = {lm.config.bos_token_id, lm.config.eos_token_id} - {None}
+    if lm.tokenizer is not None:
+        special |= special_token_ids(lm.tokenizer)
+    banned = np.zeros(lm.vocab_size, bool)
+    banned[[i for i in special if i < lm.vocab_size]] = True
+
+    def compute(chunk, sharding):
+        keys = jax.vmap(jax.random.key)(jax.device_put(chunk["seed"].astype(np.uint32), sharding))
+        ids = _sample_contexts(_forward_of(lm), params, jax.device_put(chunk["ids"], sharding), keys,
+                               jnp.float32(temperature), banned, jnp.int32(len(prefix)))
+        return {"ids": np.asarray(ids)}
+
+    return map_chunks(
+        compute, {"ids": buffers, "seed": seeds}, chunk_size=chunk_size or DEFAULT_CONTEXT_CHUNK,
+        vocab_size=lm.vocab_size, desc=f"sampling {lm.name} contexts", progress=progress,
+    )["ids"]
+
+
+def _file_contexts(lm, n: int, path) -> tuple[list[np.ndarray], dict]:
+    """The first n non-blank lines of a UTF-8 text file, encoded as the model's tokenizer does."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"contexts file {path} does not exist")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(lines) < n:
+        raise ValueError(f"{path} has {len(lines)} non-blank lines (contexts) but {n} targets were asked for")
+    contexts = [lm.encode(line) for line in lines[:n]]
+    empty = [i for i, c in enumerate(contexts) if not len(c)]
+    if empty:
+        raise ValueError(f"lines {empty[:10]} of {path} encode to no tokens")
+    return contexts, {"seed": pd.array([None] * n, dtype="Int64"), "context_index": np.arange(n),
+                      "position": np.array([len(c) for c in contexts])}
+
+
+def _decode(lm, ids) -> str | None:
+    return None if lm.tokenizer is None else lm.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def model_targets(
+    lm, n: int, seed=0, *, context_len: int = 16, temperature: float = 1.0, target_temperature: float = 1.0,
+    seed_text: str | None = None, contexts_file: str | os.PathLike | None = None,
+    positions=None, chunk_size: int | None = None, params=None, progress: bool = True,
+) -> TargetSet:
+    """n targets: lm's own next-token distributions on contexts it sampled, or on lines of a text file.
+
+    Args:
+      lm: the LanguageModel to be prompted (and the one that samples).
+      n: number of targets.
+      seed: context c is sampled with key(seed + c) (or from a sequence of per-context seeds).
+      context_len: tokens sampled per context, after the prefix (BOS, or `seed_text` encoded as the model
+        does, BOS included where it adds one). Special tokens (BOS, EOS, pad, markers) are never sampled.
+      temperature: sampling temperature of the contexts.
+      target_temperature: the target is softmax(logits / target_temperature) — above 1 spreads entropies up.
+      contexts_file: a UTF-8 text file; each non-blank line is one context (no sampling), in file order.
+      positions: for sampled contexts, after how many sampled tokens targets are read (default: the end,
+        (context_len,)); several positions give several targets per context, context-major.
+      chunk_size: contexts per compiled chunk (default 32).
+      params: parameters to use instead of lm.params (e.g. sharded or bfloat16 copies).
+    Returns:
+      TargetSet of kind "model", target i = softmax(lm.logits(params, lm.embed(params, context_ids[i])) /
+      target_temperature). Metadata: target_id, kind, target_entropy (= entropy: the one it has), entropy,
+      source_model, seed (per context; missing for file contexts), context_index, position (tokens sampled
+      before the target; for a file line, its token count), context_ids (list), context_text (decoded with
+      special tokens; None without a tokenizer), sampling_temperature, target_temperature, context_source
+      ("sampled" or the file's path).
+    """
+    probs, columns = _generate(
+        lm, n, seed, context_len=context_len, temperature=temperature, target_temperature=target_temperature,
+        seed_text=seed_text, contexts_file=contexts_file, positions=positions, chunk_size=chunk_size,
+        params=params, progress=progress,
+    )
+    return _target_set(probs, "model", lm.name, columns)
+
+
+def cross_model_targets(
+    source_lm, lm, n: int, seed=0, *, mapping: TokenMapping | None = None, context_len: int = 16,
+    temperature: float = 1.0, target_temperature: float = 1.0, seed_text: str | None = None,
+    contexts_file: str | os.PathLike | None = None, positions=None, chunk_size: int | None = None,
+    source_params=None, progress: bool = True,
+) -> TargetSet:
+    """n targets over lm's vocabulary: source_lm's next-token distributions, mapped through token strings.
+
+    Contexts are sampled from (or read for) source_lm exactly as in `model_targets`; each distribution is
+    moved onto lm's vocabulary by `targets.mapping` (build it once with `build_token_mapping` and pass it
+    as `mapping` to reuse it) and renormalized. Metadata as for `model_targets` (context ids are the
+    source's), kind "cross_model", plus `mapped_mass`: the share of the source's probability that found a
+    target token, before renormalizing.
+    """
+    for model, role in ((source_lm, "source_lm"), (lm, "lm")):
+        if model.tokenizer is None:
+            raise ValueError(f"{role} {model.name!r} has no tokenizer; cross-tokenizer mapping needs both")
+    if mapping is None:
+        mapping = build_token_mapping(source_lm.tokenizer, lm.tokenizer, source_lm.vocab_size, lm.vocab_size)
+    elif (mapping.source_vocab_size, mapping.target_vocab_size) != (source_lm.vocab_size, lm.vocab_size):
+        raise ValueError(
+            f"mapping is {mapping.source_vocab_size} -> {mapping.target_vocab_size} tokens, but the models "
+            f"have {source_lm.vocab_size} -> {lm.vocab_size}"
+        )
+    source_probs, columns = _generate(
+        source_lm, n, seed, context_len=context_len, temperature=temperature,
+        target_temperature=target_temperature, seed_text=seed_text, contexts_file=contexts_file,
+        positions=positions, chunk_size=chunk_size, params=source_params, progress=progress,
+    )
+    probs, mapped_mass = map_distribution(source_probs, mapping)
+    columns["mapped_mass"] = mapped_mass
+    return _target_set(probs, "cross_model", source_lm.name, columns)
+
+
+def _target_set(probs: np.ndarray, kind: str, source_model: str, columns: dict) -> TargetSet:
+    entropy = entropy_nats(probs)
+    metadata = pd.DataFrame({
+        "target_id": np.arange(len(probs)),
+        "kind": kind,
+        "target_entropy": entropy,
+        "entropy": entropy,
+        "source_model": source_model,
+        **columns,
+    })
+    if not np.all(np.isfinite(probs)):
+        raise TargetError(f"the model produced non-finite probabilities for targets "
+                          f"{np.flatnonzero(~np.isfinite(probs).all(axis=1))[:10].tolist()}")
+    return TargetSet(probs=probs, metadata=metadata)
