@@ -7,7 +7,7 @@ minutes on a 2-core CPU; on a GPU raise both n (keep them paired: vanilla takes 
 
 from ml_collections import ConfigDict
 
-from distprompt_jax.experiment import soft_defaults
+from distprompt_jax.experiment import bound_defaults, hard_defaults, soft_defaults
 
 
 def get_config() -> ConfigDict:
@@ -22,5 +22,7 @@ def get_config() -> ConfigDict:
     config.methods = ("soft",)
     config.soft = soft_defaults()
     config.soft.max_steps = 200
+    config.hard = hard_defaults()
+    config.bound = bound_defaults()
     config.checkpoint_every = 4
     return config

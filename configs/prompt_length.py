@@ -5,7 +5,7 @@ About 20 minutes on a 2-core CPU; on a GPU raise targets.vanilla.n and soft.max_
 
 from ml_collections import ConfigDict
 
-from distprompt_jax.experiment import soft_defaults
+from distprompt_jax.experiment import bound_defaults, hard_defaults, soft_defaults
 
 
 def get_config() -> ConfigDict:
@@ -19,5 +19,7 @@ def get_config() -> ConfigDict:
     config.prompt_lengths = (1, 2, 5, 10, 20)
     config.soft = soft_defaults()
     config.soft.max_steps = 150
+    config.hard = hard_defaults()
+    config.bound = bound_defaults()
     config.checkpoint_every = 4
     return config

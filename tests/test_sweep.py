@@ -18,7 +18,7 @@ from conftest import build_tiny_hf_model
 
 CONFIG = """
 from ml_collections import ConfigDict
-from distprompt_jax.experiment import soft_defaults
+from distprompt_jax.experiment import bound_defaults, hard_defaults, soft_defaults
 
 def get_config():
     c = ConfigDict()
@@ -34,6 +34,8 @@ def get_config():
     c.soft.prompt_len = 3
     c.soft.chunk_size = 4
     c.soft.segment_steps = 5
+    c.hard = hard_defaults()
+    c.bound = bound_defaults()
     c.checkpoint_every = 1
     return c
 """
@@ -163,7 +165,7 @@ def test_two_processes_split_the_targets_and_match_one(experiment, tmp_path):
 def test_every_shipped_config_loads():
     import importlib.util
 
-    from distprompt_jax.experiment import TARGET_KINDS, _recipe_order, soft_config
+    from distprompt_jax.experiment import TARGET_KINDS, _recipe_order, bound_config, hard_config, soft_config
 
     configs = sorted(Path(__file__).parent.parent.glob("configs/*.py"))
     assert {p.stem for p in configs} >= {
@@ -174,7 +176,7 @@ def test_every_shipped_config_loads():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         config = module.get_config()
-        soft_config(config)
+        soft_config(config), hard_config(config), bound_config(config)
         _recipe_order(config.targets)
         assert all(recipe.kind in TARGET_KINDS for recipe in config.targets.values()), path
 
@@ -198,3 +200,21 @@ def test_paired_recipes_share_entropies(tiny_hf_dir):
     np.testing.assert_allclose(vanilla.entropy.to_numpy(), outlier.entropy.to_numpy(), atol=2e-4)
     np.testing.assert_array_equal(vanilla.pair_target_id, outlier.target_id)
     assert (outlier.pair_target_id == -1).all()
+
+
+def test_hard_prompts_and_bounds_in_one_run(experiment, tmp_path):
+    config = experiment()
+    overrides = [
+        "--config.methods=('soft','hard','bound')", "--config.hard.max_steps=4", "--config.hard.prompt_len=3",
+        "--config.hard.k=8", "--config.hard.chunk_size=4", "--config.hard.segment_steps=2",
+        "--config.bound.chunk_size=4",
+    ]
+    code, _, err = finish(distprompt(f"--config={config}", f"--workdir={tmp_path}", *overrides))
+    assert code == 0, err[-3000:]
+    results = pd.read_parquet(tmp_path / "results.parquet")
+    kl = results.pivot(index="target_id", columns="method", values="kl")
+    assert list(kl.columns) == ["bound", "hard", "soft"] and len(kl) == 7
+    # The certificate bounds what any prompt reaches.
+    assert (kl.bound <= kl.soft + 1e-6).all() and (kl.bound <= kl.hard + 1e-6).all()
+    with np.load(tmp_path / "prompts" / "hard.npz") as hard:
+        assert hard["token_ids"].shape == (7, 3)
