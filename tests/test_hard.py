@@ -1,0 +1,252 @@
+"""The hard-prompt engine on tiny models (peaked, as in test_soft.py), a tiny attached tokenizer, and smollm2."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import build_tiny_hf_model
+from distprompt_jax import SoftPromptConfig, load_model, soft_prompt
+from distprompt_jax.prompting.hard import (
+    HardEngine, HardPromptConfig, _init_token, candidate_mask, hard_prompt, project_soft_prompts, projection_loss,
+    round_trips, special_token_ids, token_prompt_kl,
+)
+from distprompt_jax.results import PromptResults
+from distprompt_jax.targets import as_target_set
+
+SPECIAL = (1, 2)  # the tiny models' BOS and EOS
+
+
+@pytest.fixture(scope="module")
+def peaked_lm(tmp_path_factory):
+    """family -> a tiny model with embeddings scaled up, so its next-token entropies are ~1-4 nats."""
+    import torch
+
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            model = build_tiny_hf_model(family)
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "embed" in name or "lm_head" in name or "wte" in name:
+                        param.mul_(10)
+            path = tmp_path_factory.mktemp(f"peaked-{family}")
+            model.save_pretrained(path)
+            made[family] = load_model(path)
+        return made[family]
+
+    return get
+
+
+def targets_of(lm, prompts) -> np.ndarray:
+    """The model's own next-token distributions after the given token prompts [N, L]: reachable exactly."""
+    logits = jax.vmap(lm.logits, in_axes=(None, 0))(lm.params, lm.embed(lm.params, np.asarray(prompts)))
+    return np.asarray(jax.nn.softmax(logits), np.float64)
+
+
+def random_targets(n: int, vocab: int, scale: float = 3.0, seed: int = 0) -> np.ndarray:
+    z = np.random.default_rng(seed).standard_normal((n, vocab)) * scale
+    p = np.exp(z - z.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+
+def known_prompts(lm, n: int, length: int, seed: int = 0) -> np.ndarray:
+    allowed = np.flatnonzero(candidate_mask(lm))
+    return np.random.default_rng(seed).choice(allowed, size=(n, length))
+
+
+# Configs shared between tests, so each compiles once (the search is cached per model and config).
+EXHAUSTIVE = HardPromptConfig(prompt_len=2, k=297, max_steps=20, chunk_size=4)  # every allowed token but the current
+GCG = HardPromptConfig(prompt_len=2, mode="gcg", init="random", k=32, num_swaps=64, max_steps=25, patience=10,
+                       chunk_size=4)
+
+
+@pytest.mark.parametrize("config", [
+    EXHAUSTIVE,
+    HardPromptConfig(prompt_len=2, positions="best", beam_width=4, k=128, max_steps=20, chunk_size=4),
+    GCG,
+], ids=["hotflip-exhaustive", "hotflip-best-beam", "gcg"])
+def test_known_token_prompts_are_recovered(peaked_lm, config):
+    lm = peaked_lm("llama")
+    prompts = known_prompts(lm, 4, 2)
+    targets = targets_of(lm, prompts)
+    result = hard_prompt(lm, targets, config)
+    table = result.to_pandas()
+    assert list(table.columns[:3]) == ["target_id", "method", "kl"]
+    assert (table.method == "hard").all() and (table.prompt_len == 2).all()
+    assert table.kl.max() <= 1e-3, (table.kl.tolist(), result.arrays["token_ids"].tolist(), prompts.tolist())
+    ids, path = result.arrays["token_ids"], result.arrays["kl_path"]
+    assert ids.shape == (4, 2) and path.shape == (4, config.max_steps)
+    # The best-KL path only goes down, ends at the reported KL, and starts no higher than the initial prompt.
+    assert np.all(np.diff(path, axis=1) <= 0)
+    np.testing.assert_array_equal(path[:, -1], result.columns["kl"])
+    assert np.all(path[:, 0] <= result.columns["initial_kl"])
+    assert np.all((result.columns["best_step"] >= 1) & (result.columns["best_step"] <= result.columns["steps"]))
+    # The reported KL is the KL of the returned tokens.
+    np.testing.assert_allclose(token_prompt_kl(lm, targets, ids, config), result.columns["kl"], atol=2e-5)
+    if config.mode == "hotflip":  # deterministic: stops once a whole cycle of positions changed nothing
+        assert np.all(result.columns["steps"] < config.max_steps)
+
+
+def test_special_tokens_are_never_candidates(peaked_lm):
+    lm = peaked_lm("llama")
+    assert special_token_ids(lm) == set(SPECIAL)
+    assert not candidate_mask(lm)[list(SPECIAL)].any()
+    # Targets that special tokens produce exactly: an exhaustive search is drawn to them, but may not use them.
+    targets = targets_of(lm, [[1, 2], [2, 2], [1, 1], [5, 2]])
+    result = hard_prompt(lm, targets, EXHAUSTIVE)
+    assert not np.isin(result.arrays["token_ids"], SPECIAL).any()
+    assert np.all(result.columns["kl"] > 0)
+
+
+def test_hard_is_no_better_than_soft_and_seeding_from_soft(peaked_lm):
+    lm = peaked_lm("llama")
+    targets = random_targets(4, lm.vocab_size)
+    soft = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=2, max_steps=300, chunk_size=4))
+    config = EXHAUSTIVE
+    hard = hard_prompt(lm, targets, config)
+    # Every hard prompt is also a soft prompt, so the soft optimum bounds the hard one from below.
+    assert np.all(hard.columns["kl"] >= soft.columns["kl"] - 1e-3), (hard.columns["kl"], soft.columns["kl"])
+
+    seeds = project_soft_prompts(lm, soft)
+    assert seeds.shape == (4, 2) and not np.isin(seeds, SPECIAL).any()
+    loss = projection_loss(lm, targets, soft, config)
+    assert list(loss.columns) == ["target_id", "soft_kl", "projected_kl", "projection_loss"]
+    np.testing.assert_allclose(loss.projection_loss, loss.projected_kl - loss.soft_kl)
+    assert np.all(loss.projection_loss > -1e-4)
+    seeded = hard_prompt(lm, targets, config, init_ids=seeds)
+    np.testing.assert_allclose(seeded.columns["initial_kl"], loss.projected_kl, atol=2e-5)
+    assert np.all(seeded.columns["kl"] <= seeded.columns["initial_kl"])
+
+
+def test_deterministic_for_a_seed_and_independent_of_devices_and_chunks(peaked_lm):
+    assert len(jax.devices()) == 4
+    lm = peaked_lm("llama")
+    targets = random_targets(4, lm.vocab_size, seed=1)
+    config = GCG  # random init and random swaps
+    four = hard_prompt(lm, targets, config)
+    again = hard_prompt(lm, targets, config)
+    # One device, and a chunk of 8 (half of it padding) instead of 4: one compilation checks both.
+    other = hard_prompt(lm, targets, dataclasses.replace(config, chunk_size=8), devices=jax.devices()[:1])
+    np.testing.assert_array_equal(four.arrays["token_ids"], again.arrays["token_ids"])
+    np.testing.assert_array_equal(four.arrays["kl_path"], again.arrays["kl_path"])
+    np.testing.assert_array_equal(four.arrays["token_ids"], other.arrays["token_ids"])
+    np.testing.assert_allclose(four.arrays["kl_path"], other.arrays["kl_path"], rtol=1e-5, atol=1e-6)
+    other_seed = hard_prompt(lm, targets, dataclasses.replace(config, seed=1))
+    assert not np.array_equal(four.arrays["kl_path"], other_seed.arrays["kl_path"])
+    assert np.all(four.columns["kl"] < four.columns["initial_kl"])
+
+
+def test_a_checkpointed_chunk_resumes_to_the_same_result(peaked_lm):
+    lm = peaked_lm("llama")
+    targets = as_target_set(random_targets(4, lm.vocab_size, seed=2)).probs
+    whole = hard_prompt(lm, targets, EXHAUSTIVE)
+    engine = HardEngine(lm, EXHAUSTIVE, n_targets=4)
+    run = engine.advance(engine.start(targets, first_index=0))
+    saved = dataclasses.replace(run, state=jax.tree.map(np.asarray, run.state))  # e.g. written to disk
+    engine = HardEngine(lm, EXHAUSTIVE, n_targets=4)
+    run = engine.resume(targets, saved)
+    while not run.finished:
+        run = engine.advance(run)
+    columns, arrays = engine.results(run)
+    np.testing.assert_array_equal(arrays["token_ids"], whole.arrays["token_ids"])
+    np.testing.assert_array_equal(columns["kl"], whole.columns["kl"])
+
+
+def tiny_tokenizer(size: int):
+    """A word-level tokenizer over `size` ids (fewer than the tiny model's 300) with tokens each filter catches."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<sep>", "the", "é", "\x07", " ", "\t\n", "x.y", "\ufffd"]
+    words += [f"w{i}" for i in range(len(words), size)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens([AddedToken("<sep>", special=True)])  # special, but not in all_special_ids
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_filters_round_trips_and_text_with_a_tokenizer(peaked_lm):
+    lm = dataclasses.replace(peaked_lm("llama"), tokenizer=tiny_tokenizer(296))
+    # ids 0-3 special, 296-299 beyond the tokenizer; 5 é, 6 \x07, 7 " ", 8 "\t\n", 9 x.y, 10 U+FFFD
+    assert special_token_ids(lm) == {0, 1, 2, 3}
+
+    def excluded(**filters):
+        return set(np.flatnonzero(~candidate_mask(lm, HardPromptConfig(**filters))).tolist())
+
+    base = {0, 1, 2, 3, 296, 297, 298, 299}
+    assert excluded() == base
+    assert excluded(ascii_only=True) == base | {5, 10}
+    assert excluded(printable_only=True) == base | {6, 10}
+    assert excluded(no_whitespace_only=True) == base | {7, 8}
+    assert excluded(round_trip_tokens=True) == base | {7, 8, 9}
+
+    np.testing.assert_array_equal(round_trips(lm.tokenizer, [[11, 12], [11, 9], [4, 7]]), [True, False, False])
+    config = HardPromptConfig(
+        prompt_len=3, k=8, max_steps=3, chunk_size=4, ascii_only=True, printable_only=True,
+        no_whitespace_only=True, round_trip_tokens=True,
+    )
+    targets = targets_of(lm, [[5, 9, 10], [20, 30, 40]])
+    result = hard_prompt(lm, targets, config)
+    ids = result.arrays["token_ids"]
+    assert not np.isin(ids, sorted(excluded(**{f: True for f in (
+        "ascii_only", "printable_only", "no_whitespace_only", "round_trip_tokens")}))).any()
+    assert list(result.columns["text"]) == [lm.tokenizer.decode(row) for row in ids.tolist()]
+    np.testing.assert_array_equal(result.columns["round_trips"], round_trips(lm.tokenizer, ids))
+    assert result.columns["round_trips"].dtype == bool
+    # The default init repeats " the" where that is one token.
+    the = [[4, 4, 4]] * 2
+    np.testing.assert_allclose(result.columns["initial_kl"], token_prompt_kl(lm, targets, the, config), atol=2e-5)
+    with pytest.raises(ValueError, match=r"init_ids has tokens the search may not use .*\[5, 9\]"):
+        hard_prompt(lm, targets, config, init_ids=[5, 9, 11])
+
+
+def test_bad_configs_and_inputs_are_named(peaked_lm):
+    lm = peaked_lm("gpt2")
+    targets = targets_of(lm, [[5, 6], [7, 8]])
+    for fields, message in [
+        ({"k": 301}, r"k=301 exceeds the vocabulary \(300\)"),
+        ({"k": 299}, "k=299 exceeds the 298 tokens allowed as candidates"),
+        ({"prompt_len": 0}, "prompt_len must be at least 1"),
+        ({"mode": "beam"}, "mode must be one of"),
+        ({"mode": "gcg", "positions": "best"}, "applies to mode='hotflip' only"),
+        ({"prompt_len": 10, "patience": 5}, "patience=5 is less than prompt_len=10"),
+        ({"num_swaps": 0}, "num_swaps must be at least 1"),
+        ({"ascii_only": True}, "ascii_only needs the model's tokenizer"),
+        ({"init": "text"}, "init_text is given exactly when init='text'"),
+        ({"init_token": 1}, r"init_token has tokens the search may not use .*\[1\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            hard_prompt(lm, targets, HardPromptConfig(**fields))
+    with pytest.raises(ValueError, match=r"init_ids must be \[2, 10\]"):
+        hard_prompt(lm, targets, HardPromptConfig(chunk_size=4), init_ids=np.zeros((2, 3), int))
+    not_soft = PromptResults("hard", {}, {"token_ids": np.zeros((2, 3), int)}, pd.DataFrame({"target_id": [0, 1]}))
+    with pytest.raises(ValueError, match="project_soft_prompts needs soft-prompt results"):
+        project_soft_prompts(lm, not_soft)
+
+
+@pytest.mark.real_weights
+def test_smollm2_tokens_specials_filters_and_round_trips():
+    """The tokenizer-facing parts on a real byte-level BPE vocabulary (the search itself: tiny models, bench/)."""
+    lm = load_model("smollm2-135m")
+    special = special_token_ids(lm)
+    assert set(range(17)) <= special  # 3 listed special ids, and 14 more added tokens marked special
+    plain = candidate_mask(lm)
+    assert plain.sum() == lm.vocab_size - len(special)
+    config = HardPromptConfig(ascii_only=True, printable_only=True, no_whitespace_only=True, round_trip_tokens=True)
+    strict = candidate_mask(lm, config)
+    assert not (strict & ~plain).any() and 47_000 < strict.sum() < 48_500
+    texts = lm.tokenizer.batch_decode([[i] for i in np.flatnonzero(strict)])
+    assert all(t.isascii() and t.isprintable() and t.strip() for t in texts if "\n" not in t and "\t" not in t)
+    # The default init repeats " the".
+    the = lm.encode(" the", add_special_tokens=False)
+    assert _init_token(lm, HardPromptConfig(), plain) == the[0]
+    # "Hel" + "lo" decodes to "Hello", which is one other token: that prompt does not round-trip.
+    hel_lo = [*lm.encode("Hel", False), *lm.encode("lo", False)]
+    hello_world = lm.encode("Hello world", False).tolist()
+    np.testing.assert_array_equal(round_trips(lm.tokenizer, [hel_lo, hello_world, [the[0]] * 2]), [False, True, True])
