@@ -374,7 +374,7 @@ def norm_bound_estimate(
             geometry.check(xs[i], x_model[i])
         with _host_threads(config) as executor:
             certified = list(executor.map(
-                lambda i: _certify_norm(unemb, geometry, probs[start + i], xs[i], config), range(n)
+                lambda p, x: _certify_norm(unemb, geometry, p, x, config), probs[start:stop], xs
             ))
         for i, row in enumerate(certified):
             x = xs[i]
