@@ -44,6 +44,16 @@ def test_report_writes_figures_and_statistics(tmp_path):
     assert "| 2 | 24 |" in text and "| 10 | 24 |" in text
 
 
+def test_report_shows_the_bound_band(tmp_path):
+    results = small_results()
+    soft = results[results.method == "soft"]
+    bound = soft.assign(method="bound", kl=soft.kl - 0.3, primal=soft.kl - 0.3, certified=True, prompt_len=0)
+    pd.concat([soft, bound], ignore_index=True).to_parquet(tmp_path / "results.parquet")
+    text = report.write_report(tmp_path).read_text()
+    assert (tmp_path / "figures" / "bound_band.png").stat().st_size > 5_000
+    assert "| soft | 24 | 24 |" in text and "0.3000 |" in text
+
+
 def test_bootstrap_interval_covers_the_mean():
     values = np.random.default_rng(1).standard_normal(200) + 3
     low, high = report.bootstrap_ci(values)
