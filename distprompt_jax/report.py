@@ -170,6 +170,7 @@ def write_report(workdir) -> Path:
     for method, rows in results.groupby("method"):
         lines.append(f"| {method} | {len(rows)} | {rows.kl.mean():.4f} | {rows.kl.median():.4f} |")
     lines += _paired_sections(results, figures)
+    lines += _method_sections(results, figures)
     lines += _bound_section(results, figures)
     if results.method.str.match(r"soft-L\d+$").any():
         table = plot_prompt_length(results, figures / "kl_vs_prompt_length")
@@ -180,6 +181,54 @@ def write_report(workdir) -> Path:
     path = workdir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def method_comparison(results: pd.DataFrame, first: str, second: str) -> dict | None:
+    """KL of two methods on the same targets: Wilcoxon signed-rank test on the per-target differences."""
+    from scipy.stats import wilcoxon
+
+    a = results[results.method == first].set_index("target_id").kl
+    b = results[results.method == second].set_index("target_id").kl
+    common = a.index.intersection(b.index)
+    if len(common) < 2:
+        return None
+    a, b = a.loc[common].to_numpy(np.float64), b.loc[common].to_numpy(np.float64)
+    test = wilcoxon(b, a)
+    return {"first": first, "second": second, "n": len(common), "median_first": float(np.median(a)),
+            "median_second": float(np.median(b)), "median_difference": float(np.median(b - a)),
+            "second_higher": int(np.sum(b > a)), "wilcoxon_statistic": float(test.statistic),
+            "p_value": float(test.pvalue)}
+
+
+def _method_sections(results: pd.DataFrame, figures: Path) -> list[str]:
+    """Soft against hard prompts on the same targets, when a run has both."""
+    found = method_comparison(results, "soft", "hard")
+    if found is None:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = results[results.method.isin(["soft", "hard"])].pivot(index="target_id", columns="method", values="kl")
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=150)
+    ax.scatter(pairs.soft, pairs.hard, s=10, alpha=0.6)
+    top = float(np.nanmax(pairs.to_numpy()))
+    ax.plot([0, top], [0, top], color="black", linewidth=0.8, label="equal KL")
+    ax.set_xlabel("soft prompt KL (nats)")
+    ax.set_ylabel("hard prompt KL (nats)")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    for suffix in (".png", ".svg"):
+        fig.savefig((figures / "soft_vs_hard").with_suffix(suffix))
+    plt.close(fig)
+    return [
+        "", "## Soft vs hard prompts on the same targets", "", "![soft vs hard](figures/soft_vs_hard.png)", "",
+        f"{found['n']} targets. Median KL: soft {found['median_first']:.4f}, hard {found['median_second']:.4f}; "
+        f"median difference (hard − soft) {found['median_difference']:.4f}; hard is higher on "
+        f"{found['second_higher']} of {found['n']}. Wilcoxon signed-rank (two-sided): "
+        f"W = {found['wilcoxon_statistic']:.1f}, p = {found['p_value']:.3g}.",
+    ]
 
 
 def _bound_section(results: pd.DataFrame, figures: Path) -> list[str]:

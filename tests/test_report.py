@@ -54,6 +54,17 @@ def test_report_shows_the_bound_band(tmp_path):
     assert "| soft | 24 | 24 |" in text and "0.3000 |" in text
 
 
+def test_report_compares_soft_and_hard(tmp_path):
+    results = small_results()
+    soft = results[results.method == "soft"]
+    hard = soft.assign(method="hard", kl=soft.kl + np.linspace(0.1, 0.5, len(soft)))
+    pd.concat([soft, hard], ignore_index=True).to_parquet(tmp_path / "results.parquet")
+    text = report.write_report(tmp_path).read_text()
+    assert (tmp_path / "figures" / "soft_vs_hard.png").stat().st_size > 5_000
+    expected = wilcoxon(hard.kl.to_numpy(), soft.kl.to_numpy())
+    assert "hard is higher on 24 of 24" in text and f"p = {expected.pvalue:.3g}" in text
+
+
 def test_bootstrap_interval_covers_the_mean():
     values = np.random.default_rng(1).standard_normal(200) + 3
     low, high = report.bootstrap_ci(values)
