@@ -71,6 +71,30 @@ def tiny_hf_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def peaked_lm(tmp_path_factory):
+    """family -> a tiny model with embeddings scaled ×10, so its next-token entropies are ~1-4 nats."""
+    import torch
+
+    from distprompt_jax import load_model
+
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            model = build_tiny_hf_model(family)
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "embed" in name or "lm_head" in name or "wte" in name:
+                        param.mul_(10)
+            path = tmp_path_factory.mktemp(f"peaked-{family}")
+            model.save_pretrained(path)
+            made[family] = load_model(path)
+        return made[family]
+
+    return get
+
+
 def kl_rows(ref_logits, our_logits) -> np.ndarray:
     """KL(ref || ours) per row, in float64 so the comparison itself adds no noise."""
     ref = np.asarray(ref_logits, np.float64)

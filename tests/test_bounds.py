@@ -12,10 +12,9 @@ import numpy as np
 import optax
 import pandas as pd
 import pytest
-from conftest import build_tiny_hf_model
 from scipy.optimize import minimize
 
-from distprompt_jax import bounds, load_model
+from distprompt_jax import bounds
 from distprompt_jax.bounds import (
     BoundConfig,
     kl_gap_table,
@@ -127,35 +126,13 @@ def soft_prompt_kl(lm, targets, length: int = 4, steps: int = 60, seed: int = 0)
 
 
 @pytest.fixture(scope="module")
-def peaked(tmp_path_factory):
-    """family -> a tiny model with its embeddings scaled ×10, so next-token entropies are ~1-4 nats."""
-    import torch
-
-    made = {}
-
-    def get(family: str):
-        if family not in made:
-            model = build_tiny_hf_model(family)
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if "embed" in name or "lm_head" in name or "wte" in name:
-                        param.mul_(10)
-            path = tmp_path_factory.mktemp(f"bounds-{family}")
-            model.save_pretrained(path)
-            made[family] = load_model(path)
-        return made[family]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def solved(peaked):
+def solved(peaked_lm):
     """family -> (lm, targets, unembedding bound, soft-prompt KLs) on random targets of two seeds."""
     made = {}
 
     def get(family: str):
         if family not in made:
-            lm = peaked(family)
+            lm = peaked_lm(family)
             targets = np.concatenate([random_targets(lm, seed) for seed in (0, 1)])
             bound = unembedding_bound(lm, targets, CONFIG)
             made[family] = lm, targets, bound, soft_prompt_kl(lm, targets)
@@ -200,9 +177,9 @@ def test_result_table_conventions(solved):
     np.testing.assert_allclose(table.primal, direct, atol=1e-4)
 
 
-def test_expressible_targets_have_zero_bound(peaked):
+def test_expressible_targets_have_zero_bound(peaked_lm):
     rng = np.random.default_rng(3)
-    for lm in (peaked("llama"), affine_lm()):
+    for lm in (peaked_lm("llama"), affine_lm()):
         w, b = (np.asarray(a, np.float64) for a in lm.unembedding(lm.params))
         h = rng.standard_normal((8, w.shape[1])) * 2 / np.sqrt(np.mean(w**2) * w.shape[1])
         z = h @ w.T + b
@@ -214,9 +191,9 @@ def test_expressible_targets_have_zero_bound(peaked):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_agrees_with_float64_scipy(peaked, seed):
+def test_agrees_with_float64_scipy(peaked_lm, seed):
     """Against an independent float64 solve, with a bias (affine model) and on a tiny model's unembedding."""
-    for lm in (affine_lm(seed=seed), peaked("gpt2")):
+    for lm in (affine_lm(seed=seed), peaked_lm("gpt2")):
         targets = random_targets(lm, seed)
         table = unembedding_bound(lm, targets, dataclasses.replace(CONFIG, gap_tolerance=1e-8)).to_pandas()
         w, b = lm.unembedding(lm.params)

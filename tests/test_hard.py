@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import build_tiny_hf_model
 from distprompt_jax import SoftPromptConfig, load_model, soft_prompt
 from distprompt_jax.prompting.hard import (
     HardEngine, HardPromptConfig, _init_token, candidate_mask, hard_prompt, project_soft_prompts, projection_loss,
@@ -19,28 +18,6 @@ from distprompt_jax.results import PromptResults
 from distprompt_jax.targets import as_target_set
 
 SPECIAL = (1, 2)  # the tiny models' BOS and EOS
-
-
-@pytest.fixture(scope="module")
-def peaked_lm(tmp_path_factory):
-    """family -> a tiny model with embeddings scaled up, so its next-token entropies are ~1-4 nats."""
-    import torch
-
-    made = {}
-
-    def get(family: str):
-        if family not in made:
-            model = build_tiny_hf_model(family)
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if "embed" in name or "lm_head" in name or "wte" in name:
-                        param.mul_(10)
-            path = tmp_path_factory.mktemp(f"peaked-{family}")
-            model.save_pretrained(path)
-            made[family] = load_model(path)
-        return made[family]
-
-    return get
 
 
 def targets_of(lm, prompts) -> np.ndarray:

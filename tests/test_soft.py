@@ -6,31 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import build_tiny_hf_model
 from distprompt_jax import SoftPromptConfig, load_model, soft_prompt
 from distprompt_jax.targets import TargetError
-
-
-@pytest.fixture(scope="module")
-def peaked_lm(tmp_path_factory):
-    """family -> a tiny model with embeddings scaled up, so its next-token entropies are ~1-4 nats."""
-    import torch
-
-    made = {}
-
-    def get(family: str):
-        if family not in made:
-            model = build_tiny_hf_model(family)
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if "embed" in name or "lm_head" in name or "wte" in name:
-                        param.mul_(10)
-            path = tmp_path_factory.mktemp(f"peaked-{family}")
-            model.save_pretrained(path)
-            made[family] = load_model(path)
-        return made[family]
-
-    return get
 
 
 def self_generated_targets(lm, n: int, length: int, seed: int = 0) -> np.ndarray:
