@@ -545,7 +545,7 @@ def _host_threads(config: BoundConfig):
 def _refuse_softcap(lm) -> None:
     cap = getattr(lm.config, "final_logit_softcap", None)
     if cap is not None:
-        raise NotImplementedError(
+        raise ValueError(
             f"{lm.name} has final_logit_softcap={cap}: its logits c·tanh((W h + b)/c) are not affine in h, "
             "so neither the convex unembedding bound nor its certificate applies"
         )
@@ -905,7 +905,7 @@ class _NormImage:
         cfg = lm.config
         norm = lm.params.get("final_norm") if isinstance(lm.params, dict) else None
         if norm is None or "scale" not in norm:
-            raise NotImplementedError(f"{lm.name}: no final norm scale found; the norm image is unknown")
+            raise ValueError(f"{lm.name}: no final norm scale found; the norm image is unknown")
         scale = np.asarray(norm["scale"], np.float64)
         d = scale.shape[0]
         if cfg.family == "llama":
@@ -914,7 +914,7 @@ class _NormImage:
             return cls("rms", 1.0 + scale, np.zeros(d), float(cfg.norm_eps))
         if cfg.family == "gpt2":
             return cls("layer", scale, np.asarray(norm["bias"], np.float64), float(cfg.norm_eps))
-        raise NotImplementedError(f"the final norm of family {cfg.family!r} is not described in bounds.py")
+        raise ValueError(f"the final norm of family {cfg.family!r} is not described in bounds.py")
 
     @property
     def d(self) -> int:

@@ -309,7 +309,7 @@ def test_config_is_validated():
 def test_softcapped_models_are_refused():
     lm = affine_lm()
     lm.config.final_logit_softcap = 30.0
-    with pytest.raises(NotImplementedError, match="final_logit_softcap"):
+    with pytest.raises(ValueError, match="final_logit_softcap"):
         unembedding_bound(lm, np.full((1, lm.vocab_size), 1 / lm.vocab_size, np.float32), CONFIG)
 
 
