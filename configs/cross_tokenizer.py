@@ -5,21 +5,12 @@ per target (`mapped_mass`). About 20 minutes on a 2-core CPU (Gemma's 262k vocab
 
 from ml_collections import ConfigDict
 
-from distprompt_jax.experiment import bound_defaults, hard_defaults, soft_defaults
+from distprompt_jax.experiment import base_config
 
 
 def get_config() -> ConfigDict:
-    config = ConfigDict()
-    config.model = "smollm2-135m"
-    config.dtype = "float32"
-    config.seed = 0
-    config.targets = ConfigDict()
+    config = base_config()
     config.targets.gemma = ConfigDict(dict(kind="cross_model", source="gemma3-270m", n=32))
     config.targets.vanilla = ConfigDict(dict(kind="vanilla", entropies_from="gemma", seed_offset=10_000))
-    config.methods = ("soft",)
-    config.soft = soft_defaults()
     config.soft.max_steps = 200
-    config.hard = hard_defaults()
-    config.bound = bound_defaults()
-    config.checkpoint_every = 4
     return config

@@ -7,21 +7,13 @@ targets.vanilla.n=2048, soft.max_steps=500, hard.max_steps=200 (chunks are sized
 
 from ml_collections import ConfigDict
 
-from distprompt_jax.experiment import bound_defaults, hard_defaults, soft_defaults
+from distprompt_jax.experiment import base_config
 
 
 def get_config() -> ConfigDict:
-    config = ConfigDict()
-    config.model = "smollm2-135m"
-    config.dtype = "float32"
-    config.seed = 0
-    config.targets = ConfigDict()
+    config = base_config()
     config.targets.vanilla = ConfigDict(dict(kind="vanilla", n=64, entropy_min=0.0, entropy_max=-1.0))
     config.methods = ("soft", "hard", "bound")
-    config.soft = soft_defaults()
     config.soft.max_steps = 200
-    config.hard = hard_defaults()
     config.hard.max_steps = 40
-    config.bound = bound_defaults()
-    config.checkpoint_every = 4
     return config

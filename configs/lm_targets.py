@@ -6,21 +6,12 @@ the same entropies (paired). About 15 minutes on a 2-core CPU; on a GPU raise ta
 
 from ml_collections import ConfigDict
 
-from distprompt_jax.experiment import bound_defaults, hard_defaults, soft_defaults
+from distprompt_jax.experiment import base_config
 
 
 def get_config() -> ConfigDict:
-    config = ConfigDict()
-    config.model = "smollm2-135m"
-    config.dtype = "float32"
-    config.seed = 0
-    config.targets = ConfigDict()
+    config = base_config()
     config.targets.model = ConfigDict(dict(kind="model", n=32))
     config.targets.vanilla = ConfigDict(dict(kind="vanilla", entropies_from="model", seed_offset=10_000))
-    config.methods = ("soft",)
-    config.soft = soft_defaults()
     config.soft.max_steps = 200
-    config.hard = hard_defaults()
-    config.bound = bound_defaults()
-    config.checkpoint_every = 4
     return config

@@ -7,22 +7,13 @@ minutes on a 2-core CPU; on a GPU raise both n (keep them paired: vanilla takes 
 
 from ml_collections import ConfigDict
 
-from distprompt_jax.experiment import bound_defaults, hard_defaults, soft_defaults
+from distprompt_jax.experiment import base_config
 
 
 def get_config() -> ConfigDict:
-    config = ConfigDict()
-    config.model = "smollm2-135m"
-    config.dtype = "float32"
-    config.seed = 0
-    config.targets = ConfigDict()
+    config = base_config()
     # Entropies where k = 10 outliers can stand out (below ln 10 they would hold all the mass anyway).
     config.targets.outlier = ConfigDict(dict(kind="outlier", n=32, k=10, entropy_min=2.5, entropy_max=10.0))
     config.targets.vanilla = ConfigDict(dict(kind="vanilla", entropies_from="outlier", seed_offset=10_000))
-    config.methods = ("soft",)
-    config.soft = soft_defaults()
     config.soft.max_steps = 200
-    config.hard = hard_defaults()
-    config.bound = bound_defaults()
-    config.checkpoint_every = 4
     return config

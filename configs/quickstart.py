@@ -8,21 +8,13 @@ soft.max_steps (500, the default) and soft.restarts; leave soft.chunk_size at 0 
 
 from ml_collections import ConfigDict
 
-from distprompt_jax.experiment import bound_defaults, hard_defaults, soft_defaults
+from distprompt_jax.experiment import base_config
 
 
 def get_config() -> ConfigDict:
-    config = ConfigDict()
-    config.model = "smollm2-135m"
-    config.dtype = "float32"
-    config.seed = 0
-    config.targets = ConfigDict()
+    config = base_config()
     # entropy_max < 0 means ln|V|.
     config.targets.vanilla = ConfigDict(dict(kind="vanilla", n=24, entropy_min=0.0, entropy_max=-1.0))
-    config.methods = ("soft",)
-    config.soft = soft_defaults()
     config.soft.max_steps = 200
-    config.hard = hard_defaults()
-    config.bound = bound_defaults()
     config.checkpoint_every = 2
     return config

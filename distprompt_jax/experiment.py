@@ -73,6 +73,14 @@ def bound_defaults() -> ConfigDict:
     return section_defaults(BoundConfig)
 
 
+def base_config(model: str = "smollm2-135m") -> ConfigDict:
+    """The fields every experiment config has, at their defaults; configs add target recipes and tune."""
+    return ConfigDict(dict(
+        model=model, dtype="float32", seed=0, targets=ConfigDict(), methods=("soft",),
+        soft=soft_defaults(), hard=hard_defaults(), bound=bound_defaults(), checkpoint_every=4,
+    ))
+
+
 def soft_config(config) -> SoftPromptConfig:
     return section_config(SoftPromptConfig, config.soft, "config.soft")
 
