@@ -163,7 +163,9 @@ class BoundConfig:
 # --------------------------------------------------------------------------------------------------------
 
 
-def unembedding_bound(lm, targets, config: BoundConfig | None = None, *, devices=None) -> PromptResults:
+def unembedding_bound(
+    lm, targets, config: BoundConfig | None = None, *, devices=None, take_share: bool = True
+) -> PromptResults:
     """Certified lower bound on the KL any prompt of `lm` can reach, for each target.
 
     Args:
@@ -172,6 +174,7 @@ def unembedding_bound(lm, targets, config: BoundConfig | None = None, *, devices
       config: BoundConfig (defaults as documented there).
       devices: devices to shard the target axis over (default: this process's devices). In a multi-host
         run each process bounds its own contiguous share of the targets and returns results for those.
+      take_share: False when `targets` already are this process's share (as in a sweep).
     Returns:
       PromptResults with method "bound". Columns: `kl` the certified lower bound (NaN where uncertified),
       `primal` the KL at the solver's h (an upper bound on the infimum), `gap` = primal − the best proven
@@ -188,7 +191,7 @@ def unembedding_bound(lm, targets, config: BoundConfig | None = None, *, devices
             "Gram matrix would be singular"
         )
     target_set = as_target_set(targets, lm.vocab_size)
-    share = parallel.process_slice(len(target_set))
+    share = parallel.process_slice(len(target_set)) if take_share else slice(None)
     probs = target_set.probs[share]
     metadata = target_set.metadata.iloc[share].reset_index(drop=True)
     mesh = parallel.local_mesh(devices)
@@ -285,12 +288,13 @@ def _solve_pool(w, b, lstsq, probs, config: BoundConfig, mesh, on_finished) -> N
 
 
 def norm_bound_estimate(
-    lm, targets, config: BoundConfig | None = None, *, devices=None, unconstrained: PromptResults | None = None
+    lm, targets, config: BoundConfig | None = None, *, devices=None, take_share: bool = True,
+    unconstrained: PromptResults | None = None,
 ) -> PromptResults:
     """Best KL over h restricted to the final norm's image (an estimate), with a Frank–Wolfe lower bound.
 
     Args:
-      lm, targets, config, devices: as for `unembedding_bound`.
+      lm, targets, config, devices, take_share: as for `unembedding_bound`.
       unconstrained: optional `unembedding_bound` results on the same targets: its `h` starts the first
         restart and its certified bound (also valid here) joins the lower bound.
     Returns:
@@ -305,7 +309,7 @@ def norm_bound_estimate(
     config.validate()
     _refuse_softcap(lm)
     target_set = as_target_set(targets, lm.vocab_size)
-    share = parallel.process_slice(len(target_set))
+    share = parallel.process_slice(len(target_set)) if take_share else slice(None)
     probs = target_set.probs[share]
     metadata = target_set.metadata.iloc[share].reset_index(drop=True)
     start_h = None

@@ -145,8 +145,6 @@ def _engine_runs(config, method: str, lm, n_targets: int) -> list[tuple[str, obj
     """(label, engine factory) of each run of `method`: one, or one per entry of `config.prompt_lengths`
     for the prompt engines. Bounds run as engines too (one segment each) so everything resumes alike."""
     if method in ("bound", "bound_norm"):
-        if jax.process_count() > 1:
-            raise ValueError(f"method {method!r} does not run in multi-host sweeps yet: run it single-host")
         from distprompt_jax.experiment import bound_config
 
         bound = bound_config(config)
@@ -179,7 +177,7 @@ class _FunctionEngine:
         self.chunk_size = config.chunk_size
 
     def start(self, probs: np.ndarray, first_index: int) -> _FunctionRun:
-        result = self.function(self.lm, probs, self.config)
+        result = self.function(self.lm, probs, self.config, take_share=False)  # probs: this process's rows
         return _FunctionRun(first_index, len(probs), result.columns, result.arrays)
 
     def advance(self, run):
@@ -274,8 +272,18 @@ def _read_chunks(chunk_dir: Path, n_targets: int) -> list[tuple[dict, dict]]:
 
 
 def _process_local_checkpointer() -> ocp.StandardCheckpointer:
-    """Each process checkpoints its own chunks on its own: no barrier with the other processes."""
+    """Each process checkpoints its own chunks on its own: no barrier with the other processes.
+
+    Orbax names the coordination-service keys a save signals through by a per-process counter, so two
+    processes saving around the same time share keys, and one can wait on a key the other already
+    consumed until orbax's 5-minute timeout. Orbax's own per-process mode (CheckpointManager's
+    enable_per_process_directory_creation) gives each process its own key prefix; so do we.
+    """
     me = jax.process_index()
+    if jax.process_count() > 1:
+        from orbax.checkpoint._src.futures import future
+
+        future.AwaitableSignalsContract.awaitable_signals_contract_prefix = f"awaitable_signals_contract_p{me}"
     local = ocp.options.MultiprocessingOptions(
         primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process{me}"
     )
