@@ -4,16 +4,17 @@ Everything a run produces lives in its workdir:
 
     config.json            the run's config; a workdir refuses a different one
     targets/               the target set, built once (resuming never regenerates it)
-    chunks/<method>/       one finished chunk each: <start>.parquet (table) + <start>.npz (prompts)
-    checkpoints/<method>/  the unfinished chunk's optimizer state (orbax), every `checkpoint_every` segments
+    chunks/<method>/       one finished chunk each: <start>.npz (its table's columns and its prompts)
+    checkpoints/<method>/  the unfinished chunk's optimizer state (orbax), every `checkpoint_every` segments:
+                           <chunk start>/<version>, the previous version deleted once the next is complete
     log.jsonl              one line per segment: method, chunk, restart, steps, mean KL, targets still active
     results.parquet        one row per (target, method), written when every chunk is done
     prompts/<method>.npz   the prompts of every target, in target order
     run.json               config, package versions, git commit, devices
 
 A killed run (SIGKILL at any moment) rerun with the same command resumes from the last checkpoint: chunk
-results and checkpoints are written to a temporary name and renamed into place, so a kill leaves either
-the old file or the new one. Chunks are deterministic given the seed, so the final results equal an
+results and checkpoints are written to a temporary name and renamed into place, and a checkpoint's previous
+version goes only once the next is complete, so a kill never leaves a half-written file in use. Chunks are deterministic given the seed, so the final results equal an
 uninterrupted run's.
 """
 
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from distprompt_jax import parallel
 from distprompt_jax.experiment import build_targets, soft_config
+from distprompt_jax.prompting.engine import concat_chunks
 from distprompt_jax.prompting.soft import SoftEngine
 from distprompt_jax.results import PromptResults
 from distprompt_jax.targets import validate_probs
@@ -187,8 +189,7 @@ class _FunctionEngine:
         return run.columns, run.arrays
 
     def assemble(self, chunks, metadata) -> PromptResults:
-        columns = {k: np.concatenate([c[k] for c, _ in chunks]) for k in chunks[0][0]}
-        arrays = {k: np.concatenate([a[k] for _, a in chunks]) for k in chunks[0][1]}
+        columns, arrays = concat_chunks(chunks)
         return PromptResults(method=self.method, columns=columns, arrays=arrays, metadata=metadata)
 
 
@@ -290,33 +291,43 @@ def _process_local_checkpointer() -> ocp.StandardCheckpointer:
     return ocp.StandardCheckpointer(multiprocessing_options=local)
 
 
-# The fields of a chunk run that hold per-target arrays; the others are ints saved as JSON.
-_ARRAY_FIELDS = ("state", "best")
-
-
 def _resume_or_start(engine, checkpointer, path: Path, probs: np.ndarray, start: int):
     fresh = engine.start(probs, first_index=start)
-    if not path.is_dir():
+    versions = _checkpoint_versions(path)
+    if not versions:
         return fresh
-    scalars = json.loads((path / "distprompt_chunk.json").read_text())
+    latest = path / f"{versions[-1]:08d}"
+    scalars = json.loads((latest / "distprompt_chunk.json").read_text())
     # Saved arrays restore into the structure of a fresh run's state (a soft run's best shares it).
     template = {name: jax.tree.map(np.asarray, fresh.state) for name in scalars.pop("arrays")}
-    restored = checkpointer.restore(path / "state", template)
+    restored = checkpointer.restore(latest / "state", template)
     return engine.resume(probs, dataclasses.replace(fresh, **restored, **scalars))
 
 
+def _checkpoint_versions(path: Path) -> list[int]:
+    """The complete checkpoints of a chunk, oldest first (an unfinished one is still named `<n>.tmp`)."""
+    return sorted(int(p.name) for p in path.glob("*") if p.name.isdigit()) if path.is_dir() else []
+
+
 def _save_chunk(checkpointer, path: Path, chunk):
-    staging = path.with_name(path.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    """A new checkpoint version beside the last one, which is deleted only once the new one is complete:
+    a kill at any moment leaves at least one complete checkpoint."""
+    versions = _checkpoint_versions(path)
+    version = versions[-1] + 1 if versions else 0
+    for stale in path.glob("*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = path / f"{version:08d}.tmp"
     staging.mkdir(parents=True)
     fields = {f.name: getattr(chunk, f.name) for f in dataclasses.fields(chunk)}
-    arrays = {k: jax.tree.map(np.asarray, v) for k, v in fields.items() if k in _ARRAY_FIELDS and v is not None}
-    scalars = {k: v for k, v in fields.items() if k not in _ARRAY_FIELDS and k != "first_index"}
+    # Per-target arrays go to orbax, the ints beside them to JSON.
+    arrays = {k: jax.tree.map(np.asarray, v) for k, v in fields.items() if k in chunk.ARRAY_FIELDS and v is not None}
+    scalars = {k: v for k, v in fields.items() if k not in chunk.ARRAY_FIELDS and k != "first_index"}
     checkpointer.save(staging / "state", arrays)
     checkpointer.wait_until_finished()
     (staging / "distprompt_chunk.json").write_text(json.dumps({**scalars, "arrays": sorted(arrays)}))
-    shutil.rmtree(path, ignore_errors=True)
-    staging.rename(path)
+    staging.rename(path / f"{version:08d}")
+    for old in versions:
+        shutil.rmtree(path / f"{old:08d}", ignore_errors=True)
 
 
 def _log(workdir: Path, method: str, start: int, chunk):

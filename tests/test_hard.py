@@ -12,10 +12,11 @@ import pytest
 from distprompt_jax import SoftPromptConfig, load_model, soft_prompt
 from distprompt_jax.prompting.hard import (
     HardEngine, HardPromptConfig, _init_token, candidate_mask, hard_prompt, project_soft_prompts, projection_loss,
-    round_trips, special_token_ids, token_prompt_kl,
+    round_trips, token_prompt_kl,
 )
 from distprompt_jax.results import PromptResults
 from distprompt_jax.targets import as_target_set
+from distprompt_jax.tokens import special_token_ids
 
 SPECIAL = (1, 2)  # the tiny models' BOS and EOS
 
@@ -162,6 +163,10 @@ def test_filters_round_trips_and_text_with_a_tokenizer(peaked_lm):
     assert excluded(printable_only=True) == base | {6, 10}
     assert excluded(no_whitespace_only=True) == base | {7, 8}
     assert excluded(round_trip_tokens=True) == base | {7, 8, 9}
+    # Soft prompts' init="vocab" draws from the same ordinary tokens (640 draws: a slip would show).
+    vocab_init = soft_prompt(lm, np.full((64, lm.vocab_size), 1 / lm.vocab_size),
+                             SoftPromptConfig(init="vocab", max_steps=1, chunk_size=64))
+    assert not np.isin(vocab_init.arrays["nearest_tokens"], sorted(base)).any()
 
     np.testing.assert_array_equal(round_trips(lm.tokenizer, [[11, 12], [11, 9], [4, 7]]), [True, False, False])
     config = HardPromptConfig(

@@ -1,4 +1,4 @@
-"""Fixed tokens around an optimized prompt, and which tokens count as ordinary text."""
+"""Fixed tokens around an optimized prompt."""
 
 from __future__ import annotations
 
@@ -48,13 +48,3 @@ def _ids(lm, tokens: str | tuple[int, ...], what: str) -> tuple[int, ...]:
     if bad:
         raise ValueError(f"{what} token ids {bad} are outside the vocabulary [0, {lm.vocab_size})")
     return ids
-
-
-def ordinary_token_ids(lm) -> np.ndarray:
-    """Vocabulary ids that are not special tokens (and that the tokenizer knows, where it is smaller)."""
-    ids = np.arange(lm.vocab_size)
-    if lm.tokenizer is None:
-        return ids
-    special = set(lm.tokenizer.all_special_ids)
-    known = min(lm.vocab_size, len(lm.tokenizer))
-    return np.array([i for i in ids[:known] if i not in special], dtype=np.int64)

@@ -24,7 +24,6 @@ it is checked afterwards and reported per target (`round_trips`).
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from typing import Any, NamedTuple
 
 import jax
@@ -35,9 +34,11 @@ from tqdm.auto import tqdm
 
 from distprompt_jax import parallel
 from distprompt_jax.prompting import context as context_lib
-from distprompt_jax.prompting.objective import distribution_report, kl_from_logits, safe_log
+from distprompt_jax.prompting.engine import ChunkEngine, ChunkRun, compiled_problem, without_params
+from distprompt_jax.prompting.objective import distribution_report, kl_from_logits
 from distprompt_jax.results import PromptResults
 from distprompt_jax.targets import as_target_set
+from distprompt_jax.tokens import ordinary_token_mask
 
 MODES = ("hotflip", "gcg")
 POSITIONS = ("cycle", "best")
@@ -122,29 +123,14 @@ class HardPromptConfig:
 # -- Which tokens may appear -------------------------------------------------------------------------------
 
 
-def special_token_ids(lm) -> set[int]:
-    """The tokenizer's special tokens (including added tokens marked special) and the model's BOS/EOS."""
-    special = {i for i in (lm.config.bos_token_id, lm.config.eos_token_id) if i is not None}
-    tokenizer = lm.tokenizer
-    if tokenizer is not None:
-        special |= {int(i) for i in tokenizer.all_special_ids}
-        # e.g. SmolLM2 lists 3 special ids, but marks 17 added tokens special (<repo_name>, <file_sep>, ...).
-        for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
-            if getattr(token, "special", False):
-                special.add(int(i))
-    return special
-
-
 def candidate_mask(lm, config: HardPromptConfig | None = None) -> np.ndarray:
     """bool [V]: the tokens the search may place in a prompt under `config`'s filters."""
     config = config or HardPromptConfig()
-    allowed = np.ones(lm.vocab_size, bool)
-    allowed[[i for i in special_token_ids(lm) if 0 <= i < lm.vocab_size]] = False
+    allowed = ordinary_token_mask(lm)
     tokenizer = lm.tokenizer
     if tokenizer is None:
         return allowed
     known = min(lm.vocab_size, len(tokenizer))
-    allowed[known:] = False  # rows of the embedding beyond the tokenizer's vocabulary (padding)
     filters = (config.ascii_only, config.printable_only, config.no_whitespace_only, config.round_trip_tokens)
     if not any(filters):
         return allowed
@@ -225,9 +211,11 @@ class _Search:
         elif config.init == "repeat":
             token = _init_token(lm, config, allowed)
             start_ids = np.full(config.prompt_len, token, np.int32)
-        # The search never reads lm.params (they are always an argument), so it does not hold them.
-        skeleton = dataclasses.replace(lm, params=None)
-        return cls(lm=skeleton, config=config, context=context, allowed=allowed, start_ids=start_ids)
+        return cls(lm=without_params(lm), config=config, context=context, allowed=allowed, start_ids=start_ids)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.config.prompt_len
 
     def logits(self, params, x):
         """Next-token logits of prompt embeddings x [L, d] inside the fixed context."""
@@ -405,26 +393,6 @@ class _Search:
         return parallel.auto_chunk_size(lower, n_targets=n_targets, n_devices=mesh.size, fixed_bytes=fixed)
 
 
-# lm -> {config: (search, jitted run_segment, jitted report)}. Compiling a segment is most of a small run's
-# time (and tens of seconds on a real model), so calls with the same model and config share it. Weak keys:
-# the entries never hold the parameters (see _Search.build), so a model dropped by its user is freed.
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_COMPILED_PER_MODEL = 8
-
-
-def _compiled(lm, config: HardPromptConfig):
-    # Fields that do not change the traced program (shapes, shardings and num_steps are jit's own keys; the
-    # seed enters as data), so the cached search must never read them: the engine passes them in.
-    key = dataclasses.replace(config, seed=0, chunk_size=None, segment_steps=1, shard_params=False)
-    entries = _COMPILED.setdefault(lm, {})
-    if key not in entries:
-        if len(entries) >= _COMPILED_PER_MODEL:
-            entries.pop(next(iter(entries)))
-        search = _Search.build(lm, config)
-        entries[key] = (search, jax.jit(search.run_segment, static_argnames="num_steps"), jax.jit(search.report))
-    return entries[key]
-
-
 def _target_keys(seed: int, stream: int, first_index: int, n: int):
     """Keys of targets first_index .. first_index + n - 1 for one random stream (0: init, 1: search)."""
     base = jax.random.fold_in(jax.random.key(seed), stream)
@@ -472,91 +440,44 @@ def _check_allowed(ids: np.ndarray, allowed: np.ndarray, what: str) -> None:
 # -- Driving it: chunks, segments, results -----------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class HardChunkRun:
-    """Where one chunk's search stands. All of it is arrays and ints, so it can be checkpointed between
-    segments and resumed exactly."""
-
-    first_index: int  # index of the chunk's first target in the whole target set
-    n_rows: int  # real targets; the rest of the chunk is padding
-    state: _State
-    finished: bool = False
-
-
-class HardEngine:
+class HardEngine(ChunkEngine):
     """A configured hard-prompt search, advanced chunk by chunk and segment by segment (like SoftEngine)."""
 
-    def __init__(self, lm, config: HardPromptConfig, *, n_targets: int, devices=None):
-        config.validate(lm)
-        self.lm, self.config = lm, config
-        self.mesh = parallel.local_mesh(devices)
-        if config.shard_params:
-            self.params = parallel.sharded_params(lm.params, self.mesh)
-        else:
-            self.params = jax.device_put(lm.params, parallel.replicated(self.mesh))
-        self.search, self._run_segment, self._report = _compiled(lm, config)
-        size = config.chunk_size or self.search.auto_chunk_size(self.params, self.mesh, n_targets)
-        self.chunk_size = parallel.round_up(size, self.mesh.size)
-        self._probs_cache: tuple[int, jax.Array, jax.Array] | None = None
+    method = "hard"
+    problem_class = _Search
 
-    def _sharded(self, tree):
-        return jax.device_put(tree, parallel.target_sharding(self.mesh))
-
-    def _set_probs(self, probs: np.ndarray, first_index: int):
-        p = self._sharded(parallel.pad_rows(probs, self.chunk_size))
-        self._probs_cache = (first_index, p, safe_log(p))
-
-    def start(self, probs: np.ndarray, first_index: int, init_ids: np.ndarray | None = None) -> HardChunkRun:
+    def start(self, probs: np.ndarray, first_index: int, init_ids: np.ndarray | None = None) -> ChunkRun:
         """Begin a chunk of targets; `first_index` is the first one's index in the whole target set."""
-        self._set_probs(probs, first_index)
+        self._set_targets(probs, first_index)
         if init_ids is not None:
             init_ids = parallel.pad_rows(np.asarray(init_ids, np.int32), self.chunk_size)
         seed = self.config.seed
-        ids = self._sharded(self.search.initial_ids(seed, first_index, self.chunk_size, init_ids))
-        _, p, _ = self._probs_cache
-        state = self.search.init_state(ids, self._report(self.params, p, ids)["kl"], seed, first_index)
-        return HardChunkRun(first_index, len(probs), self._sharded(state))
+        ids = self._sharded(self.problem.initial_ids(seed, first_index, self.chunk_size, init_ids))
+        p, _ = self._targets(first_index)
+        state = self.problem.init_state(ids, self._report(self.params, p, ids)["kl"], seed, first_index)
+        return ChunkRun(first_index, len(probs), self._sharded(state))
 
-    def resume(self, probs: np.ndarray, run: HardChunkRun) -> HardChunkRun:
-        """Continue a checkpointed run on the same targets."""
-        self._set_probs(probs, run.first_index)
-        return dataclasses.replace(run, state=self._sharded(run.state))
-
-    def advance(self, run: HardChunkRun) -> HardChunkRun:
+    def advance(self, run: ChunkRun) -> ChunkRun:
         """One compiled segment of iterations."""
-        first_index, p, log_p = self._probs_cache
-        if first_index != run.first_index:
-            raise ValueError("advance() got a chunk other than the one last started or resumed")
-        state = self._run_segment(self.params, p, log_p, run.state, num_steps=self.config.segment_steps)
+        state = self._segment(run)
         return dataclasses.replace(run, state=state, finished=not bool(jnp.any(state.active)))
 
-    def results(self, run: HardChunkRun) -> tuple[dict, dict]:
-        """(columns, arrays) of a finished chunk's real targets."""
-        if not run.finished:
-            raise ValueError("results() of a chunk that has not finished")
-        _, p, _ = self._probs_cache
+    def _chunk_results(self, run: ChunkRun, p) -> tuple[dict, dict]:
         s = run.state
         figures = self._report(self.params, p, s.best_ids)
         del figures["kl"]  # the tracked best KL is the same value, measured when it was found
-        keep = run.n_rows  # drop the padding rows
         columns = {
             "kl": s.best_kl, "initial_kl": s.initial_kl, "best_step": s.best_step, "steps": s.steps, **figures,
         }
-        columns = {k: np.asarray(v)[:keep] for k, v in columns.items()}
-        path = np.asarray(s.path)[:keep]
         # After a target stopped, its best KL stays what it was.
-        path = np.where(np.arange(path.shape[1]) < columns["steps"][:, None], path, columns["kl"][:, None])
-        return columns, {"token_ids": np.asarray(s.best_ids)[:keep], "kl_path": path}
+        path = jnp.where(jnp.arange(s.path.shape[1]) < s.steps[:, None], s.path, s.best_kl[:, None])
+        return columns, {"token_ids": s.best_ids, "kl_path": path}
 
-    def assemble(self, chunks: list[tuple[dict, dict]], metadata) -> PromptResults:
-        columns = {k: np.concatenate([c[k] for c, _ in chunks]) for k in chunks[0][0]}
-        arrays = {k: np.concatenate([a[k] for _, a in chunks]) for k in chunks[0][1]}
-        columns["prompt_len"] = np.full(len(metadata), self.config.prompt_len)
-        tokenizer = self.lm.tokenizer
-        if tokenizer is not None:
-            columns["round_trips"] = round_trips(tokenizer, arrays["token_ids"])
-            columns["text"] = np.array(tokenizer.batch_decode(arrays["token_ids"].tolist()))
-        return PromptResults(method="hard", columns=columns, arrays=arrays, metadata=metadata)
+    def _text_columns(self, tokenizer, arrays: dict) -> dict:
+        return {
+            "round_trips": round_trips(tokenizer, arrays["token_ids"]),
+            "text": np.array(tokenizer.batch_decode(arrays["token_ids"].tolist())),
+        }
 
 
 def hard_prompt(
@@ -585,7 +506,8 @@ def hard_prompt(
     probs = target_set.probs[share]
     if init_ids is not None:  # checked before the engine sizes its chunks (which compiles a probe)
         config.validate(lm)
-        init_ids = _check_init_ids(init_ids, len(target_set), config, _compiled(lm, config)[0].allowed)[share]
+        allowed = compiled_problem(lm, config, _Search)[0].allowed
+        init_ids = _check_init_ids(init_ids, len(target_set), config, allowed)[share]
     engine = HardEngine(lm, config, n_targets=len(probs), devices=devices)
     bounds = parallel.chunk_bounds(len(probs), engine.chunk_size)
     n_segments = -(-config.max_steps // config.segment_steps)
@@ -644,7 +566,7 @@ def token_prompt_kl(
     config = dataclasses.replace(
         config, prompt_len=token_ids.shape[1], init="repeat", init_token=None, init_text=None
     )
-    _, _, report = _compiled(lm, config)
+    _, _, report = compiled_problem(lm, config, _Search)
     mesh = parallel.local_mesh(devices)
     params = jax.device_put(lm.params, parallel.replicated(mesh))
     size = parallel.round_up(min(chunk_size, len(probs)), mesh.size)

@@ -21,9 +21,11 @@ from tqdm.auto import tqdm
 
 from distprompt_jax import parallel
 from distprompt_jax.prompting import context as context_lib
-from distprompt_jax.prompting.objective import distribution_report, kl_from_logits, safe_log
+from distprompt_jax.prompting.engine import ChunkEngine, ChunkRun, without_params
+from distprompt_jax.prompting.objective import distribution_report, kl_from_logits
 from distprompt_jax.results import PromptResults
 from distprompt_jax.targets import as_target_set
+from distprompt_jax.tokens import ordinary_token_mask
 
 INITS = ("embedding_std", "normal", "vocab", "text")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -140,113 +142,6 @@ def soft_prompt(lm, targets, config: SoftPromptConfig | None = None, *, devices=
     return engine.assemble(chunks, target_set.metadata.iloc[share].reset_index(drop=True))
 
 
-@dataclasses.dataclass
-class ChunkRun:
-    """Where one chunk's optimization stands: the current restart's state and the best over earlier ones.
-
-    All of it is arrays and ints, so it can be checkpointed between segments and resumed exactly.
-    """
-
-    first_index: int  # index of the chunk's first target in the whole target set
-    n_rows: int  # real targets; the rest of the chunk is padding
-    restart: int
-    state: _State
-    best: _State | None
-    finished: bool = False
-
-
-class SoftEngine:
-    """A configured soft-prompt optimization, advanced chunk by chunk and segment by segment.
-
-    `soft_prompt` drives it from start to finish; a sweep can checkpoint a `ChunkRun` between `advance`
-    calls and resume it later with the same result.
-    """
-
-    def __init__(self, lm, config: SoftPromptConfig, *, n_targets: int, devices=None):
-        config.validate(lm)
-        self.lm, self.config = lm, config
-        self.mesh = parallel.local_mesh(devices)
-        if config.shard_params:
-            self.params = parallel.sharded_params(lm.params, self.mesh)
-        else:
-            self.params = jax.device_put(lm.params, parallel.replicated(self.mesh))
-        self.problem = _Problem.build(lm, config)
-        size = config.chunk_size or self.problem.auto_chunk_size(self.params, self.mesh, n_targets)
-        self.chunk_size = parallel.round_up(size, self.mesh.size)
-        self._run_segment = jax.jit(self.problem.run_segment, static_argnames="num_steps")
-        self._report = jax.jit(self.problem.report)
-        self._probs_cache: tuple[int, jax.Array, jax.Array] | None = None
-
-    def _restart_key(self, restart: int):
-        # Restart r always starts from the same key, whatever the number of restarts.
-        return jax.random.fold_in(jax.random.key(self.config.seed), restart)
-
-    def _sharded(self, tree):
-        return jax.device_put(tree, parallel.target_sharding(self.mesh))
-
-    def _init_state(self, first_index: int, restart: int) -> _State:
-        # A target's init depends on its index in the set, not on how the set was chunked.
-        state = self.problem.init_state(self.params, self._restart_key(restart), first_index, self.chunk_size)
-        return self._sharded(state)
-
-    def start(self, probs: np.ndarray, first_index: int) -> ChunkRun:
-        self._set_probs(probs, first_index)
-        return ChunkRun(first_index, len(probs), 0, self._init_state(first_index, 0), None)
-
-    def _set_probs(self, probs: np.ndarray, first_index: int):
-        p = self._sharded(parallel.pad_rows(probs, self.chunk_size))
-        self._probs_cache = (first_index, p, safe_log(p))
-
-    def resume(self, probs: np.ndarray, run: ChunkRun) -> ChunkRun:
-        """Continue a checkpointed run on the same targets."""
-        self._set_probs(probs, run.first_index)
-        return dataclasses.replace(
-            run, state=self._sharded(run.state), best=None if run.best is None else self._sharded(run.best)
-        )
-
-    def advance(self, run: ChunkRun) -> ChunkRun:
-        """One compiled segment of steps; moves on to the next restart when every target has finished."""
-        first_index, p, log_p = self._probs_cache
-        if first_index != run.first_index:
-            raise ValueError("advance() got a chunk other than the one last started or resumed")
-        state = self._run_segment(self.params, p, log_p, run.state, num_steps=self.config.segment_steps)
-        if bool(jnp.any(state.active)):
-            return dataclasses.replace(run, state=state)
-        best = state if run.best is None else _keep_better(run.best, state)
-        if run.restart + 1 == self.config.restarts:
-            return dataclasses.replace(run, state=state, best=best, finished=True)
-        restart = run.restart + 1
-        return ChunkRun(run.first_index, run.n_rows, restart, self._init_state(run.first_index, restart), best)
-
-    def results(self, run: ChunkRun) -> tuple[dict, dict]:
-        """(columns, arrays) of a finished chunk's real targets."""
-        if not run.finished:
-            raise ValueError("results() of a chunk that has not finished")
-        _, p, _ = self._probs_cache
-        best = run.best
-        figures = self._report(self.params, p, best.best_v)
-        nearest = figures.pop("nearest_tokens", None)
-        columns = dict(
-            kl=best.best_kl, initial_kl=best.initial_kl, final_kl=best.final_kl, best_step=best.best_step,
-            steps=best.steps, **figures,
-        )
-        arrays = {"prompt": best.best_v} | ({} if nearest is None else {"nearest_tokens": nearest})
-        keep = run.n_rows  # drop the padding rows
-        return (
-            {k: np.asarray(v)[:keep] for k, v in columns.items()},
-            {k: np.asarray(v)[:keep] for k, v in arrays.items()},
-        )
-
-    def assemble(self, chunks: list[tuple[dict, dict]], metadata) -> PromptResults:
-        columns = {k: np.concatenate([c[k] for c, _ in chunks]) for k in chunks[0][0]}
-        arrays = {k: np.concatenate([a[k] for _, a in chunks]) for k in chunks[0][1]}
-        columns["prompt_len"] = np.full(len(metadata), self.problem.prompt_len)
-        tokenizer = self.lm.tokenizer
-        if "nearest_tokens" in arrays and tokenizer is not None:
-            columns["nearest_text"] = np.array([tokenizer.decode(row.tolist()) for row in arrays["nearest_tokens"]])
-        return PromptResults(method="soft", columns=columns, arrays=arrays, metadata=metadata)
-
-
 def _keep_better(a: _State, b: _State) -> _State:
     better = b.best_kl < a.best_kl
 
@@ -281,8 +176,8 @@ class _Problem:
                     f"init_text is {len(init_ids)} tokens, but prompt_len is {config.prompt_len}: make them equal"
                 )
         return cls(
-            lm=lm, config=config, context=context, embed_std=float(jnp.std(table)),
-            candidate_ids=context_lib.ordinary_token_ids(lm), init_ids=init_ids,
+            lm=without_params(lm), config=config, context=context, embed_std=float(jnp.std(table)),
+            candidate_ids=np.flatnonzero(ordinary_token_mask(lm)), init_ids=init_ids,
         )
 
     @property
@@ -416,3 +311,62 @@ def nearest_tokens(lm, params, vectors):
     flat = vectors.reshape(-1, vectors.shape[-1]).astype(jnp.float32)
     distances = jnp.sum(table**2, axis=-1)[None, :] - 2 * flat @ table.T
     return jnp.argmin(distances, axis=-1).astype(jnp.int32).reshape(vectors.shape[:-1])
+
+
+@dataclasses.dataclass
+class SoftChunkRun(ChunkRun):
+    """Where one chunk's optimization stands (see ChunkRun): the current restart's state, and the best
+    over the restarts before it."""
+
+    ARRAY_FIELDS = ("state", "best")
+
+    restart: int = 0
+    best: _State | None = None
+
+
+class SoftEngine(ChunkEngine):
+    """A configured soft-prompt optimization, advanced chunk by chunk and segment by segment.
+
+    `soft_prompt` drives it from start to finish; a sweep can checkpoint a `SoftChunkRun` between `advance`
+    calls and resume it later with the same result.
+    """
+
+    method = "soft"
+    problem_class = _Problem
+
+    def _init_state(self, first_index: int, restart: int) -> _State:
+        # Restart r always starts from the same key, whatever the number of restarts; a target's init
+        # depends on its index in the set, not on how the set was chunked.
+        key = jax.random.fold_in(jax.random.key(self.config.seed), restart)
+        return self._sharded(self.problem.init_state(self.params, key, first_index, self.chunk_size))
+
+    def start(self, probs: np.ndarray, first_index: int) -> SoftChunkRun:
+        """Begin a chunk of targets; `first_index` is the first one's index in the whole target set."""
+        self._set_targets(probs, first_index)
+        return SoftChunkRun(first_index, len(probs), self._init_state(first_index, 0))
+
+    def advance(self, run: SoftChunkRun) -> SoftChunkRun:
+        """One compiled segment of steps; moves on to the next restart when every target has finished."""
+        state = self._segment(run)
+        if bool(jnp.any(state.active)):
+            return dataclasses.replace(run, state=state)
+        best = state if run.best is None else _keep_better(run.best, state)
+        if run.restart + 1 == self.config.restarts:
+            return dataclasses.replace(run, state=state, best=best, finished=True)
+        restart = run.restart + 1
+        return dataclasses.replace(run, state=self._init_state(run.first_index, restart), restart=restart, best=best)
+
+    def _chunk_results(self, run: SoftChunkRun, p) -> tuple[dict, dict]:
+        best = run.best
+        figures = self._report(self.params, p, best.best_v)
+        nearest = figures.pop("nearest_tokens", None)
+        columns = dict(
+            kl=best.best_kl, initial_kl=best.initial_kl, final_kl=best.final_kl, best_step=best.best_step,
+            steps=best.steps, **figures,
+        )
+        return columns, {"prompt": best.best_v} | ({} if nearest is None else {"nearest_tokens": nearest})
+
+    def _text_columns(self, tokenizer, arrays: dict) -> dict:
+        if "nearest_tokens" not in arrays:
+            return {}
+        return {"nearest_text": np.array([tokenizer.decode(row.tolist()) for row in arrays["nearest_tokens"]])}

@@ -23,7 +23,8 @@ from distprompt_jax.lm import abstract_language_model
 from distprompt_jax.targets.batching import map_chunks
 from distprompt_jax.targets.controlled import target_seeds
 from distprompt_jax.targets.io import TargetError, TargetSet, entropy_nats
-from distprompt_jax.targets.mapping import TokenMapping, build_token_mapping, map_distribution, special_token_ids
+from distprompt_jax.targets.mapping import TokenMapping, build_token_mapping, map_distribution
+from distprompt_jax.tokens import ordinary_token_mask
 
 # Contexts per compiled chunk when not given: a forward pass holds [chunk, L, d] activations and [chunk, V]
 # logits, small next to the model for short contexts.
@@ -160,11 +161,7 @@ def _sampled_buffers(lm, params, prefix, seeds, context_len, temperature, chunk_
     """
     buffers = np.zeros((len(seeds), len(prefix) + context_len), np.int32)
     buffers[:, : len(prefix)] = prefix
-    special = {lm.config.bos_token_id, lm.config.eos_token_id} - {None}
-    if lm.tokenizer is not None:
-        special |= special_token_ids(lm.tokenizer)
-    banned = np.zeros(lm.vocab_size, bool)
-    banned[[i for i in special if i < lm.vocab_size]] = True
+    banned = ~ordinary_token_mask(lm)
 
     def compute(chunk, sharding):
         keys = jax.vmap(jax.random.key)(jax.device_put(chunk["seed"].astype(np.uint32), sharding))

@@ -22,6 +22,7 @@ import dataclasses
 import numpy as np
 
 from distprompt_jax.targets.io import TargetError
+from distprompt_jax.tokens import tokenizer_special_ids
 
 UNMAPPED = -1
 
@@ -39,13 +40,6 @@ class TokenMapping:
         return len(self.table)
 
 
-def special_token_ids(tokenizer) -> set[int]:
-    """Ids of the named special tokens and of every added token flagged special."""
-    ids = set(tokenizer.all_special_ids)
-    ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
-    return ids
-
-
 def token_strings(tokenizer, vocab_size: int) -> list[str | None]:
     """Each id's string, decoded alone; None for ids the tokenizer does not have."""
     known = min(vocab_size, len(tokenizer))
@@ -58,8 +52,8 @@ def token_strings(tokenizer, vocab_size: int) -> list[str | None]:
 def build_token_mapping(source_tokenizer, target_tokenizer, source_vocab_size: int,
                         target_vocab_size: int) -> TokenMapping:
     """The mapping described in this module's docstring, for one pair of tokenizers and vocabulary sizes."""
-    source_special = special_token_ids(source_tokenizer)
-    target_special = special_token_ids(target_tokenizer)
+    source_special = tokenizer_special_ids(source_tokenizer)
+    target_special = tokenizer_special_ids(target_tokenizer)
     exact_ids: dict[str, int] = {}
     for i, text in enumerate(token_strings(target_tokenizer, target_vocab_size)):
         if text and i not in target_special:
