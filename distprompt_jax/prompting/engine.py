@@ -65,7 +65,11 @@ class ChunkRun:
 
 
 class ChunkEngine:
-    """A configured optimization over chunks of targets (subclasses: SoftEngine, HardEngine)."""
+    """A configured optimization over chunks of targets (subclasses: SoftEngine, HardEngine).
+
+    Subclasses define `start(probs, first_index) -> run`, `advance(run) -> run` (one segment; sets
+    `finished`), and `_chunk_results(run, p) -> (columns, arrays)` over the padded chunk.
+    """
 
     method: ClassVar[str]
     problem_class: ClassVar[type]  # with build(lm, config), run_segment, report, auto_chunk_size, prompt_len
