@@ -14,8 +14,8 @@ Everything a run produces lives in its workdir:
 
 A killed run (SIGKILL at any moment) rerun with the same command resumes from the last checkpoint: chunk
 results and checkpoints are written to a temporary name and renamed into place, and a checkpoint's previous
-version goes only once the next is complete, so a kill never leaves a half-written file in use. Chunks are deterministic given the seed, so the final results equal an
-uninterrupted run's.
+version goes only once the next is complete, so a kill never leaves a half-written file in use. Chunks are
+deterministic given the seed, so the final results equal an uninterrupted run's.
 """
 
 from __future__ import annotations

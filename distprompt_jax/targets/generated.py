@@ -157,7 +157,8 @@ def _sampled_buffers(lm, params, prefix, seeds, context_len, temperature, chunk_
     """Token buffers [n_contexts, len(prefix) + context_len]: prefix, then sampled tokens.
 
     Special tokens (BOS, EOS, pad, markers such as Gemma's <start_of_image>) are never sampled: contexts
-    are text, and an EOS mid-context would end the document the model thinks it is continuing.
+    are text, and an EOS mid-context would end the document the model thinks it is continuing. Nor are
+    embedding rows past the tokenizer's vocabulary (padding).
     """
     buffers = np.zeros((len(seeds), len(prefix) + context_len), np.int32)
     buffers[:, : len(prefix)] = prefix
