@@ -125,6 +125,25 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(experiment, tmp_path):
         np.testing.assert_array_equal(a["prompt"], b["prompt"])
 
 
+def test_a_checkpoint_is_replaced_only_once_its_successor_is_complete(tmp_path):
+    from distprompt_jax.prompting.engine import ChunkRun
+    from distprompt_jax.sweep import _checkpoint_versions, _process_local_checkpointer, _save_chunk
+
+    checkpointer = _process_local_checkpointer()
+    path = tmp_path / "00000004"
+    run = ChunkRun(first_index=4, n_rows=2, state={"v": np.arange(3.0)})
+    _save_chunk(checkpointer, path, run)
+    _save_chunk(checkpointer, path, run)
+    assert _checkpoint_versions(path) == [1]
+    # A save killed half-way leaves its staging directory beside the last complete version, which stays.
+    (path / "00000002.tmp" / "state").mkdir(parents=True)
+    assert _checkpoint_versions(path) == [1]
+    _save_chunk(checkpointer, path, run)
+    assert sorted(p.name for p in path.iterdir()) == ["00000002"]
+    restored = checkpointer.restore(path / "00000002" / "state", {"state": {"v": np.zeros(3)}})
+    np.testing.assert_array_equal(restored["state"]["v"], np.arange(3.0))
+
+
 def test_config_errors_are_named(experiment, tmp_path):
     code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path}", "--config.soft.bogus=1"))
     assert code != 0 and "bogus" in err
