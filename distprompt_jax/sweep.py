@@ -228,7 +228,10 @@ def _run_engine(
         while not chunk.finished:
             chunk = engine.advance(chunk)
             segments += 1
-            _log(workdir, label, start, chunk)
+            line = _log(workdir, label, start, chunk)
+            # A chunk can take minutes: the bar moves per chunk, its postfix per segment.
+            progress.set_postfix(chunk=start, step=line["steps"], mean_kl=f"{line['mean_best_kl']:.3f}",
+                                 active=line["active"])
             if segments % config.checkpoint_every == 0 and not chunk.finished:
                 _save_chunk(checkpointer, checkpoint, chunk)
         columns, arrays = engine.results(chunk)
@@ -330,7 +333,7 @@ def _save_chunk(checkpointer, path: Path, chunk):
         shutil.rmtree(path / f"{old:08d}", ignore_errors=True)
 
 
-def _log(workdir: Path, method: str, start: int, chunk):
+def _log(workdir: Path, method: str, start: int, chunk) -> dict:
     state = chunk.state
     rows = slice(0, chunk.n_rows)
     line = {
@@ -341,6 +344,7 @@ def _log(workdir: Path, method: str, start: int, chunk):
     }
     with open(workdir / "log.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
+    return line
 
 
 def _write_run_info(config, workdir: Path):
