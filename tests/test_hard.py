@@ -128,6 +128,10 @@ def test_a_checkpointed_chunk_resumes_to_the_same_result(peaked_lm):
     run = engine.advance(engine.start(targets, first_index=0))
     saved = dataclasses.replace(run, state=jax.tree.map(np.asarray, run.state))  # e.g. written to disk
     engine = HardEngine(lm, EXHAUSTIVE, n_targets=4)
+    with pytest.raises(ValueError, match="other than the one last started or resumed"):
+        engine.advance(saved)  # neither started nor resumed on this engine
+    with pytest.raises(ValueError, match="has not finished"):
+        engine.results(saved)
     run = engine.resume(targets, saved)
     while not run.finished:
         run = engine.advance(run)

@@ -45,6 +45,31 @@ def compiled_problem(lm, config, problem_class):
     return entries[key]
 
 
+def check_shared_fields(config, lm, inits: tuple[str, ...], at_least_one: tuple[str, ...],
+                        positive_or_none: tuple[str, ...]) -> None:
+    """The checks both prompt configs share; a ValueError names the config class and the field."""
+
+    def fail(message):
+        raise ValueError(f"{type(config).__name__}: {message}")
+
+    if config.prompt_len < 1:
+        fail(f"prompt_len must be at least 1, got {config.prompt_len}")
+    if config.init not in inits:
+        fail(f"init must be one of {inits}, got {config.init!r}")
+    if (config.init == "text") != (config.init_text is not None):
+        fail("init_text is given exactly when init='text'")
+    for name in at_least_one:
+        if getattr(config, name) < 1:
+            fail(f"{name} must be at least 1, got {getattr(config, name)}")
+    for name in positive_or_none:
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            fail(f"{name} must be positive or None, got {getattr(config, name)}")
+    if config.min_delta < 0:
+        fail(f"min_delta must be non-negative, got {config.min_delta}")
+    if config.top_k > lm.vocab_size:
+        fail(f"top_k={config.top_k} exceeds the vocabulary ({lm.vocab_size})")
+
+
 def concat_chunks(chunks: list[tuple[dict, dict]]) -> tuple[dict, dict]:
     """The (columns, arrays) of consecutive chunks joined along the target axis."""
     columns = {k: np.concatenate([c[k] for c, _ in chunks]) for k in chunks[0][0]}
@@ -96,9 +121,9 @@ class ChunkEngine:
 
     def _targets(self, first_index: int) -> tuple[jax.Array, jax.Array]:
         """(p, log p) of the chunk starting at `first_index`, padded and sharded."""
-        current, p, log_p = self._chunk_targets
-        if current != first_index:
+        if self._chunk_targets is None or self._chunk_targets[0] != first_index:
             raise ValueError("the engine got a chunk other than the one last started or resumed")
+        _, p, log_p = self._chunk_targets
         return p, log_p
 
     def resume(self, probs: np.ndarray, run):

@@ -34,7 +34,9 @@ from tqdm.auto import tqdm
 
 from distprompt_jax import parallel
 from distprompt_jax.prompting import context as context_lib
-from distprompt_jax.prompting.engine import ChunkEngine, ChunkRun, compiled_problem, without_params
+from distprompt_jax.prompting.engine import (
+    ChunkEngine, ChunkRun, check_shared_fields, compiled_problem, without_params,
+)
 from distprompt_jax.prompting.objective import distribution_report, kl_from_logits
 from distprompt_jax.results import PromptResults
 from distprompt_jax.targets import as_target_set
@@ -81,37 +83,26 @@ class HardPromptConfig:
         def fail(message):
             raise ValueError(f"HardPromptConfig: {message}")
 
-        if self.prompt_len < 1:
-            fail(f"prompt_len must be at least 1, got {self.prompt_len}")
+        check_shared_fields(
+            self, lm, INITS,
+            at_least_one=("k", "num_swaps", "beam_width", "max_steps", "patience", "segment_steps", "top_k"),
+            positive_or_none=("chunk_size", "candidate_block"),
+        )
         if self.mode not in MODES:
             fail(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.positions not in POSITIONS:
             fail(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.mode != "hotflip" and self.positions != "cycle":
             fail(f"positions={self.positions!r} applies to mode='hotflip' only")
-        if self.init not in INITS:
-            fail(f"init must be one of {INITS}, got {self.init!r}")
-        if (self.init == "text") != (self.init_text is not None):
-            fail("init_text is given exactly when init='text'")
         if self.init_token is not None and self.init != "repeat":
             fail("init_token applies to init='repeat' only")
-        for name in ("k", "num_swaps", "beam_width", "max_steps", "patience", "segment_steps", "top_k"):
-            if getattr(self, name) < 1:
-                fail(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.k > lm.vocab_size:
             fail(f"k={self.k} exceeds the vocabulary ({lm.vocab_size})")
-        if self.top_k > lm.vocab_size:
-            fail(f"top_k={self.top_k} exceeds the vocabulary ({lm.vocab_size})")
         if self.mode == "hotflip" and self.positions == "cycle" and self.patience < self.prompt_len:
             fail(
                 f"patience={self.patience} is less than prompt_len={self.prompt_len}: cycling hotflip revisits a "
                 "position every prompt_len iterations, so a target would stop before every position was tried"
             )
-        if self.min_delta < 0:
-            fail(f"min_delta must be non-negative, got {self.min_delta}")
-        for name in ("chunk_size", "candidate_block"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                fail(f"{name} must be positive or None, got {getattr(self, name)}")
         if lm.tokenizer is None:
             for name in ("ascii_only", "printable_only", "no_whitespace_only", "round_trip_tokens"):
                 if getattr(self, name):

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from distprompt_jax import parallel
 from distprompt_jax.prompting import context as context_lib
-from distprompt_jax.prompting.engine import ChunkEngine, ChunkRun, without_params
+from distprompt_jax.prompting.engine import ChunkEngine, ChunkRun, check_shared_fields, without_params
 from distprompt_jax.prompting.objective import distribution_report, kl_from_logits
 from distprompt_jax.results import PromptResults
 from distprompt_jax.targets import as_target_set
@@ -62,12 +62,10 @@ class SoftPromptConfig:
         def fail(message):
             raise ValueError(f"SoftPromptConfig: {message}")
 
-        if self.prompt_len < 1:
-            fail(f"prompt_len must be at least 1, got {self.prompt_len}")
-        if self.init not in INITS:
-            fail(f"init must be one of {INITS}, got {self.init!r}")
-        if (self.init == "text") != (self.init_text is not None):
-            fail("init_text is given exactly when init='text'")
+        check_shared_fields(
+            self, lm, INITS, at_least_one=("max_steps", "patience", "restarts", "segment_steps", "top_k"),
+            positive_or_none=("chunk_size",),
+        )
         if self.init == "text" and self.restarts > 1:
             fail("restarts > 1 with init='text' would repeat the same run")
         if self.schedule not in SCHEDULES:
@@ -76,15 +74,6 @@ class SoftPromptConfig:
             fail(f"learning_rate must be positive, got {self.learning_rate}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             fail(f"clip_norm must be positive or None, got {self.clip_norm}")
-        for name in ("max_steps", "patience", "restarts", "segment_steps", "top_k"):
-            if getattr(self, name) < 1:
-                fail(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.min_delta < 0:
-            fail(f"min_delta must be non-negative, got {self.min_delta}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            fail(f"chunk_size must be positive or None, got {self.chunk_size}")
-        if self.top_k > lm.vocab_size:
-            fail(f"top_k={self.top_k} exceeds the vocabulary ({lm.vocab_size})")
         if self.intervention_mode not in INTERVENTION_MODES:
             fail(f"intervention_mode must be one of {INTERVENTION_MODES}, got {self.intervention_mode!r}")
         layer = self.intervention_layer
