@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -58,15 +60,12 @@ FAMILIES = tuple(tiny_hf_configs())
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     """family -> (HF torch model, directory it was saved to)."""
-    made = {}
-
+    @functools.cache
     def get(family: str):
-        if family not in made:
-            model = build_tiny_hf_model(family)
-            path = tmp_path_factory.mktemp(f"tiny-{family}")
-            model.save_pretrained(path)
-            made[family] = (model, path)
-        return made[family]
+        model = build_tiny_hf_model(family)
+        path = tmp_path_factory.mktemp(f"tiny-{family}")
+        model.save_pretrained(path)
+        return model, path
 
     return get
 
@@ -78,19 +77,16 @@ def peaked_lm(tmp_path_factory):
 
     from distprompt_jax import load_model
 
-    made = {}
-
+    @functools.cache
     def get(family: str):
-        if family not in made:
-            model = build_tiny_hf_model(family)
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if "embed" in name or "lm_head" in name or "wte" in name:
-                        param.mul_(10)
-            path = tmp_path_factory.mktemp(f"peaked-{family}")
-            model.save_pretrained(path)
-            made[family] = load_model(path)
-        return made[family]
+        model = build_tiny_hf_model(family)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "embed" in name or "lm_head" in name or "wte" in name:
+                    param.mul_(10)
+        path = tmp_path_factory.mktemp(f"peaked-{family}")
+        model.save_pretrained(path)
+        return load_model(path)
 
     return get
 

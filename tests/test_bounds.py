@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from types import SimpleNamespace
 
@@ -128,15 +129,11 @@ def soft_prompt_kl(lm, targets, length: int = 4, steps: int = 60, seed: int = 0)
 @pytest.fixture(scope="module")
 def solved(peaked_lm):
     """family -> (lm, targets, unembedding bound, soft-prompt KLs) on random targets of two seeds."""
-    made = {}
-
+    @functools.cache
     def get(family: str):
-        if family not in made:
-            lm = peaked_lm(family)
-            targets = np.concatenate([random_targets(lm, seed) for seed in (0, 1)])
-            bound = unembedding_bound(lm, targets, CONFIG)
-            made[family] = lm, targets, bound, soft_prompt_kl(lm, targets)
-        return made[family]
+        lm = peaked_lm(family)
+        targets = np.concatenate([random_targets(lm, seed) for seed in (0, 1)])
+        return lm, targets, unembedding_bound(lm, targets, CONFIG), soft_prompt_kl(lm, targets)
 
     return get
 
