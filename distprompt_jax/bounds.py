@@ -98,13 +98,11 @@ import functools
 import math
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 from tqdm.auto import tqdm
 
 from distprompt_jax import parallel
@@ -400,125 +398,6 @@ def norm_bound_estimate(
         "x": np.stack([row["x"] for row in rows]) if rows else np.zeros((0, d)),
     }
     return PromptResults(method="bound_norm", columns=columns, arrays=arrays, metadata=metadata)
-
-
-def kl_gap_table(found: pd.DataFrame, bound: pd.DataFrame) -> pd.DataFrame:
-    """Each found KL beside the bound: one row per (target, found method), joined on `target_id`.
-
-    `found`: `.to_pandas()` of soft/hard results (several methods may be concatenated): target_id,
-    method, kl, and optionally target_entropy / kind. `bound`: `.to_pandas()` of `unembedding_bound`
-    (method "bound"), optionally concatenated with `norm_bound_estimate` rows (method "bound_norm").
-    Columns: target_id, method, kl_found, kl_bound (certified; NaN where uncertified), bound_primal,
-    certified, gap_to_bound = kl_found − kl_bound, and with bound_norm rows kl_bound_norm (estimate),
-    gap_to_norm_bound = kl_found − kl_bound_norm; then target_entropy and kind when known.
-    """
-    for name, table, needed in (("found", found, ("target_id", "method", "kl")),
-                                ("bound", bound, ("target_id", "method", "kl"))):
-        missing = [c for c in needed if c not in table.columns]
-        if missing:
-            raise ValueError(f"{name} table lacks column(s) {missing}")
-    plain = bound[bound["method"] == "bound"]
-    if plain.empty:
-        raise ValueError("bound table has no rows with method 'bound' (run unembedding_bound)")
-    for column in ("primal", "certified"):
-        if column not in plain.columns:
-            raise ValueError(f"bound table lacks column {column!r} (is it unembedding_bound's table?)")
-    if plain["target_id"].duplicated().any():
-        raise ValueError("bound table has several 'bound' rows for one target_id")
-    found_methods = set(found["method"]) & {"bound", "bound_norm"}
-    if found_methods:
-        raise ValueError(f"found table contains bound rows ({sorted(found_methods)}); pass soft/hard results")
-    table = found[["target_id", "method", "kl"]].rename(columns={"kl": "kl_found"})
-    side = plain[["target_id", "kl", "primal", "certified"]].rename(
-        columns={"kl": "kl_bound", "primal": "bound_primal"}
-    )
-    table = table.merge(side, on="target_id", how="left", validate="many_to_one")
-    unmatched = table["kl_bound"].isna() & table["bound_primal"].isna()
-    if unmatched.any():
-        ids = table.loc[unmatched, "target_id"].unique()[:10].tolist()
-        raise ValueError(f"no bound for target_id(s) {ids}")
-    table["gap_to_bound"] = table["kl_found"] - table["kl_bound"]
-    norm = bound[bound["method"] == "bound_norm"]
-    if not norm.empty:
-        if norm["target_id"].duplicated().any():
-            raise ValueError("bound table has several 'bound_norm' rows for one target_id")
-        table = table.merge(
-            norm[["target_id", "kl"]].rename(columns={"kl": "kl_bound_norm"}), on="target_id", how="left"
-        )
-        table["gap_to_norm_bound"] = table["kl_found"] - table["kl_bound_norm"]
-    for column in ("target_entropy", "kind"):
-        source = found if column in found.columns else plain if column in plain.columns else None
-        if source is not None:
-            values = source.drop_duplicates("target_id").set_index("target_id")[column]
-            table[column] = table["target_id"].map(values).to_numpy()
-    return table.reset_index(drop=True)
-
-
-def plot_bound_band(found_df: pd.DataFrame, bound_df: pd.DataFrame, path, n_bins: int = 8) -> list[Path]:
-    """KL vs target entropy: the certified bound, each found method's KL, and the band between them.
-
-    Writes `path` with suffixes .png and .svg (a .png/.svg/.pdf suffix given is replaced); returns both
-    paths. Every target is a point (the bound a black dash); the band runs between the medians of the
-    bound and of each method's found KL in `n_bins` equal-width entropy bins (per target with few targets).
-    Below the bound: what the unembedding cannot express; the band: what the search did not find.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    table = kl_gap_table(found_df, bound_df)
-    if "target_entropy" not in table.columns:
-        raise ValueError("neither table has a target_entropy column")
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=150)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, (method, rows) in enumerate(table.groupby("method", sort=True)):
-        color = colors[index % len(colors)]
-        ax.scatter(rows["target_entropy"], rows["kl_found"], s=12, alpha=0.7, color=color,
-                   label=f"found KL ({method})")
-        centers, low, high = _binned_band(rows["target_entropy"], rows["kl_bound"], rows["kl_found"], n_bins)
-        ax.fill_between(centers, low, high, color=color, alpha=0.2, linewidth=0)
-        ax.plot(centers, high, color=color, linewidth=1)
-    targets = table.drop_duplicates("target_id")
-    if "kl_bound_norm" in table.columns:
-        ax.scatter(targets["target_entropy"], targets["kl_bound_norm"], s=14, marker="x", linewidth=0.8,
-                   color="gray", label="norm-constrained estimate")
-    ax.scatter(targets["target_entropy"], targets["kl_bound"], s=60, marker="_", color="black", zorder=3,
-               label="certified bound (unembedding)")
-    centers, low, _ = _binned_band(targets["target_entropy"], targets["kl_bound"], targets["kl_bound"], n_bins)
-    ax.plot(centers, low, color="black", linewidth=1)
-    ax.set_xlabel("target entropy (nats)")
-    ax.set_ylabel("KL(p ‖ q) (nats)")
-    ax.set_title("Certified lower bound and the KL prompts reached")
-    ax.set_ylim(bottom=min(0.0, float(np.nanmin(targets["kl_bound"])) if targets["kl_bound"].notna().any() else 0.0))
-    ax.legend(fontsize=8, frameon=False)
-    fig.tight_layout()
-    base = Path(path)
-    base = base.with_suffix("") if base.suffix in (".png", ".svg", ".pdf") else base
-    base.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for suffix in (".png", ".svg"):
-        out = base.with_name(base.name + suffix)
-        fig.savefig(out)
-        written.append(out)
-    plt.close(fig)
-    return written
-
-
-def _binned_band(entropy, low, high, n_bins: int):
-    """(bin centres, median low, median high) over equal-width entropy bins; per point with ≤ 2 n_bins points."""
-    entropy, low, high = (np.asarray(a, np.float64) for a in (entropy, low, high))
-    keep = np.isfinite(entropy) & np.isfinite(low) & np.isfinite(high)
-    entropy, low, high = entropy[keep], low[keep], high[keep]
-    order = np.argsort(entropy)
-    entropy, low, high = entropy[order], low[order], high[order]
-    if len(entropy) <= 2 * n_bins:
-        return entropy, low, high
-    edges = np.linspace(entropy[0], entropy[-1], n_bins + 1)
-    index = np.clip(np.digitize(entropy, edges[1:-1]), 0, n_bins - 1)
-    groups = [g for g in (np.flatnonzero(index == k) for k in range(n_bins)) if len(g)]
-    return (np.array([(edges[index[g[0]]] + edges[index[g[0]] + 1]) / 2 for g in groups]),
-            np.array([np.median(low[g]) for g in groups]), np.array([np.median(high[g]) for g in groups]))
 
 
 def _stack_columns(rows: list[dict], names, n: int) -> dict[str, np.ndarray]:

@@ -11,14 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pandas as pd
 import pytest
 from scipy.optimize import minimize
 
 from distprompt_jax import bounds
 from distprompt_jax.bounds import (
     BoundConfig,
-    kl_gap_table,
     norm_bound_estimate,
     unembedding_bound,
 )
@@ -310,24 +308,3 @@ def test_softcapped_models_are_refused():
         unembedding_bound(lm, np.full((1, lm.vocab_size), 1 / lm.vocab_size, np.float32), CONFIG)
 
 
-def test_gap_table_and_band_figure(tmp_path):
-    bound = pd.DataFrame({
-        "target_id": [0, 1, 2], "method": "bound", "kl": [0.1, np.nan, 0.0], "primal": [0.1, 0.5, 0.0],
-        "gap": [1e-8, 0.4, 0.0], "certified": [True, False, True], "target_entropy": [1.0, 2.0, 3.0],
-        "kind": "vanilla",
-    })
-    norm = pd.DataFrame({"target_id": [0, 1, 2], "method": "bound_norm", "kl": [0.2, 0.6, 0.1]})
-    found = pd.DataFrame({"target_id": [0, 1, 2, 0, 1, 2], "method": ["soft"] * 3 + ["hard"] * 3,
-                          "kl": [0.3, 0.7, 0.1, 0.9, 1.0, 0.5]})
-    table = kl_gap_table(found, pd.concat([bound, norm]))
-    assert len(table) == 6
-    soft = table[table.method == "soft"].set_index("target_id")
-    np.testing.assert_allclose(soft.gap_to_bound, [0.2, np.nan, 0.1])
-    np.testing.assert_allclose(soft.gap_to_norm_bound, [0.1, 0.1, 0.0], atol=1e-12)
-    np.testing.assert_allclose(soft.target_entropy, [1.0, 2.0, 3.0])
-    with pytest.raises(ValueError, match="no bound for target_id"):
-        kl_gap_table(pd.DataFrame({"target_id": [7], "method": ["soft"], "kl": [1.0]}), bound)
-    with pytest.raises(ValueError, match="no rows with method 'bound'"):
-        kl_gap_table(found, norm)
-    paths = bounds.plot_bound_band(found, bound, tmp_path / "band.png")
-    assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.stat().st_size > 1000 for p in paths)

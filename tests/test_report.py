@@ -74,3 +74,26 @@ def test_bootstrap_interval_covers_the_mean():
 def test_report_without_results(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the experiment"):
         report.write_report(tmp_path)
+
+
+def test_gap_table_and_band_figure(tmp_path):
+    bound = pd.DataFrame({
+        "target_id": [0, 1, 2], "method": "bound", "kl": [0.1, np.nan, 0.0], "primal": [0.1, 0.5, 0.0],
+        "gap": [1e-8, 0.4, 0.0], "certified": [True, False, True], "target_entropy": [1.0, 2.0, 3.0],
+        "kind": "vanilla",
+    })
+    norm = pd.DataFrame({"target_id": [0, 1, 2], "method": "bound_norm", "kl": [0.2, 0.6, 0.1]})
+    found = pd.DataFrame({"target_id": [0, 1, 2, 0, 1, 2], "method": ["soft"] * 3 + ["hard"] * 3,
+                          "kl": [0.3, 0.7, 0.1, 0.9, 1.0, 0.5]})
+    table = report.kl_gap_table(found, pd.concat([bound, norm]))
+    assert len(table) == 6
+    soft = table[table.method == "soft"].set_index("target_id")
+    np.testing.assert_allclose(soft.gap_to_bound, [0.2, np.nan, 0.1])
+    np.testing.assert_allclose(soft.gap_to_norm_bound, [0.1, 0.1, 0.0], atol=1e-12)
+    np.testing.assert_allclose(soft.target_entropy, [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="no bound for target_id"):
+        report.kl_gap_table(pd.DataFrame({"target_id": [7], "method": ["soft"], "kl": [1.0]}), bound)
+    with pytest.raises(ValueError, match="no rows with method 'bound'"):
+        report.kl_gap_table(found, norm)
+    paths = report.plot_bound_band(found, bound, tmp_path / "band.png")
+    assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.stat().st_size > 1000 for p in paths)
