@@ -6,55 +6,189 @@ A config holds:
                                  vanilla/outlier take n, entropy_min, entropy_max (< 0: ln|V|) or
                                  entropies_from=<another recipe> (its achieved entropies: matched pairs)
     methods                      which run, in order: soft, hard, bound, bound_norm
-    soft, hard, bound            the fields of SoftPromptConfig, HardPromptConfig, BoundConfig (for optional
-                                 fields, 0 or "" stands for None)
+    soft, hard, bound            the fields of SoftPromptConfig, HardPromptConfig, BoundConfig
     prompt_lengths               optional: run soft once per prompt length (KL vs L)
     checkpoint_every             segments between checkpoints of an unfinished chunk
+
+`validate(config)` refuses, naming the field, everything that can be checked before the model loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, FieldReference, config_dict
 
 from distprompt_jax.prompting.soft import SoftPromptConfig
 from distprompt_jax.targets import TargetSet
+from distprompt_jax.targets.io import PROBS_FILE
 
+METHODS = ("soft", "hard", "bound", "bound_norm")
 TARGET_KINDS = ("vanilla", "outlier", "model", "cross_model", "file")
+DTYPES = ("float32", "bfloat16")
+# The top-level fields a config may have; anything else is a typo or a field this version does not know.
+TOP_LEVEL_FIELDS = ("model", "dtype", "seed", "targets", "methods", "soft", "hard", "bound", "checkpoint_every",
+                    "prompt_lengths")
+# The fields each kind of target recipe reads (besides `kind`).
+RECIPE_FIELDS = {
+    "vanilla": ("n", "entropy_min", "entropy_max", "entropies_from", "seed_offset"),
+    "outlier": ("n", "entropy_min", "entropy_max", "entropies_from", "seed_offset", "k"),
+    "model": ("n", "seed_offset"),
+    "cross_model": ("source", "n", "seed_offset"),
+    "file": ("path",),
+}
+# Building targets holds each recipe's rows and then their concatenation: twice the float32 probabilities.
+TARGET_COPIES = 2
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field."""
 
 
 def section_defaults(config_class) -> ConfigDict:
-    """A config dataclass's defaults as a ConfigDict in which every field has a type.
+    """A config dataclass's defaults as a ConfigDict whose fields keep their types on override.
 
-    ml_collections cannot override a None field from the command line, so optional fields default to a
-    falsy value of their type (0, 0.0 or "") that `section_config` turns back into None.
+    A plain field (int, float, str, bool, tuple) is stored as its default, so ml_collections types it;
+    an optional one whose default is None is a typed placeholder (`--config.soft.chunk_size=8` parses an
+    int). Union fields (`int | str | None`, `str | tuple[int, ...]`) and optional fields with another
+    default take any Python literal (`--config.soft.prefix="(1, 2)"` is a tuple of ids, `=hello` text);
+    `section_config` checks them against the type hint.
     """
+    hints = typing.get_type_hints(config_class)
     fields = {}
     for field in dataclasses.fields(config_class):
-        value = field.default
-        if value is None:
-            value = "" if "str" in field.type else 0.0 if "float" in field.type else 0
-        fields[field.name] = value
+        if field.init:
+            fields[field.name] = _config_value(hints[field.name], _default(config_class, field))
     return ConfigDict(fields)
 
 
+def _default(config_class, field: dataclasses.Field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    raise TypeError(f"{config_class.__name__}.{field.name} has no default, so a config cannot leave it out")
+
+
+def _members(hint) -> tuple:
+    """The alternatives of a union type hint (`int | None` -> (int, NoneType)); a plain hint alone."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _config_value(hint, default):
+    members = _members(hint)
+    plain = [m for m in members if m is not type(None)]
+    if len(plain) == 1 and len(members) == 1:
+        return default
+    if len(plain) == 1 and default is None and plain[0] in (int, float, str, bool):
+        return config_dict.placeholder(plain[0])
+    return FieldReference(default, field_type=object)
+
+
 def section_config(config_class, section, where: str):
-    """The `config_class` instance that a config section (see `section_defaults`) describes."""
-    fields = section.to_dict()
-    known = {f.name: f for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(fields) - set(known))
+    """The `config_class` instance that a config section (see `section_defaults`) describes.
+
+    Fields the section leaves out take the dataclass default; unknown fields and values of the wrong type
+    or non-finite floats raise ConfigError naming `where.field`.
+    """
+    values = section.to_dict() if isinstance(section, ConfigDict) else dict(section)
+    hints = typing.get_type_hints(config_class)
+    known = [f.name for f in dataclasses.fields(config_class) if f.init]
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"unknown field(s) {', '.join(f'{where}.{k}' for k in unknown)}; known: {sorted(known)}")
-    for name, value in fields.items():
-        optional = "None" in known[name].type
-        if optional and value in (0, 0.0, ""):
-            fields[name] = None
-        elif "int" in known[name].type and isinstance(value, str) and value.isdigit():
-            fields[name] = int(value)
-    return config_class(**fields)
+        raise ConfigError(
+            "unknown field(s) " + ", ".join(f"{where}.{name}{_did_you_mean(name, known)}" for name in unknown)
+            + f"; {config_class.__name__} has {', '.join(known)}"
+        )
+    return config_class(**{name: convert_field(value, hints[name], f"{where}.{name}") for name, value in values.items()})
+
+
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def convert_field(value, hint, name: str):
+    """`value` as the type hint `hint` asks for, or ConfigError naming the field `name`.
+
+    Exact types are taken first; then an int becomes a float where a float is asked for, or text where only
+    text is (`--config.soft.prefix=5` is the text "5"), and a list of ints a tuple. Floats must be finite.
+    """
+    members = _members(hint)
+    if value is None:
+        if type(None) in members:
+            return None
+        raise ConfigError(f"{name} may not be None: give {_describe(hint)}")
+    for exact in (True, False):
+        for member in members:
+            converted = _as_member(value, member, exact, members)
+            if converted is not _MISMATCH:
+                if isinstance(converted, float) and not math.isfinite(converted):
+                    raise ConfigError(f"{name} = {converted}: must be a finite number")
+                return converted
+    raise ConfigError(f"{name} = {value!r}: expected {_describe(hint)}")
+
+
+_MISMATCH = object()
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _as_member(value, member, exact: bool, members: tuple):
+    if member is type(None):
+        return _MISMATCH  # None was handled before
+    if member is bool:
+        return value if isinstance(value, (bool, np.bool_)) else _MISMATCH
+    if member is int:
+        return int(value) if _is_int(value) else _MISMATCH
+    if member is float:
+        if isinstance(value, (float, np.floating)):
+            return float(value)
+        return float(value) if not exact and _is_int(value) else _MISMATCH
+    if member is str:
+        if isinstance(value, str):
+            return value
+        return str(value) if not exact and _is_int(value) and int not in members else _MISMATCH
+    if typing.get_origin(member) is tuple:
+        args = typing.get_args(member)
+        if not isinstance(value, (tuple, list)) or (isinstance(value, list) and exact):
+            return _MISMATCH
+        element = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        items = list(value)
+        if element is None:
+            if len(args) != len(items):
+                return _MISMATCH
+            converted = [_as_member(v, a, exact, (a,)) for v, a in zip(items, args)]
+        else:
+            converted = [_as_member(v, element, exact, (element,)) for v in items]
+        return _MISMATCH if any(c is _MISMATCH for c in converted) else tuple(converted)
+    raise TypeError(f"config fields of type {member!r} are not supported")
+
+
+def _describe(hint) -> str:
+    names = []
+    for member in _members(hint):
+        if member is type(None):
+            names.append("None")
+        elif typing.get_origin(member) is tuple:
+            args = typing.get_args(member)
+            names.append(f"a tuple of {args[0].__name__}" if len(args) == 2 and args[1] is Ellipsis
+                         else f"a tuple ({', '.join(a.__name__ for a in args)})")
+        else:
+            names.append(getattr(member, "__name__", str(member)))
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def soft_defaults() -> ConfigDict:
@@ -111,11 +245,11 @@ def _recipe_order(recipes) -> list[str]:
         if name in order:
             return
         if name in seen:
-            raise ValueError(f"config.targets: entropies_from forms a cycle through {name!r}")
+            raise ConfigError(f"config.targets: entropies_from forms a cycle through {name!r}")
         source = recipes[name].get("entropies_from", "")
         if source:
             if source not in recipes:
-                raise ValueError(f"config.targets.{name}.entropies_from = {source!r} names no recipe")
+                raise ConfigError(f"config.targets.{name}.entropies_from = {source!r} names no recipe")
             visit(source, seen + (name,))
         order.append(name)
 
@@ -128,6 +262,7 @@ def build_targets(config, lm) -> TargetSet:
     """All of the config's target recipes, concatenated; `recipe` names each row's source."""
     from distprompt_jax import targets as targets_lib
 
+    check_target_memory(config, lm.vocab_size)
     built: dict[str, TargetSet] = {}
     for name in _recipe_order(config.targets):
         recipe = config.targets[name]
@@ -174,3 +309,170 @@ def build_targets(config, lm) -> TargetSet:
         np.concatenate([p.probs for p in parts]), metadata,
         failures=pd.concat(failures, ignore_index=True) if failures else None,
     )
+
+
+def validate(config, lm=None) -> None:
+    """Refuse, naming the field, whatever in `config` cannot run; raises ConfigError (a ValueError).
+
+    Without `lm` nothing is loaded: unknown fields, the three sections' types (and finite floats), the
+    bound's settings, methods, checkpoint_every, prompt_lengths and every target recipe (kinds, fields,
+    ranges, entropies_from links, file paths). With the loaded model `lm`, also the prompt engines' own
+    checks for the methods that run and whether the targets fit in memory.
+    """
+    unknown = sorted(set(config.keys()) - set(TOP_LEVEL_FIELDS))
+    if unknown:
+        raise ConfigError("unknown config field(s) " + ", ".join(
+            f"config.{name}{_did_you_mean(name, TOP_LEVEL_FIELDS)}" for name in unknown
+        ) + f"; a config has {', '.join(TOP_LEVEL_FIELDS)}")
+    if not isinstance(config.get("model"), str) or not config.model:
+        raise ConfigError(f"config.model = {config.get('model')!r}: give a registry name, HF directory or .gguf path")
+    if config.get("dtype", "float32") not in DTYPES:
+        raise ConfigError(f"config.dtype = {config.dtype!r}: must be one of {DTYPES}")
+    _check_int(config.get("seed", 0), "config.seed", minimum=None)
+    _check_int(config.get("checkpoint_every"), "config.checkpoint_every", minimum=1)
+    methods = config.get("methods")
+    if not isinstance(methods, (tuple, list)) or not methods:
+        raise ConfigError(f"config.methods = {methods!r}: give a tuple of methods from {METHODS}")
+    wrong = [m for m in methods if m not in METHODS]
+    if wrong:
+        raise ConfigError(f"config.methods: unknown method(s) {wrong}; available: {METHODS}")
+    if len(set(methods)) < len(methods):
+        raise ConfigError(f"config.methods = {tuple(methods)} names a method twice")
+    lengths = config.get("prompt_lengths")
+    if lengths is not None:
+        if not isinstance(lengths, (tuple, list)) or not lengths:
+            raise ConfigError(f"config.prompt_lengths = {lengths!r}: give a tuple of prompt lengths (at least 1)")
+        for i, length in enumerate(lengths):
+            _check_int(length, f"config.prompt_lengths[{i}]", minimum=1)
+        if len(set(lengths)) < len(lengths):
+            raise ConfigError(f"config.prompt_lengths = {tuple(lengths)} repeats a length")
+    from distprompt_jax.bounds import BoundConfig
+    from distprompt_jax.prompting.hard import HardPromptConfig
+
+    sections = {
+        name: section_config(config_class, config.get(name) or ConfigDict(), f"config.{name}")
+        for name, config_class in (("soft", SoftPromptConfig), ("hard", HardPromptConfig), ("bound", BoundConfig))
+    }
+    try:
+        sections["bound"].validate()
+    except ValueError as err:
+        raise ConfigError(f"config.bound: {err}") from None
+    _check_recipes(config.get("targets"), None if lm is None else lm.vocab_size)
+    if lm is not None:
+        for name in ("soft", "hard"):
+            if name in methods:
+                try:
+                    sections[name].validate(lm)
+                except ValueError as err:
+                    raise ConfigError(f"config.{name}: {err}") from None
+        check_target_memory(config, lm.vocab_size)
+
+
+def _check_int(value, name: str, minimum: int | None) -> None:
+    if not _is_int(value):
+        raise ConfigError(f"{name} = {value!r}: must be an integer")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} = {value}: must be at least {minimum}")
+
+
+def _check_number(value, name: str) -> float:
+    if not (_is_int(value) or isinstance(value, (float, np.floating))) or not math.isfinite(value):
+        raise ConfigError(f"{name} = {value!r}: must be a finite number")
+    return float(value)
+
+
+def _check_recipes(recipes, vocab_size: int | None) -> None:
+    if not isinstance(recipes, ConfigDict) or not recipes:
+        raise ConfigError("config.targets has no recipe: add at least one, e.g. config.targets.vanilla")
+    for name, recipe in recipes.items():
+        where = f"config.targets.{name}"
+        if not isinstance(recipe, ConfigDict):
+            raise ConfigError(f"{where} must be a ConfigDict recipe, got {recipe!r}")
+        kind = recipe.get("kind")
+        if kind not in TARGET_KINDS:
+            raise ConfigError(f"{where}.kind = {kind!r}; known kinds: {TARGET_KINDS}")
+        allowed = RECIPE_FIELDS[kind]
+        unknown = sorted(set(recipe.keys()) - {"kind", *allowed})
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) " + ", ".join(
+                f"{field}{_did_you_mean(field, allowed)}" for field in unknown
+            ) + f" for kind={kind!r}, which takes {', '.join(allowed)}")
+        if "seed_offset" in recipe:
+            _check_int(recipe.seed_offset, f"{where}.seed_offset", minimum=None)
+        if kind in ("vanilla", "outlier") and recipe.get("entropies_from"):
+            given = sorted({"n", "entropy_min", "entropy_max"} & set(recipe.keys()))
+            if given:
+                raise ConfigError(f"{where} takes its entropies (and count) from {recipe.entropies_from!r}; "
+                                  f"{', '.join(given)} would be ignored: remove them")
+        elif kind in ("vanilla", "outlier"):
+            _check_entropy_range(recipe, where, vocab_size)
+        if kind in ("model", "cross_model"):
+            _check_int(recipe.get("n"), f"{where}.n", minimum=1)
+        if kind == "outlier":
+            _check_int(recipe.get("k"), f"{where}.k", minimum=1)
+        if kind == "cross_model" and (not isinstance(recipe.get("source"), str) or not recipe.source):
+            raise ConfigError(f"{where}.source: name the model whose distributions are mapped (kind='cross_model')")
+        if kind == "file":
+            _check_target_file(recipe.get("path"), where)
+    _recipe_order(recipes)
+
+
+def _check_entropy_range(recipe, where: str, vocab_size: int | None) -> None:
+    _check_int(recipe.get("n"), f"{where}.n", minimum=1)
+    for field in ("entropy_min", "entropy_max"):
+        if field not in recipe:
+            raise ConfigError(f"{where}.{field} is missing (entropy_max < 0 means ln|V|), or give entropies_from")
+    low = _check_number(recipe.entropy_min, f"{where}.entropy_min")
+    high = _check_number(recipe.entropy_max, f"{where}.entropy_max")
+    if low < 0:
+        raise ConfigError(f"{where}.entropy_min = {low}: entropies are at least 0")
+    if high >= 0 and high < low:
+        raise ConfigError(f"{where}.entropy_max = {high} is below entropy_min = {low} (a negative maximum means ln|V|)")
+    if vocab_size is not None and max(low, high) > math.log(vocab_size):
+        raise ConfigError(f"{where}: entropies up to {max(low, high)} exceed ln|V| = {math.log(vocab_size):.4f}")
+
+
+def _check_target_file(path, where: str) -> None:
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ConfigError(f"{where}.path: give the targets file (.npy, .npz or a saved TargetSet directory)")
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{where}.path = {str(path)!r}: no such file or directory")
+    if path.is_file() and path.suffix not in (".npy", ".npz"):
+        raise ConfigError(f"{where}.path = {str(path)!r}: targets must be a .npy or .npz file or a saved "
+                          "TargetSet directory")
+
+
+def target_bytes(config, vocab_size: int) -> int:
+    """Estimated peak bytes of host memory that building the config's targets takes.
+
+    Each recipe's float32 rows (n x |V| x 4 bytes; a file's size on disk; an `entropies_from` recipe as many
+    rows as its source) are held once per recipe and once more joined (`TARGET_COPIES`).
+    """
+    recipes = config.targets
+    sizes: dict[str, int] = {}
+    for name in _recipe_order(recipes):
+        recipe = recipes[name]
+        if recipe.kind == "file":
+            path = Path(recipe.path)
+            sizes[name] = (path / PROBS_FILE if path.is_dir() else path).stat().st_size
+        elif recipe.kind in ("vanilla", "outlier") and recipe.get("entropies_from"):
+            sizes[name] = sizes[recipe.entropies_from]
+        else:
+            sizes[name] = int(recipe.n) * vocab_size * np.dtype(np.float32).itemsize
+    return TARGET_COPIES * sum(sizes.values())
+
+
+def check_target_memory(config, vocab_size: int, available: int | None = None) -> None:
+    """Refuse up front targets that cannot fit in host memory (`available` bytes; default: psutil's
+    available memory), instead of a MemoryError after minutes of work."""
+    import psutil
+
+    needed = target_bytes(config, vocab_size)
+    available = psutil.virtual_memory().available if available is None else available
+    if needed > available:
+        raise ConfigError(
+            f"config.targets: the recipes need about {needed / 2**30:.1f} GiB of host memory for their float32 "
+            f"probabilities ({vocab_size} tokens each, x{TARGET_COPIES} while they are joined), but "
+            f"{available / 2**30:.1f} GiB are available: lower n, or split the run into several workdirs"
+        )

@@ -8,7 +8,10 @@
 
 from __future__ import annotations
 
+import difflib
 import sys
+import traceback
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -78,15 +81,81 @@ def main(argv):
 def run_experiment(config, workdir: str | None):
     if not workdir:
         raise app.UsageError("--workdir is required with --config")
-    from distprompt_jax import report, sweep
+    from distprompt_jax import experiment, report, sweep
 
+    # Everything checkable without the model, before the workdir is claimed or the model loads.
+    experiment.validate(config)
     sweep.run(config, workdir)
     if jax.process_index() == 0:
         print(f"report: {report.write_report(workdir)}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a one-paragraph message instead of a traceback when the --config file
+    fails to load or an override names a field the config does not have."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as err:  # whatever the user's config file raised, or absl's own flags.Error
+        sys.exit(f"distprompt: {config_error_message(err, argv)}")
+
+
+def config_error_message(err: BaseException, argv: list[str]) -> str:
+    """What went wrong while parsing the command line, said in terms of the user's config file and flags."""
+    path = _config_path(argv)
+    chain = [err]
+    while chain[-1].__context__ is not None:  # absl and ml_collections re-raise the config file's error
+        chain.append(chain[-1].__context__)
+    for origin in chain:
+        if isinstance(origin, SyntaxError):
+            line = f"\n    {origin.text.rstrip()}" if origin.text else ""
+            return f"the config file {origin.filename} has a syntax error at line {origin.lineno}: {origin.msg}{line}"
+    if path is None:
+        return str(err)
+    for origin in reversed(chain):
+        in_file = [frame for frame in traceback.extract_tb(origin.__traceback__)
+                   if Path(frame.filename).resolve() == Path(path).resolve()]
+        if in_file:
+            return (f"the config file {path} failed at line {in_file[-1].lineno} ({in_file[-1].line}): "
+                    f"{type(origin).__name__}: {origin}")
+    if any(isinstance(origin, (AttributeError, KeyError)) for origin in chain):
+        unknown = unknown_override(path, argv)
+        if unknown:
+            return unknown
+    return str(err)
+
+
+def _config_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.removeprefix("--config=").split(":", 1)[0]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":", 1)[0]
+    return None
+
+
+def unknown_override(path: str, argv: list[str]) -> str | None:
+    """The first `--config.a.b=...` override naming a field that the config file's config lacks, described."""
+    from ml_collections import ConfigDict
+    from ml_collections.config_flags import config_flags
+
+    config = config_flags.ConfigFileFlagParser("config").parse(path)
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        node, walked = config, "config"
+        for key in arg.removeprefix("--").split("=", 1)[0].split(".")[1:]:
+            if not isinstance(node, ConfigDict):
+                break
+            if key not in node:
+                close = difflib.get_close_matches(key, list(node.keys()), n=1)
+                hint = f" (did you mean {walked}.{close[0]}?)" if close else f"; it has {', '.join(node.keys())}"
+                return f"{arg}: {walked} has no field {key!r}{hint}"
+            node, walked = node[key], f"{walked}.{key}"
+    return None
+
+
 def run():
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
