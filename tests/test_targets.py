@@ -327,3 +327,54 @@ def test_load_targets_from_user_files(tmp_path):
     np.save(tmp_path / "saved" / "probs.npy", broken)
     with pytest.raises(TargetError, match="row 2: negative"):
         TargetSet.load(tmp_path / "saved", 8)
+
+
+def test_files_that_are_not_plain_arrays_are_refused_by_name_and_never_unpickled(tmp_path):
+    import pickle
+
+    class Sentinel:
+        def __reduce__(self):  # would create a file when unpickled
+            return (open, (str(tmp_path / "unpickled"), "w"))
+
+    cases = {
+        "pickle.npy": pickle.dumps([Sentinel()]), "pickle.npz": pickle.dumps([Sentinel()]),
+        "text.npy": b"0.5 0.5\n", "empty.npy": b"",
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "objects.npz", probs=np.array([{"a": 1}, None], dtype=object))
+    for name, message in [("pickle.npy", "is not a .npy array file"), ("text.npy", "is not a .npy array file"),
+                          ("empty.npy", "is not a .npy array file"), ("pickle.npz", "is not a .npz archive"),
+                          ("objects.npy", "holds Python objects"), ("objects.npz", "not a readable .npz")]:
+        with pytest.raises(TargetError, match=message) as error:
+            load_targets(tmp_path / name, 2)
+        assert str(tmp_path / name) in str(error.value)
+    assert not (tmp_path / "unpickled").exists()
+
+
+@pytest.mark.parametrize("mmap_mode", [None, "r"])
+def test_a_truncated_probs_file_is_named_and_called_truncated(tmp_path, mmap_mode):
+    from distprompt_jax.targets.io import read_npy
+
+    path = as_target_set(np.full((4, 8), 1 / 8, np.float32), 8).save(tmp_path / "targets")
+    probs = path / "probs.npy"
+    np.testing.assert_array_equal(read_npy(probs, mmap_mode), np.full((4, 8), 1 / 8, np.float32))
+    probs.write_bytes(probs.read_bytes()[:-10])
+    with pytest.raises(TargetError, match=rf"{probs} is truncated: .* shape \(4, 8\) \(\d+ bytes .*\), but the file has"):
+        read_npy(probs, mmap_mode)
+    with pytest.raises(TargetError, match="is truncated"):
+        TargetSet.load(path, 8)
+
+
+def test_entropy_is_float64_and_matches_the_direct_formula():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.full(5000, 0.05), size=6).astype(np.float32)
+    probs[0, :2500] = 0.0  # exact zeros: 0 log 0 = 0
+    wide = probs.astype(np.float64)
+    direct = np.array([-np.sum(row[row > 0] * np.log(row[row > 0])) for row in wide])
+    found = entropy_nats(probs)
+    assert found.dtype == np.float64
+    np.testing.assert_allclose(found, direct, rtol=1e-13)
+    np.testing.assert_allclose(entropy_nats(np.full(49152, 1 / 49152)), np.log(49152), rtol=1e-14)
+    assert entropy_nats(np.eye(3)).tolist() == [0.0, 0.0, 0.0]

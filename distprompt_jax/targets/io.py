@@ -8,11 +8,14 @@ context token ids) and text of any characters round-trip exactly.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.special import entr
 
 SUM_TOLERANCE = 1e-3
 PROBS_FILE = "probs.npy"
@@ -25,10 +28,50 @@ class TargetError(ValueError):
 
 
 def entropy_nats(probs: np.ndarray) -> np.ndarray:
-    """Shannon entropy of each row, float64, 0 log 0 = 0."""
-    p = np.asarray(probs, np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return 0.0 - np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
+    """Shannon entropy of each row, in float64 whatever the input's dtype; 0 log 0 = 0 (scipy's `entr`)."""
+    return entr(np.asarray(probs, np.float64)).sum(axis=-1)
+
+
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def read_npy(path: str | os.PathLike, mmap_mode: str | None = None) -> np.ndarray:
+    """The array in a .npy file, read without ever unpickling (`mmap_mode` as for `np.load`).
+
+    Raises TargetError naming the file when it is not a .npy array (e.g. a pickle), holds Python objects, or
+    is shorter than its header says (truncated: a copy or a write that did not finish).
+    """
+    path = Path(path)
+    with open(path, "rb") as file:
+        try:
+            version = np.lib.format.read_magic(file)
+        except ValueError:
+            raise TargetError(f"{path} is not a .npy array file (no numpy header); targets are read from .npy / "
+                              ".npz arrays only, and pickled data is never loaded") from None
+        read_header = _NPY_HEADER_READERS.get(version)
+        if read_header is not None:  # format 3.0 (utf-8 field names) is left to numpy's own checks
+            shape, _, dtype = read_header(file)
+            if dtype.hasobject:
+                raise TargetError(f"{path} holds Python objects (dtype {dtype}), which would need unpickling: "
+                                  "save the probabilities as a float array")
+            expected = file.tell() + math.prod(shape) * dtype.itemsize
+            size = os.fstat(file.fileno()).st_size
+            if size < expected:
+                raise TargetError(f"{path} is truncated: its header announces a {dtype} array of shape {shape} "
+                                  f"({expected} bytes with the header), but the file has {size} bytes")
+    return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of a .npz archive, never unpickled; TargetError naming the file if it is not one."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise TargetError(f"{path} is not a .npz archive (not a zip file); pickled data is never loaded")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise TargetError(f"{path} is not a readable .npz archive of arrays: {err}") from None
 
 
 def validate_probs(probs, vocab_size: int | None = None, *, normalize: bool = False) -> np.ndarray:
@@ -117,7 +160,7 @@ class TargetSet:
         for name in (PROBS_FILE, METADATA_FILE):
             if not (path / name).is_file():
                 raise TargetError(f"{path} is not a saved TargetSet: {name} is missing")
-        probs = validate_probs(np.load(path / PROBS_FILE), vocab_size, normalize=normalize)
+        probs = validate_probs(read_npy(path / PROBS_FILE), vocab_size, normalize=normalize)
         failures = path / FAILURES_FILE
         return cls(
             probs=probs,
@@ -144,16 +187,15 @@ def load_targets(path: str | os.PathLike, vocab_size: int, *, normalize: bool = 
     if not path.is_file():
         raise FileNotFoundError(f"no targets at {path}")
     if path.suffix == ".npy":
-        probs = np.load(path, allow_pickle=False)
+        probs = read_npy(path)
     elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            names = list(archive.keys())
-            if "probs" in names:
-                probs = archive["probs"]
-            elif len(names) == 1:
-                probs = archive[names[0]]
-            else:
-                raise TargetError(f"{path} holds arrays {names}; name the targets 'probs'")
+        arrays = read_npz(path)
+        if "probs" in arrays:
+            probs = arrays["probs"]
+        elif len(arrays) == 1:
+            (probs,) = arrays.values()
+        else:
+            raise TargetError(f"{path} holds arrays {sorted(arrays)}; name the targets 'probs'")
     else:
         raise TargetError(f"{path}: targets must be a .npy or .npz file or a saved TargetSet directory")
     return as_target_set(probs, vocab_size, normalize=normalize)
