@@ -11,7 +11,7 @@ import pytest
 
 from distprompt_jax import SoftPromptConfig, load_model, soft_prompt
 from distprompt_jax.prompting.hard import (
-    HardEngine, HardPromptConfig, _init_token, candidate_mask, hard_prompt, project_soft_prompts, projection_loss,
+    HardPromptConfig, _init_token, candidate_mask, hard_prompt, project_soft_prompts, projection_loss,
     round_trips, token_prompt_kl,
 )
 from distprompt_jax.results import PromptResults
@@ -39,14 +39,14 @@ def known_prompts(lm, n: int, length: int, seed: int = 0) -> np.ndarray:
 
 
 # Configs shared between tests, so each compiles once (the search is cached per model and config).
-EXHAUSTIVE = HardPromptConfig(prompt_len=2, k=297, max_steps=20, chunk_size=4)  # every allowed token but the current
+EXHAUSTIVE = HardPromptConfig(prompt_len=2, k=297, max_steps=20, slots=4)  # every allowed token but the current
 GCG = HardPromptConfig(prompt_len=2, mode="gcg", init="random", k=32, num_swaps=64, max_steps=25, patience=10,
-                       chunk_size=4)
+                       slots=4)
 
 
 @pytest.mark.parametrize("config", [
     EXHAUSTIVE,
-    HardPromptConfig(prompt_len=2, positions="best", beam_width=4, k=128, max_steps=20, chunk_size=4),
+    HardPromptConfig(prompt_len=2, positions="best", beam_width=4, k=128, max_steps=20, slots=4),
     GCG,
 ], ids=["hotflip-exhaustive", "hotflip-best-beam", "gcg"])
 def test_known_token_prompts_are_recovered(peaked_lm, config):
@@ -85,7 +85,7 @@ def test_special_tokens_are_never_candidates(peaked_lm):
 def test_hard_is_no_better_than_soft_and_seeding_from_soft(peaked_lm):
     lm = peaked_lm("llama")
     targets = random_targets(4, lm.vocab_size)
-    soft = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=2, max_steps=300, chunk_size=4))
+    soft = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=2, max_steps=300, slots=4))
     config = EXHAUSTIVE
     hard = hard_prompt(lm, targets, config)
     # Every hard prompt is also a soft prompt, so the soft optimum bounds the hard one from below.
@@ -110,7 +110,7 @@ def test_deterministic_for_a_seed_and_independent_of_devices_and_chunks(peaked_l
     four = hard_prompt(lm, targets, config)
     again = hard_prompt(lm, targets, config)
     # One device, and a chunk of 8 (half of it padding) instead of 4: one compilation checks both.
-    other = hard_prompt(lm, targets, dataclasses.replace(config, chunk_size=8), devices=jax.devices()[:1])
+    other = hard_prompt(lm, targets, dataclasses.replace(config, slots=8), devices=jax.devices()[:1])
     np.testing.assert_array_equal(four.arrays["token_ids"], again.arrays["token_ids"])
     np.testing.assert_array_equal(four.arrays["kl_path"], again.arrays["kl_path"])
     np.testing.assert_array_equal(four.arrays["token_ids"], other.arrays["token_ids"])
@@ -118,26 +118,6 @@ def test_deterministic_for_a_seed_and_independent_of_devices_and_chunks(peaked_l
     other_seed = hard_prompt(lm, targets, dataclasses.replace(config, seed=1))
     assert not np.array_equal(four.arrays["kl_path"], other_seed.arrays["kl_path"])
     assert np.all(four.columns["kl"] < four.columns["initial_kl"])
-
-
-def test_a_checkpointed_chunk_resumes_to_the_same_result(peaked_lm):
-    lm = peaked_lm("llama")
-    targets = as_target_set(random_targets(4, lm.vocab_size, seed=2)).probs
-    whole = hard_prompt(lm, targets, EXHAUSTIVE)
-    engine = HardEngine(lm, EXHAUSTIVE, n_targets=4)
-    run = engine.advance(engine.start(targets, first_index=0))
-    saved = dataclasses.replace(run, state=jax.tree.map(np.asarray, run.state))  # e.g. written to disk
-    engine = HardEngine(lm, EXHAUSTIVE, n_targets=4)
-    with pytest.raises(ValueError, match="other than the one last started or resumed"):
-        engine.advance(saved)  # neither started nor resumed on this engine
-    with pytest.raises(ValueError, match="has not finished"):
-        engine.results(saved)
-    run = engine.resume(targets, saved)
-    while not run.finished:
-        run = engine.advance(run)
-    columns, arrays = engine.results(run)
-    np.testing.assert_array_equal(arrays["token_ids"], whole.arrays["token_ids"])
-    np.testing.assert_array_equal(columns["kl"], whole.columns["kl"])
 
 
 def tiny_tokenizer(size: int):
@@ -169,12 +149,12 @@ def test_filters_round_trips_and_text_with_a_tokenizer(peaked_lm):
     assert excluded(round_trip_tokens=True) == base | {7, 8, 9}
     # Soft prompts' init="vocab" draws from the same ordinary tokens (640 draws: a slip would show).
     vocab_init = soft_prompt(lm, np.full((64, lm.vocab_size), 1 / lm.vocab_size),
-                             SoftPromptConfig(init="vocab", max_steps=1, chunk_size=64))
+                             SoftPromptConfig(init="vocab", max_steps=1, slots=64))
     assert not np.isin(vocab_init.arrays["nearest_tokens"], sorted(base)).any()
 
     np.testing.assert_array_equal(round_trips(lm.tokenizer, [[11, 12], [11, 9], [4, 7]]), [True, False, False])
     config = HardPromptConfig(
-        prompt_len=3, k=8, max_steps=3, chunk_size=4, ascii_only=True, printable_only=True,
+        prompt_len=3, k=8, max_steps=3, slots=4, ascii_only=True, printable_only=True,
         no_whitespace_only=True, round_trip_tokens=True,
     )
     targets = targets_of(lm, [[5, 9, 10], [20, 30, 40]])
@@ -210,7 +190,7 @@ def test_bad_configs_and_inputs_are_named(peaked_lm):
         with pytest.raises(ValueError, match=message):
             hard_prompt(lm, targets, HardPromptConfig(**fields))
     with pytest.raises(ValueError, match=r"init_ids must be \[2, 10\]"):
-        hard_prompt(lm, targets, HardPromptConfig(chunk_size=4), init_ids=np.zeros((2, 3), int))
+        hard_prompt(lm, targets, HardPromptConfig(slots=4), init_ids=np.zeros((2, 3), int))
     not_soft = PromptResults("hard", {}, {"token_ids": np.zeros((2, 3), int)}, pd.DataFrame({"target_id": [0, 1]}))
     with pytest.raises(ValueError, match="project_soft_prompts needs soft-prompt results"):
         project_soft_prompts(lm, not_soft)

@@ -21,7 +21,7 @@ def self_generated_targets(lm, n: int, length: int, seed: int = 0) -> np.ndarray
 def test_self_generated_targets_are_reached(peaked_lm, family):
     lm = peaked_lm(family)
     targets = self_generated_targets(lm, 4, length=5)
-    result = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=5, max_steps=400, chunk_size=4))
+    result = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=5, max_steps=400, slots=4))
     table = result.to_pandas()
     assert list(table.columns[:3]) == ["target_id", "method", "kl"]
     assert (table.method == "soft").all() and (table.prompt_len == 5).all()
@@ -33,7 +33,7 @@ def test_self_generated_targets_are_reached(peaked_lm, family):
 def test_reported_kl_is_the_kl_of_the_returned_prompt(peaked_lm):
     lm = peaked_lm("gemma3")
     targets = self_generated_targets(lm, 3, length=4, seed=1)
-    result = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=4, max_steps=30, chunk_size=4))
+    result = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=4, max_steps=30, slots=4))
     logits = jax.vmap(lm.logits, in_axes=(None, 0))(lm.params, result.arrays["prompt"])
     log_q = np.asarray(jax.nn.log_softmax(logits), np.float64)
     direct = np.sum(np.where(targets > 0, targets * (np.log(np.where(targets > 0, targets, 1)) - log_q), 0), -1)
@@ -45,7 +45,7 @@ def test_best_kl_never_increases_with_more_steps(peaked_lm):
     lm = peaked_lm("llama")
     targets = self_generated_targets(lm, 4, length=3, seed=2)
     best = [
-        soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, max_steps=steps, patience=1000, chunk_size=4))
+        soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, max_steps=steps, patience=1000, slots=4))
         .columns["kl"]
         for steps in (1, 10, 40)
     ]
@@ -59,7 +59,7 @@ def test_early_stopped_targets_stop_changing(peaked_lm):
 
     def run(max_steps):
         return soft_prompt(lm, targets, SoftPromptConfig(
-            prompt_len=3, max_steps=max_steps, patience=3, min_delta=1e-2, chunk_size=8, segment_steps=4,
+            prompt_len=3, max_steps=max_steps, patience=3, min_delta=1e-2, slots=8, segment_steps=4,
         ))
 
     short, long = run(40), run(200)
@@ -72,7 +72,7 @@ def test_early_stopped_targets_stop_changing(peaked_lm):
 def test_restarts_never_make_a_result_worse(peaked_lm):
     lm = peaked_lm("llama")
     targets = self_generated_targets(lm, 4, length=3, seed=4)
-    config = SoftPromptConfig(prompt_len=3, max_steps=15, chunk_size=4)
+    config = SoftPromptConfig(prompt_len=3, max_steps=15, slots=4)
     once = soft_prompt(lm, targets, config).columns["kl"]
     thrice = soft_prompt(lm, targets, SoftPromptConfig(**{**config.__dict__, "restarts": 3})).columns["kl"]
     assert np.all(thrice <= once)
@@ -82,10 +82,10 @@ def test_four_devices_give_the_same_results_as_one_and_chunking_does_not_matter(
     assert len(jax.devices()) == 4
     lm = peaked_lm("gemma3")
     targets = self_generated_targets(lm, 6, length=3, seed=5)
-    config = SoftPromptConfig(prompt_len=3, max_steps=20, chunk_size=8)
+    config = SoftPromptConfig(prompt_len=3, max_steps=20, slots=8)
     four = soft_prompt(lm, targets, config)
     one = soft_prompt(lm, targets, config, devices=jax.devices()[:1])
-    small_chunks = soft_prompt(lm, targets, SoftPromptConfig(**{**config.__dict__, "chunk_size": 4}))
+    small_chunks = soft_prompt(lm, targets, SoftPromptConfig(**{**config.__dict__, "slots": 4}))
     sharded_weights = soft_prompt(lm, targets, SoftPromptConfig(**{**config.__dict__, "shard_params": True}))
     for other in (one, small_chunks, sharded_weights):
         np.testing.assert_allclose(four.columns["kl"], other.columns["kl"], rtol=1e-4, atol=1e-6)
@@ -97,7 +97,7 @@ def test_interventions_reach_self_generated_targets(peaked_lm, layer, mode):
     lm = peaked_lm("llama")
     targets = self_generated_targets(lm, 2, length=1, seed=6)
     config = SoftPromptConfig(
-        intervention_layer=layer, intervention_mode=mode, prefix=(5,), max_steps=300, chunk_size=4,
+        intervention_layer=layer, intervention_mode=mode, prefix=(5,), max_steps=300, slots=4,
     )
     result = soft_prompt(lm, targets, config)
     assert result.arrays["prompt"].shape == (2, lm.d_model)
@@ -109,11 +109,11 @@ def test_inits(peaked_lm):
     lm = peaked_lm("gemma3")
     targets = self_generated_targets(lm, 2, length=3)
     table = np.asarray(lm.embedding_matrix(lm.params))
-    vocab = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, init="vocab", max_steps=1, chunk_size=4))
+    vocab = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, init="vocab", max_steps=1, slots=4))
     # Before any step the prompt is made of vocabulary embeddings.
     rows = vocab.arrays["prompt"].reshape(-1, lm.d_model)
     assert all(np.any(np.all(np.isclose(table, row, atol=1e-6), axis=1)) for row in rows)
-    std = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, max_steps=1, chunk_size=4, restarts=1))
+    std = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, max_steps=1, slots=4, restarts=1))
     assert np.std(std.arrays["prompt"]) == pytest.approx(np.std(table), rel=0.3)
 
 
@@ -145,7 +145,7 @@ def test_targets_do_not_influence_each_other(peaked_lm):
     targets = self_generated_targets(lm, 2, length=3, seed=7)
     one_hot = np.zeros((1, lm.vocab_size))
     one_hot[0, 17] = 1.0
-    config = SoftPromptConfig(prompt_len=3, max_steps=10, chunk_size=4, clip_norm=0.5)
+    config = SoftPromptConfig(prompt_len=3, max_steps=10, slots=4, clip_norm=0.5)
     alone = soft_prompt(lm, targets[:1], config)
     beside = soft_prompt(lm, np.concatenate([targets[:1], one_hot]), config)
     np.testing.assert_allclose(alone.arrays["prompt"][0], beside.arrays["prompt"][0], rtol=1e-5, atol=1e-6)
@@ -156,7 +156,7 @@ def test_bfloat16_model(tiny_hf_dir):
     targets = np.full((2, lm.vocab_size), 1.0 / lm.vocab_size)
     targets[:, :5] += 0.1
     targets /= targets.sum(-1, keepdims=True)
-    result = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, max_steps=20))  # automatic chunk size
+    result = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, max_steps=20, slots="auto"))  # sized from memory
     assert result.arrays["prompt"].dtype == np.float32
     assert np.all(np.isfinite(result.columns["kl"]))
     assert np.all(result.columns["kl"] < result.columns["initial_kl"])

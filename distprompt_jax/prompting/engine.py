@@ -1,57 +1,72 @@
-"""What the soft and hard engines share: where the weights live, chunk sizing, the chunk being run, the
-compile cache, and turning finished chunks into one result.
+"""What every method (soft, hard, bound, ...) shares on top of the solver driver: the contract of a method,
+where the weights live, how many slots a pool gets, and turning the driver's reports into PromptResults.
 
-An engine advances a chunk of targets segment by segment; a chunk run (a dataclass of arrays and ints)
-can be checkpointed between segments and resumed with the same result. Subclasses name their problem
-class (how the prompt enters the model, its init, one compiled segment, the report of a finished prompt).
+A `Method` is a configured computation over targets: it names its problem (what one target's optimization
+is), the driver options (slots, segment length, attempts, seed — host-side choices, never traced), the
+per-target inputs it builds from the target probabilities, and how its reports become result columns.
+`run_method` runs it over a target set (this process's share in a multi-host run) — the one path that
+`soft_prompt`, `hard_prompt`, `unembedding_bound` and the experiment sweep all take.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Protocol
 
 import jax
 import numpy as np
 
 from distprompt_jax import parallel
-from distprompt_jax.prompting.objective import safe_log
 from distprompt_jax.results import PromptResults
+from distprompt_jax.solve import Driver, DriverOptions, PoolCheckpoint, Problem, SegmentInfo, compiled
+from distprompt_jax.targets import as_target_set
 
-# lm -> {normalized config: (problem, jitted run_segment, jitted report)}. Compiling a segment is most of a
-# small run's time (tens of seconds on a real model), so calls with the same model and config share it.
-# Weak keys: problems never hold the parameters (see `without_params`), so a model its user drops is freed.
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_COMPILED_PER_MODEL = 8
+# Slot counts by platform when a config leaves them to us: deterministic, so a rerun (or a resume) on the
+# same hardware computes the same batches. A CPU is compute-bound near its peak from ~64 targets at once
+# (BENCHMARKS.md); accelerators want large batches.
+DEFAULT_SLOTS = {"cpu": 64, "accelerator": 1024}
 
-
-def without_params(lm):
-    """lm without its weights: problems take the parameters as an argument and must not keep them."""
-    return dataclasses.replace(lm, params=None)
+_STRUCTURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compiled_problem(lm, config, problem_class):
-    """(problem, jitted run_segment, jitted report) of `problem_class.build(lm, config)`, cached."""
-    # Fields that do not change the traced program (shapes, shardings and num_steps are jit's own keys; the
-    # seed enters as data), so a cached problem must never read them: the engine passes them in.
-    key = dataclasses.replace(config, seed=0, chunk_size=None, segment_steps=1, shard_params=False)
-    entries = _COMPILED.setdefault(lm, {})
-    if key not in entries:
-        if len(entries) >= _COMPILED_PER_MODEL:
-            entries.pop(next(iter(entries)))
-        problem = problem_class.build(lm, key)
-        entries[key] = (problem, jax.jit(problem.run_segment, static_argnames="num_steps"), jax.jit(problem.report))
-    return entries[key]
+def model_structure(lm):
+    """lm without its weights, one object per model: problems hold it (and are compared by it), take the
+    parameters as an argument, and never keep them (closed-over weights are folded into the program)."""
+    if lm not in _STRUCTURES:
+        _STRUCTURES[lm] = dataclasses.replace(lm, params=None)
+    return _STRUCTURES[lm]
 
 
-def check_shared_fields(config, lm, inits: tuple[str, ...], at_least_one: tuple[str, ...],
-                        positive_or_none: tuple[str, ...]) -> None:
+def default_slots(platform: str | None = None, table: dict | None = None) -> int:
+    platform = platform or jax.default_backend()
+    return (table or DEFAULT_SLOTS)["cpu" if platform == "cpu" else "accelerator"]
+
+
+class Method(Protocol):
+    """A configured method: see the module docstring."""
+
+    name: str
+    config: object  # the method's config dataclass (slots, segment_steps, seed, ... among its fields)
+    slot_defaults: dict  # slots by platform ("cpu" / "accelerator") when the config leaves them to us
+
+    def problem(self) -> Problem: ...
+
+    def options(self, slots: int) -> DriverOptions: ...
+
+    def inputs(self, probs: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def columns(self, reports: dict[str, np.ndarray]) -> tuple[dict, dict]: ...
+
+
+def check_shared_fields(config, lm, inits: tuple[str, ...], at_least_one: tuple[str, ...]) -> None:
     """The checks both prompt configs share; a ValueError names the config class and the field."""
 
     def fail(message):
         raise ValueError(f"{type(config).__name__}: {message}")
 
+    check_finite_floats(config)
     if config.prompt_len < 1:
         fail(f"prompt_len must be at least 1, got {config.prompt_len}")
     if config.init not in inits:
@@ -61,101 +76,89 @@ def check_shared_fields(config, lm, inits: tuple[str, ...], at_least_one: tuple[
     for name in at_least_one:
         if getattr(config, name) < 1:
             fail(f"{name} must be at least 1, got {getattr(config, name)}")
-    for name in positive_or_none:
-        if getattr(config, name) is not None and getattr(config, name) < 1:
-            fail(f"{name} must be positive or None, got {getattr(config, name)}")
+    check_slots(config)
     if config.min_delta < 0:
         fail(f"min_delta must be non-negative, got {config.min_delta}")
     if config.top_k > lm.vocab_size:
         fail(f"top_k={config.top_k} exceeds the vocabulary ({lm.vocab_size})")
 
 
-def concat_chunks(chunks: list[tuple[dict, dict]]) -> tuple[dict, dict]:
-    """The (columns, arrays) of consecutive chunks joined along the target axis."""
-    columns = {k: np.concatenate([c[k] for c, _ in chunks]) for k in chunks[0][0]}
-    arrays = {k: np.concatenate([a[k] for _, a in chunks]) for k in chunks[0][1]}
-    return columns, arrays
+def check_finite_floats(config) -> None:
+    """Every float field of a config dataclass is finite (inf or nan would run and report nonsense)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not np.isfinite(value):
+            raise ValueError(f"{type(config).__name__}: {field.name} must be finite, got {value}")
 
 
-@dataclasses.dataclass
-class ChunkRun:
-    """Where one chunk's optimization stands; `ARRAY_FIELDS` hold per-target arrays, the rest are ints."""
-
-    ARRAY_FIELDS: ClassVar[tuple[str, ...]] = ("state",)
-
-    first_index: int  # index of the chunk's first target in the whole target set
-    n_rows: int  # real targets; the rest of the chunk is padding
-    state: tuple
-    finished: bool = False
+def check_slots(config) -> None:
+    slots = config.slots
+    if slots is None or slots == "auto":
+        return
+    if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
+        raise ValueError(f"{type(config).__name__}: slots must be a positive integer, 'auto' or None, got {slots!r}")
 
 
-class ChunkEngine:
-    """A configured optimization over chunks of targets (subclasses: SoftEngine, HardEngine).
+def place_params(lm, mesh, shard: bool):
+    """The weights on the mesh: replicated, or split over the devices for models too large for one."""
+    if shard:
+        return parallel.sharded_params(lm.params, mesh)
+    return jax.device_put(lm.params, parallel.replicated(mesh))
 
-    Subclasses define `start(probs, first_index) -> run`, `advance(run) -> run` (one segment; sets
-    `finished`), and `_chunk_results(run, p) -> (columns, arrays)` over the padded chunk.
+
+def resolve_slots(method: Method, params, mesh, example_inputs: dict, n_targets: int) -> int:
+    """The pool size: the config's number, the platform default (None), or sized from XLA's memory analysis
+    of the compiled segment ("auto"). Never more than the work needs (rounded up to the devices)."""
+    slots = method.config.slots
+    if slots == "auto":
+        slots = auto_slots(method.problem(), params, mesh, example_inputs, n_targets)
+    elif slots is None:
+        slots = default_slots(table=method.slot_defaults)
+    return parallel.round_up(max(1, min(int(slots), n_targets * method.options(1).attempts)), mesh.size)
+
+
+def auto_slots(problem: Problem, params, mesh, example_inputs: dict, n_targets: int) -> int:
+    """The largest pool whose compiled segment fits half the free device memory (XLA's memory analysis)."""
+    functions = compiled(problem)
+    sharding = parallel.target_sharding(mesh)
+
+    def lower(size: int):
+        def abstract(shape, dtype):
+            return jax.ShapeDtypeStruct((size,) + tuple(shape), dtype, sharding=sharding)
+
+        inputs = {name: abstract(np.shape(v)[1:], np.asarray(v).dtype) for name, v in example_inputs.items()}
+        index = abstract((), np.int32)
+        targets, states = jax.eval_shape(functions.start, params, inputs, np.uint32(0), index, index,
+                                         abstract((), bool))
+        placed = lambda a: abstract(a.shape[1:], a.dtype)
+        return functions.segment.lower(params, jax.tree.map(placed, targets), jax.tree.map(placed, states),
+                                       num_steps=1)
+
+    fixed = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(params))
+    return parallel.auto_chunk_size(lower, n_targets=n_targets, n_devices=mesh.size, fixed_bytes=fixed)
+
+
+def run_method(
+    method: Method, lm, targets, *, devices=None, take_share: bool = True, checkpoint: PoolCheckpoint | None = None,
+    on_segment: Callable[[SegmentInfo], None] | None = None, slots: int | None = None, progress: bool = True,
+) -> PromptResults:
+    """Run `method` over `targets` (a TargetSet or [N, V] probabilities) and return its PromptResults.
+
+    Multi-host: each process runs its own contiguous share (`take_share=False` when `targets` already are
+    it) and returns results for those rows. `slots` overrides the method's own choice (a resumed run passes
+    the count it recorded).
     """
-
-    method: ClassVar[str]
-    problem_class: ClassVar[type]  # with build(lm, config), run_segment, report, auto_chunk_size, prompt_len
-
-    def __init__(self, lm, config, *, n_targets: int, devices=None):
-        config.validate(lm)
-        self.lm, self.config = lm, config
-        self.mesh = parallel.local_mesh(devices)
-        if config.shard_params:
-            self.params = parallel.sharded_params(lm.params, self.mesh)
-        else:
-            self.params = jax.device_put(lm.params, parallel.replicated(self.mesh))
-        self.problem, self._run_segment, self._report = compiled_problem(lm, config, self.problem_class)
-        size = config.chunk_size or self.problem.auto_chunk_size(self.params, self.mesh, n_targets)
-        self.chunk_size = parallel.round_up(size, self.mesh.size)
-        self._chunk_targets: tuple[int, jax.Array, jax.Array] | None = None
-
-    def _sharded(self, tree):
-        return jax.device_put(tree, parallel.target_sharding(self.mesh))
-
-    def _set_targets(self, probs: np.ndarray, first_index: int):
-        p = self._sharded(parallel.pad_rows(probs, self.chunk_size))
-        self._chunk_targets = (first_index, p, safe_log(p))
-
-    def _targets(self, first_index: int) -> tuple[jax.Array, jax.Array]:
-        """(p, log p) of the chunk starting at `first_index`, padded and sharded."""
-        if self._chunk_targets is None or self._chunk_targets[0] != first_index:
-            raise ValueError("the engine got a chunk other than the one last started or resumed")
-        _, p, log_p = self._chunk_targets
-        return p, log_p
-
-    def resume(self, probs: np.ndarray, run):
-        """Continue a checkpointed run on the same targets."""
-        self._set_targets(probs, run.first_index)
-        arrays = {name: getattr(run, name) for name in run.ARRAY_FIELDS if getattr(run, name) is not None}
-        return dataclasses.replace(run, **{name: self._sharded(tree) for name, tree in arrays.items()})
-
-    def _segment(self, run):
-        """`run.state` advanced by one compiled segment."""
-        p, log_p = self._targets(run.first_index)
-        return self._run_segment(self.params, p, log_p, run.state, num_steps=self.config.segment_steps)
-
-    def results(self, run) -> tuple[dict, dict]:
-        """(columns, arrays) of a finished chunk's real targets."""
-        if not run.finished:
-            raise ValueError("results() of a chunk that has not finished")
-        p, _ = self._targets(run.first_index)
-        columns, arrays = self._chunk_results(run, p)
-        keep = run.n_rows  # drop the padding rows
-        return (
-            {k: np.asarray(v)[:keep] for k, v in columns.items()},
-            {k: np.asarray(v)[:keep] for k, v in arrays.items()},
-        )
-
-    def assemble(self, chunks: list[tuple[dict, dict]], metadata) -> PromptResults:
-        """One result from the finished chunks of a target set, in order."""
-        columns, arrays = concat_chunks(chunks)
-        columns["prompt_len"] = np.full(len(metadata), self.problem.prompt_len)
-        if self.lm.tokenizer is not None:
-            columns |= self._text_columns(self.lm.tokenizer, arrays)
-        return PromptResults(method=self.method, columns=columns, arrays=arrays, metadata=metadata)
-
-    def _text_columns(self, tokenizer, arrays: dict) -> dict:
-        return {}
+    target_set = as_target_set(targets, lm.vocab_size)
+    share = parallel.process_slice(len(target_set)) if take_share else slice(0, len(target_set))
+    probs = target_set.probs[share]
+    first_index = share.start if take_share else 0
+    mesh = parallel.local_mesh(devices)
+    params = place_params(lm, mesh, getattr(method.config, "shard_params", False))
+    inputs = method.inputs(probs)
+    slots = slots or resolve_slots(method, params, mesh, {k: v[:1] for k, v in inputs.items()}, len(probs))
+    options = dataclasses.replace(method.options(slots), progress=progress and len(probs) > 1)
+    driver = Driver(method.problem(), params, options, mesh)
+    reports = driver.run(inputs, first_index=first_index, checkpoint=checkpoint, on_segment=on_segment)
+    columns, arrays = method.columns(reports)
+    metadata = target_set.metadata.iloc[share].reset_index(drop=True)
+    return PromptResults(method=method.name, columns=columns, arrays=arrays, metadata=metadata)

@@ -10,9 +10,9 @@ needs no sampling — and the best is kept if it beats the current prompt.
   positions (or the k best (position, token) pairs over all positions), with an optional beam of prompts.
 - mode "gcg" (Zou et al. 2023): B single-position swaps sampled uniformly from the per-position top-k.
 
-The search is a pure function of (target, its index in the set, config): targets of a chunk run side by side under
-vmap inside one compiled `while_loop` segment, their candidate forwards batched in blocks, and the chunk's
-target axis sharded over the devices, exactly as the soft engine does.
+The search is a pure function of (target, its index in the set, config): `HardProblem` is one target's
+search, and the solver driver (distprompt_jax.solve) runs a pool of them side by side under vmap, their
+candidate forwards batched in blocks, refilling the slots of targets that stopped — as for soft prompts.
 
 Which tokens may appear: special tokens never (the tokenizer's special and added-special tokens, and the
 model's BOS/EOS ids); optionally only ASCII, printable or not-whitespace-only tokens, and only tokens that
@@ -30,15 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
-from distprompt_jax import parallel
 from distprompt_jax.prompting import context as context_lib
-from distprompt_jax.prompting.engine import (
-    ChunkEngine, ChunkRun, check_shared_fields, compiled_problem, without_params,
-)
-from distprompt_jax.prompting.objective import distribution_report, kl_from_logits
+from distprompt_jax.prompting.engine import check_shared_fields, model_structure, run_method
+from distprompt_jax.prompting.objective import distribution_report, kl_from_logits, safe_log
 from distprompt_jax.results import PromptResults
+from distprompt_jax.solve import DriverOptions, Patience, Progress
 from distprompt_jax.targets import as_target_set
 from distprompt_jax.tokens import ordinary_token_mask
 
@@ -73,9 +70,10 @@ class HardPromptConfig:
     no_whitespace_only: bool = False  # candidates: tokens with some non-whitespace text
     round_trip_tokens: bool = False  # candidates: tokens whose text encodes back to that one token
     seed: int = 0
-    chunk_size: int | None = None  # targets per compiled chunk; None sizes it to the available memory
+    slots: int | str | None = None  # targets searched at once; None: 32 on a CPU, 1024 on an accelerator;
+    #                                 "auto": sized from XLA's memory analysis to half the free memory
     candidate_block: int | None = 32  # candidate forwards per target per compiled block; None: all at once
-    segment_steps: int = 5  # iterations per compiled call (progress granularity)
+    segment_steps: int = 5  # iterations per compiled call: finished targets' slots are refilled between calls
     top_k: int = 10  # for the top-k overlap figure
     shard_params: bool = False  # split the weights over the devices (models too large for one device)
 
@@ -86,8 +84,9 @@ class HardPromptConfig:
         check_shared_fields(
             self, lm, INITS,
             at_least_one=("k", "num_swaps", "beam_width", "max_steps", "patience", "segment_steps", "top_k"),
-            positive_or_none=("chunk_size", "candidate_block"),
         )
+        if self.candidate_block is not None and self.candidate_block < 1:
+            fail(f"candidate_block must be positive or None, got {self.candidate_block}")
         if self.mode not in MODES:
             fail(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.positions not in POSITIONS:
@@ -156,34 +155,50 @@ def round_trips(tokenizer, token_ids) -> np.ndarray:
 # -- The search --------------------------------------------------------------------------------------------
 
 
-class _State(NamedTuple):
-    """Per-target search state; every leaf has the target axis first."""
+class HardState(NamedTuple):
+    """One target's search state."""
 
+    progress: Progress  # iterations run, best KL, active
+    patience: Patience
     ids: jax.Array  # [W, L] the beam, best first
     best_ids: jax.Array  # [L]
-    best_kl: jax.Array
     best_step: jax.Array  # iterations run when the best was found (0: the initial prompt)
     initial_kl: jax.Array
     path: jax.Array  # [max_steps] best KL after each iteration
-    steps: jax.Array  # iterations run
-    since_improve: jax.Array
     since_change: jax.Array  # iterations in a row that left the beam as it was
-    active: jax.Array
-    key: jax.Array  # uint32 key data, from the seed and the target's index in the whole target set
+    key: jax.Array  # the search's random stream (gcg)
+
+
+# Hard prompts on a CPU: a candidate search is ~k forwards per iteration, compute-bound from a few dozen
+# targets at once.
+HARD_SLOTS = {"cpu": 32, "accelerator": 1024}
 
 
 @dataclasses.dataclass(frozen=True)
-class _Search:
-    """One configured search: how tokens enter the model, which may, where it starts, how it moves."""
+class HardProblem:
+    """One target's token search. Its fields are what enters tracing (seed, slots, segment_steps and
+    shard_params do not: the driver takes them)."""
 
-    lm: Any
-    config: HardPromptConfig
+    lm: Any  # the model's structure, without weights (engine.model_structure)
+    prompt_len: int
+    mode: str
+    k: int
+    num_swaps: int
+    positions: str
+    beam_width: int
+    max_steps: int
+    patience: int
+    min_delta: float
+    candidate_block: int | None
+    top_k: int
     context: context_lib.FixedContext
-    allowed: np.ndarray  # bool [V]
-    start_ids: np.ndarray | None  # [L] the initial prompt of init="repeat" / "text"
+    filters: tuple[bool, bool, bool, bool]  # ascii_only, printable_only, no_whitespace_only, round_trip_tokens
+    init_kind: str  # config.init, or "given": the caller's per-target ids (input "init_ids")
+    start_ids: tuple[int, ...] | None  # the initial prompt of init="repeat" / "text"
+    allowed: np.ndarray = dataclasses.field(compare=False, repr=False)  # bool [V]: a function of lm and filters
 
     @classmethod
-    def build(cls, lm, config: HardPromptConfig) -> _Search:
+    def build(cls, lm, config: HardPromptConfig, *, given_init: bool = False) -> HardProblem:
         context = context_lib.FixedContext.build(lm, config.prefix, config.suffix, config.bos)
         allowed = candidate_mask(lm, config)
         n_allowed = int(allowed.sum())
@@ -192,7 +207,9 @@ class _Search:
                 f"HardPromptConfig: k={config.k} exceeds the {n_allowed} tokens allowed as candidates"
             )
         start_ids = None
-        if config.init == "text":
+        if given_init:
+            pass
+        elif config.init == "text":
             start_ids = lm.encode(config.init_text, add_special_tokens=False)
             if len(start_ids) != config.prompt_len:
                 raise ValueError(
@@ -200,49 +217,20 @@ class _Search:
                 )
             _check_allowed(start_ids[None], allowed, "init_text")
         elif config.init == "repeat":
-            token = _init_token(lm, config, allowed)
-            start_ids = np.full(config.prompt_len, token, np.int32)
-        return cls(lm=without_params(lm), config=config, context=context, allowed=allowed, start_ids=start_ids)
-
-    @property
-    def prompt_len(self) -> int:
-        return self.config.prompt_len
+            start_ids = np.full(config.prompt_len, _init_token(lm, config, allowed), np.int32)
+        return cls(
+            lm=model_structure(lm), prompt_len=config.prompt_len, mode=config.mode, k=config.k,
+            num_swaps=config.num_swaps, positions=config.positions, beam_width=config.beam_width,
+            max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta,
+            candidate_block=config.candidate_block, top_k=config.top_k, context=context,
+            filters=(config.ascii_only, config.printable_only, config.no_whitespace_only, config.round_trip_tokens),
+            init_kind="given" if given_init else config.init,
+            start_ids=None if start_ids is None else tuple(int(i) for i in start_ids), allowed=allowed,
+        )
 
     def logits(self, params, x):
         """Next-token logits of prompt embeddings x [L, d] inside the fixed context."""
         return self.lm.logits(params, self.context.around(params, self.lm, x))
-
-    def initial_ids(self, seed: int, first_index: int, n: int, given=None):
-        """Initial prompts [n, L] of targets first_index .. first_index + n - 1."""
-        cfg = self.config
-        if given is not None:
-            return jnp.asarray(given, jnp.int32)
-        if cfg.init == "random":
-            tokens = jnp.asarray(np.flatnonzero(self.allowed), jnp.int32)
-            keys = _target_keys(seed, 0, first_index, n)
-            return jax.vmap(lambda k: jax.random.choice(k, tokens, (cfg.prompt_len,)))(keys)
-        return jnp.broadcast_to(jnp.asarray(self.start_ids, jnp.int32), (n, cfg.prompt_len))
-
-    def init_state(self, ids, initial_kl, seed: int, first_index: int) -> _State:
-        cfg = self.config
-        n = ids.shape[0]
-        zeros = jnp.zeros((n,), jnp.int32)
-        return _State(
-            ids=jnp.broadcast_to(ids[:, None, :], (n, cfg.beam_width, cfg.prompt_len)),
-            best_ids=ids,
-            best_kl=initial_kl,
-            best_step=zeros,
-            initial_kl=initial_kl,
-            path=jnp.zeros((n, cfg.max_steps), jnp.float32),
-            steps=zeros,
-            since_improve=zeros,
-            since_change=zeros,
-            active=jnp.ones((n,), bool),
-            # Data, not a constant of the compiled search: another seed needs no recompilation.
-            key=jax.random.key_data(_target_keys(seed, 1, first_index, n)),
-        )
-
-    # One iteration for one target.
 
     def _propose(self, table32, allowed, g, ids, step, key):
         """Candidate swaps of each beam member: (positions, tokens, valid), each [W, C].
@@ -251,147 +239,125 @@ class _Search:
         are the lowest scores among allowed tokens other than the current one. A candidate whose score
         is +inf (fewer allowed tokens than k) is marked invalid.
         """
-        cfg = self.config
-        L, V = cfg.prompt_len, self.lm.vocab_size
+        L, V = self.prompt_len, self.lm.vocab_size
 
         def scores(g_pos, current):  # [..., d], [...] -> [..., V]
             s = g_pos @ table32.T - jnp.sum(table32[current] * g_pos, axis=-1)[..., None]
             s = jnp.where(allowed, s, jnp.inf)
             return jnp.where(jnp.arange(V) == current[..., None], jnp.inf, s)
 
-        if cfg.mode == "hotflip" and cfg.positions == "cycle":
+        if self.mode == "hotflip" and self.positions == "cycle":
             position = step % L
-            neg, tokens = jax.lax.top_k(-scores(g[:, position], ids[:, position]), cfg.k)  # [W, k]
+            neg, tokens = jax.lax.top_k(-scores(g[:, position], ids[:, position]), self.k)  # [W, k]
             return jnp.full(tokens.shape, position), tokens, jnp.isfinite(neg)
-        neg, tokens = jax.lax.top_k(-scores(g, ids), cfg.k)  # [W, L, k]
-        if cfg.mode == "hotflip":  # the k best (position, token) pairs: they lie among the per-position top-k
-            best_neg, flat = jax.lax.top_k(neg.reshape(-1, L * cfg.k), cfg.k)
-            return flat // cfg.k, jnp.take_along_axis(tokens.reshape(-1, L * cfg.k), flat, axis=1), jnp.isfinite(best_neg)
-        shape = (ids.shape[0], cfg.num_swaps)
+        neg, tokens = jax.lax.top_k(-scores(g, ids), self.k)  # [W, L, k]
+        if self.mode == "hotflip":  # the k best (position, token) pairs: they lie among the per-position top-k
+            best_neg, flat = jax.lax.top_k(neg.reshape(-1, L * self.k), self.k)
+            return flat // self.k, jnp.take_along_axis(tokens.reshape(-1, L * self.k), flat, axis=1), jnp.isfinite(best_neg)
+        shape = (ids.shape[0], self.num_swaps)
         key_position, key_rank = jax.random.split(key)
         position = jax.random.randint(key_position, shape, 0, L)
-        rank = jax.random.randint(key_rank, shape, 0, cfg.k)
+        rank = jax.random.randint(key_rank, shape, 0, self.k)
         member = jnp.arange(shape[0])[:, None]
         return position, tokens[member, position, rank], jnp.isfinite(neg[member, position, rank])
 
-    def _candidate_kl(self, params, table, p, log_p, candidates):
+    def candidate_kl(self, params, table, p, log_p, candidates):
         """Exact KL of each candidate prompt [M, L] -> [M], evaluated `candidate_block` at a time."""
 
         def kl(ids):
             return kl_from_logits(p, self.logits(params, table[ids]), log_p)
 
-        block = self.config.candidate_block
+        block = self.candidate_block
         if block is None or block >= len(candidates):
             return jax.vmap(kl)(candidates)
         return jax.lax.map(kl, candidates, batch_size=block)
 
-    def _iterate_one(self, params, table, table32, allowed, p, log_p, ids, step, key_data):
-        """One iteration for one target: its new beam [W, L] (best first), the beam's KL [W], and whether
-        the new best is a candidate (not a prompt already in the beam)."""
-        cfg = self.config
+    def _iterate(self, params, p, log_p, ids, step, key):
+        """One iteration: the new beam [W, L] (best first), the beam's KL [W], and whether the new best is a
+        candidate (not a prompt already in the beam)."""
+        table = self.lm.embedding_matrix(params)
+        table32 = table.astype(jnp.float32)
+        allowed = jnp.asarray(self.allowed)
 
         def loss(x):
             return kl_from_logits(p, self.logits(params, x), log_p)
 
         current_kl, g = jax.vmap(jax.value_and_grad(loss))(table32[ids])  # [W], [W, L, d]
-        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
-        positions, tokens, valid = self._propose(table32, allowed, g, ids, step, key)
+        positions, tokens, valid = self._propose(table32, allowed, g, ids, step, jax.random.fold_in(key, step))
         candidates = jnp.where(
-            jnp.arange(cfg.prompt_len) == positions[..., None], tokens[..., None], ids[:, None, :]
-        ).reshape(-1, cfg.prompt_len)  # [W * C, L]
-        candidate_kl = jnp.where(
-            valid.reshape(-1), self._candidate_kl(params, table, p, log_p, candidates), jnp.inf
-        )
+            jnp.arange(self.prompt_len) == positions[..., None], tokens[..., None], ids[:, None, :]
+        ).reshape(-1, self.prompt_len)  # [W * C, L]
+        candidate_kl = jnp.where(valid.reshape(-1), self.candidate_kl(params, table, p, log_p, candidates), jnp.inf)
         # The current beam comes first, so on ties it stays (and a beam that cannot improve does not move).
         pool = jnp.concatenate([ids, candidates])
         pool_kl = jnp.concatenate([current_kl, candidate_kl])
-        if cfg.beam_width == 1:
+        if self.beam_width == 1:
             keep = jnp.argmin(pool_kl)[None]
         else:
             same = jnp.all(pool[:, None, :] == pool[None, :, :], axis=-1)
             duplicate = jnp.any(same & jnp.tri(len(pool), k=-1, dtype=bool), axis=1)
-            keep = jnp.argsort(jnp.where(duplicate, jnp.inf, pool_kl), stable=True)[: cfg.beam_width]
-        return pool[keep], pool_kl[keep], keep[0] >= cfg.beam_width
+            keep = jnp.argsort(jnp.where(duplicate, jnp.inf, pool_kl), stable=True)[: self.beam_width]
+        return pool[keep], pool_kl[keep], keep[0] >= self.beam_width
 
-    def run_segment(self, params, p, log_p, state: _State, num_steps: int) -> _State:
-        """Up to num_steps iterations for every still-active target."""
-        cfg = self.config
-        table = self.lm.embedding_matrix(params)
-        table32 = table.astype(jnp.float32)
-        allowed = jnp.asarray(self.allowed)
-        iterate = jax.vmap(
-            lambda p_i, lp_i, ids, step, key: self._iterate_one(
-                params, table, table32, allowed, p_i, lp_i, ids, step, key
-            )
+    def prompt_kl(self, params, p, log_p, ids):
+        """KL of one token prompt [L]."""
+        return kl_from_logits(p, self.logits(params, self.lm.embed(params, ids)), log_p)
+
+    # -- the Problem contract (one target) -----------------------------------------------------------------
+
+    def prepare(self, inputs):
+        p = inputs["p"]
+        return p, safe_log(p), inputs.get("init_ids")
+
+    def init(self, params, target, index, key) -> HardState:
+        p, log_p, given = target
+        key_init, key_search = jax.random.split(key)
+        if self.init_kind == "given":
+            ids = given
+        elif self.init_kind == "random":
+            ids = jax.random.choice(key_init, jnp.asarray(np.flatnonzero(self.allowed), jnp.int32), (self.prompt_len,))
+        else:
+            ids = jnp.asarray(self.start_ids, jnp.int32)
+        initial_kl = self.prompt_kl(params, p, log_p, ids)
+        return HardState(
+            progress=Progress(jnp.int32(0), initial_kl, jnp.asarray(self.max_steps > 0)),
+            patience=Patience.start(),
+            ids=jnp.broadcast_to(ids, (self.beam_width, self.prompt_len)),
+            best_ids=ids, best_step=jnp.int32(0), initial_kl=initial_kl,
+            path=jnp.zeros((self.max_steps,), jnp.float32), since_change=jnp.int32(0), key=key_search,
         )
+
+    def step(self, params, target, s: HardState) -> HardState:
+        p, log_p, _ = target
+        ids, beam_kl, found = self._iterate(params, p, log_p, s.ids, s.progress.steps, s.key)
+        new_kl = beam_kl[0]
+        # Only a new prompt can improve: the gradient pass's KL of a known prompt may differ from the
+        # candidate pass's in the last float32 bits, which is no progress.
+        better = found & (new_kl < s.progress.best)
+        improved = better & (new_kl < s.progress.best - self.min_delta)
+        since_improve = jnp.where(improved, 0, s.patience.since_improve + 1)
+        since_change = jnp.where(jnp.any(ids != s.ids), 0, s.since_change + 1)
+        best = jnp.where(better, new_kl, s.progress.best)
+        steps = s.progress.steps + 1
         # A deterministic search whose beam stood still for a whole period of positions is stuck for good.
-        period = {"cycle": cfg.prompt_len, "best": 1}[cfg.positions] if cfg.mode == "hotflip" else None
+        period = {"cycle": self.prompt_len, "best": 1}[self.positions] if self.mode == "hotflip" else None
+        stuck = since_change >= period if period is not None else False
+        active = (steps < self.max_steps) & (since_improve < self.patience) & ~stuck
+        return HardState(
+            progress=Progress(steps, best, active), patience=Patience(since_improve), ids=ids,
+            best_ids=jnp.where(better, ids[0], s.best_ids), best_step=jnp.where(better, steps, s.best_step),
+            initial_kl=s.initial_kl, path=s.path.at[s.progress.steps].set(best), since_change=since_change,
+            key=s.key,
+        )
 
-        def step(carry):
-            i, s = carry
-            ids, beam_kl, found = iterate(p, log_p, s.ids, s.steps, s.key)
-            running = s.active
-            new_kl = beam_kl[:, 0]
-            # Only a new prompt can improve: the gradient pass's KL of a known prompt may differ from the
-            # candidate pass's in the last float32 bits, which is no progress.
-            better = running & found & (new_kl < s.best_kl)
-            improved = better & (new_kl < s.best_kl - cfg.min_delta)
-            changed = running & jnp.any(ids != s.ids, axis=(1, 2))
-            since_improve = jnp.where(improved, 0, s.since_improve + running)
-            since_change = jnp.where(changed, 0, s.since_change + running)
-            best_kl = jnp.where(better, new_kl, s.best_kl)
-            steps = s.steps + running
-            stuck = since_change >= period if period is not None else jnp.zeros_like(running)
-            record = running[:, None] & (jnp.arange(cfg.max_steps) == s.steps[:, None])
-            return i + 1, _State(
-                ids=_select(running, ids, s.ids),
-                best_ids=_select(better, ids[:, 0], s.best_ids),
-                best_kl=best_kl,
-                best_step=jnp.where(better, steps, s.best_step),
-                initial_kl=s.initial_kl,
-                path=jnp.where(record, best_kl[:, None], s.path),
-                steps=steps,
-                since_improve=since_improve,
-                since_change=since_change,
-                active=running & (steps < cfg.max_steps) & (since_improve < cfg.patience) & ~stuck,
-                key=s.key,
-            )
-
-        def more(carry):
-            i, s = carry
-            return (i < num_steps) & jnp.any(s.active)
-
-        _, state = jax.lax.while_loop(more, step, (jnp.int32(0), state))
-        return state
-
-    def report(self, params, p, ids) -> dict:
-        """KL and the figures reported beside it for each target's token prompt: p [T, V], ids [T, L]."""
-        table = self.lm.embedding_matrix(params)
-        logits = jax.vmap(lambda ids_i: self.logits(params, table[ids_i]))(ids)
-        return jax.vmap(lambda p_i, z: distribution_report(p_i, z, self.config.top_k))(p, logits)
-
-    def auto_chunk_size(self, params, mesh, n_targets: int) -> int:
-        sharding = parallel.target_sharding(mesh)
-
-        def lower(size: int):
-            p = jax.ShapeDtypeStruct((size, self.lm.vocab_size), jnp.float32, sharding=sharding)
-            ids = jnp.zeros((size, self.config.prompt_len), jnp.int32)
-            state = jax.eval_shape(lambda: self.init_state(ids, jnp.zeros((size,), jnp.float32), 0, 0))
-            state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
-            return jax.jit(self.run_segment, static_argnames="num_steps").lower(params, p, p, state, num_steps=1)
-
-        fixed = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(params))
-        return parallel.auto_chunk_size(lower, n_targets=n_targets, n_devices=mesh.size, fixed_bytes=fixed)
-
-
-def _target_keys(seed: int, stream: int, first_index: int, n: int):
-    """Keys of targets first_index .. first_index + n - 1 for one random stream (0: init, 1: search)."""
-    base = jax.random.fold_in(jax.random.key(seed), stream)
-    return jax.vmap(lambda i: jax.random.fold_in(base, i))(first_index + jnp.arange(n))
-
-
-def _select(mask, new, old):
-    return jnp.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
+    def report(self, params, target, s: HardState) -> dict:
+        p, _, _ = target
+        figures = distribution_report(p, self.logits(params, self.lm.embed(params, s.best_ids)), self.top_k)
+        del figures["kl"]  # the tracked best KL is the same value, measured when it was found
+        # After a target stopped, its best KL stays what it was.
+        path = jnp.where(jnp.arange(self.max_steps) < s.progress.steps, s.path, s.progress.best)
+        return dict(kl=s.progress.best, initial_kl=s.initial_kl, best_step=s.best_step, steps=s.progress.steps,
+                    **figures, token_ids=s.best_ids, kl_path=path)
 
 
 def _init_token(lm, config: HardPromptConfig, allowed: np.ndarray) -> int:
@@ -428,47 +394,48 @@ def _check_allowed(ids: np.ndarray, allowed: np.ndarray, what: str) -> None:
         )
 
 
-# -- Driving it: chunks, segments, results -----------------------------------------------------------------
+
+# -- Driving it ------------------------------------------------------------------------------------------
+
+ARRAY_RESULTS = ("token_ids", "kl_path")
 
 
-class HardEngine(ChunkEngine):
-    """A configured hard-prompt search, advanced chunk by chunk and segment by segment (like SoftEngine)."""
+class HardMethod:
+    """Hard prompts as a method (engine.Method): what `hard_prompt` and the sweep run."""
 
-    method = "hard"
-    problem_class = _Search
+    name = "hard"
+    slot_defaults = HARD_SLOTS
 
-    def start(self, probs: np.ndarray, first_index: int, init_ids: np.ndarray | None = None) -> ChunkRun:
-        """Begin a chunk of targets; `first_index` is the first one's index in the whole target set."""
-        self._set_targets(probs, first_index)
+    def __init__(self, lm, config: HardPromptConfig, *, init_ids: np.ndarray | None = None):
+        """`init_ids` [N, L]: the caller's initial prompts, one per target of the whole target set."""
+        config.validate(lm)
+        self.lm, self.config, self.init_ids = lm, config, init_ids
+        self._problem = HardProblem.build(lm, config, given_init=init_ids is not None)
         if init_ids is not None:
-            init_ids = parallel.pad_rows(np.asarray(init_ids, np.int32), self.chunk_size)
-        seed = self.config.seed
-        ids = self._sharded(self.problem.initial_ids(seed, first_index, self.chunk_size, init_ids))
-        p, _ = self._targets(first_index)
-        state = self.problem.init_state(ids, self._report(self.params, p, ids)["kl"], seed, first_index)
-        return ChunkRun(first_index, len(probs), self._sharded(state))
+            _check_allowed(init_ids, self._problem.allowed, "init_ids")
 
-    def advance(self, run: ChunkRun) -> ChunkRun:
-        """One compiled segment of iterations."""
-        state = self._segment(run)
-        return dataclasses.replace(run, state=state, finished=not bool(jnp.any(state.active)))
+    def problem(self) -> HardProblem:
+        return self._problem
 
-    def _chunk_results(self, run: ChunkRun, p) -> tuple[dict, dict]:
-        s = run.state
-        figures = self._report(self.params, p, s.best_ids)
-        del figures["kl"]  # the tracked best KL is the same value, measured when it was found
-        columns = {
-            "kl": s.best_kl, "initial_kl": s.initial_kl, "best_step": s.best_step, "steps": s.steps, **figures,
-        }
-        # After a target stopped, its best KL stays what it was.
-        path = jnp.where(jnp.arange(s.path.shape[1]) < s.steps[:, None], s.path, s.best_kl[:, None])
-        return columns, {"token_ids": s.best_ids, "kl_path": path}
+    def options(self, slots: int) -> DriverOptions:
+        c = self.config
+        return DriverOptions(slots=slots, segment_steps=c.segment_steps, seed=c.seed, desc="hard prompts")
 
-    def _text_columns(self, tokenizer, arrays: dict) -> dict:
-        return {
-            "round_trips": round_trips(tokenizer, arrays["token_ids"]),
-            "text": np.array(tokenizer.batch_decode(arrays["token_ids"].tolist())),
-        }
+    def inputs(self, probs: np.ndarray) -> dict[str, np.ndarray]:
+        inputs = {"p": np.asarray(probs, np.float32)}
+        if self.init_ids is not None:
+            inputs["init_ids"] = self.init_ids
+        return inputs
+
+    def columns(self, reports: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        # kl first: the figure every table is read for.
+        columns = {"kl": reports["kl"]} | {k: v for k, v in reports.items() if k not in ARRAY_RESULTS}
+        arrays = {k: v for k, v in reports.items() if k in ARRAY_RESULTS}
+        columns["prompt_len"] = np.full(len(columns["kl"]), self.config.prompt_len)
+        if self.lm.tokenizer is not None:
+            columns["round_trips"] = round_trips(self.lm.tokenizer, arrays["token_ids"])
+            columns["text"] = np.array(self.lm.tokenizer.batch_decode(arrays["token_ids"].tolist()))
+        return columns, arrays
 
 
 def hard_prompt(
@@ -483,7 +450,7 @@ def hard_prompt(
       init_ids: optional int [N, L] (or one [L] prompt for all) to start from instead of `config.init`,
         e.g. `project_soft_prompts(lm, soft_result)` to seed the search with a soft prompt's nearest
         tokens. Every token must be allowed under the config's filters.
-      devices: devices to shard the target axis over (default: this process's devices). In a multi-host
+      devices: devices to shard the slots over (default: this process's devices). In a multi-host
         run each process searches its own contiguous share of the targets (`parallel.process_slice`) and
         returns results for those only; a target's result does not depend on the split.
     Returns:
@@ -493,38 +460,13 @@ def hard_prompt(
     """
     config = config or HardPromptConfig()
     target_set = as_target_set(targets, lm.vocab_size)
-    share = parallel.process_slice(len(target_set))
-    probs = target_set.probs[share]
-    if init_ids is not None:  # checked before the engine sizes its chunks (which compiles a probe)
-        config.validate(lm)
-        allowed = compiled_problem(lm, config, _Search)[0].allowed
-        init_ids = _check_init_ids(init_ids, len(target_set), config, allowed)[share]
-    engine = HardEngine(lm, config, n_targets=len(probs), devices=devices)
-    bounds = parallel.chunk_bounds(len(probs), engine.chunk_size)
-    n_segments = -(-config.max_steps // config.segment_steps)
-    progress = tqdm(
-        total=len(probs) * config.max_steps, desc="hard prompts", unit="target·iteration",
-        disable=len(bounds) * n_segments < 2,
-    )
-    chunks = []
-    for start, stop in bounds:
-        chunk = engine.start(
-            probs[start:stop], first_index=share.start + start,
-            init_ids=None if init_ids is None else init_ids[start:stop],
-        )
-        done = 0
-        while not chunk.finished:
-            chunk = engine.advance(chunk)
-            steps = min(config.segment_steps, config.max_steps - done)
-            progress.update((stop - start) * steps)
-            done += steps
-        progress.update((stop - start) * (config.max_steps - done))  # targets that all stopped early
-        chunks.append(engine.results(chunk))
-    progress.close()
-    return engine.assemble(chunks, target_set.metadata.iloc[share].reset_index(drop=True))
+    if init_ids is not None:
+        init_ids = _check_init_ids(init_ids, len(target_set), config)
+    method = HardMethod(lm, config, init_ids=init_ids)
+    return run_method(method, lm, target_set, devices=devices)
 
 
-def _check_init_ids(init_ids, n_targets: int, config: HardPromptConfig, allowed: np.ndarray) -> np.ndarray:
+def _check_init_ids(init_ids, n_targets: int, config: HardPromptConfig) -> np.ndarray:
     ids = np.asarray(init_ids)
     if not np.issubdtype(ids.dtype, np.integer):
         raise TypeError(f"init_ids must be integer token ids, got dtype {ids.dtype}")
@@ -532,42 +474,46 @@ def _check_init_ids(init_ids, n_targets: int, config: HardPromptConfig, allowed:
         ids = np.broadcast_to(ids, (n_targets, len(ids)))
     if ids.shape != (n_targets, config.prompt_len):
         raise ValueError(f"init_ids must be [{n_targets}, {config.prompt_len}] (targets, prompt_len); got {ids.shape}")
-    _check_allowed(ids, allowed, "init_ids")
-    return ids.astype(np.int32)
+    return np.ascontiguousarray(ids, np.int32)
 
 
 # -- Helpers: evaluating token prompts, seeding from soft prompts --------------------------------------------
 
 
 def token_prompt_kl(
-    lm, targets, token_ids, config: HardPromptConfig | None = None, *, chunk_size: int = 256, devices=None
+    lm, targets, token_ids, config: HardPromptConfig | None = None, *, devices=None
 ) -> np.ndarray:
     """KL(p‖q) of given token prompts [N, L] (inside config's prefix/suffix/BOS), float32 [N].
 
-    The same compiled evaluation as `hard_prompt`'s initial and final KL, sharded the same way.
+    The same compiled evaluation as `hard_prompt`'s initial KL: a search of zero iterations from the given
+    prompts, run by the same driver.
     """
     config = config or HardPromptConfig()
-    probs = as_target_set(targets, lm.vocab_size).probs
+    target_set = as_target_set(targets, lm.vocab_size)
     token_ids = np.asarray(token_ids)
-    if not np.issubdtype(token_ids.dtype, np.integer) or token_ids.ndim != 2 or len(token_ids) != len(probs):
-        raise ValueError(f"token_ids must be integer [{len(probs)}, L]; got {token_ids.dtype} {token_ids.shape}")
+    n = len(target_set)
+    if not np.issubdtype(token_ids.dtype, np.integer) or token_ids.ndim != 2 or len(token_ids) != n:
+        raise ValueError(f"token_ids must be integer [{n}, L]; got {token_ids.dtype} {token_ids.shape}")
     if token_ids.size and not (0 <= token_ids.min() and token_ids.max() < lm.vocab_size):
         raise ValueError(f"token_ids must lie in [0, {lm.vocab_size})")
-    # Only the context and the model matter here; the init fields are reset so any prompt length fits.
-    config = dataclasses.replace(
-        config, prompt_len=token_ids.shape[1], init="repeat", init_token=None, init_text=None
-    )
-    _, _, report = compiled_problem(lm, config, _Search)
-    mesh = parallel.local_mesh(devices)
-    params = jax.device_put(lm.params, parallel.replicated(mesh))
-    size = parallel.round_up(min(chunk_size, len(probs)), mesh.size)
-    sharding = parallel.target_sharding(mesh)
-    out = []
-    for start, stop in parallel.chunk_bounds(len(probs), size):
-        p = jax.device_put(parallel.pad_rows(probs[start:stop], size), sharding)
-        ids = jax.device_put(parallel.pad_rows(token_ids[start:stop].astype(np.int32), size), sharding)
-        out.append(np.asarray(report(params, p, ids)["kl"])[: stop - start])
-    return np.concatenate(out)
+    # Only the context and the model matter here: any prompt length, any token, no search.
+    config = dataclasses.replace(config, prompt_len=token_ids.shape[1], init="repeat", init_token=None, init_text=None)
+    method = _Evaluation(lm, config, token_ids.astype(np.int32))
+    return run_method(method, lm, target_set, devices=devices, take_share=False, progress=False).columns["kl"]
+
+
+class _Evaluation(HardMethod):
+    """Zero search iterations from given prompts, any tokens allowed: their exact KL."""
+
+    name = "token_prompt_kl"
+
+    def __init__(self, lm, config: HardPromptConfig, token_ids: np.ndarray):
+        config.validate(lm)
+        self.lm, self.config, self.init_ids = lm, config, token_ids
+        self._problem = dataclasses.replace(HardProblem.build(lm, config, given_init=True), max_steps=0)
+
+    def columns(self, reports):
+        return {"kl": reports["kl"]}, {}
 
 
 def project_soft_prompts(lm, soft_result: PromptResults, config: HardPromptConfig | None = None) -> np.ndarray:

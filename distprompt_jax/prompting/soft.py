@@ -1,8 +1,8 @@
 """Soft prompts: free vectors in the input-embedding space, optimized for many targets at once.
 
-Every target has its own optimizer state and its own early stopping; one compiled `while_loop` advances a
-whole chunk of targets for a segment of steps, freezing those that have finished. Segments (rather than
-one call for all steps) let the Python loop show progress and stop as soon as every target has finished.
+Every target has its own optimizer state and its own early stopping: `SoftProblem` is one target's
+optimization, and the solver driver (distprompt_jax.solve) runs a pool of them, refilling the slots of
+targets that finished. Restarts are further attempts of the same target; the best is kept.
 
 Instead of input embeddings, a single vector can act on the residual stream of the last position entering
 layer k (added or replacing), or on the output of the final norm — to locate where expressivity is lost.
@@ -17,14 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from distprompt_jax import parallel
 from distprompt_jax.prompting import context as context_lib
-from distprompt_jax.prompting.engine import ChunkEngine, ChunkRun, check_shared_fields, without_params
-from distprompt_jax.prompting.objective import distribution_report, kl_from_logits
+from distprompt_jax.prompting.engine import DEFAULT_SLOTS, check_shared_fields, model_structure, run_method
+from distprompt_jax.prompting.objective import distribution_report, kl_from_logits, safe_log
 from distprompt_jax.results import PromptResults
-from distprompt_jax.targets import as_target_set
+from distprompt_jax.solve import DriverOptions, Patience, Progress, track
 from distprompt_jax.tokens import ordinary_token_mask
 
 INITS = ("embedding_std", "normal", "vocab", "text")
@@ -49,10 +47,11 @@ class SoftPromptConfig:
     max_steps: int = 500
     patience: int = 50  # stop a target after this many steps without improving by more than min_delta
     min_delta: float = 0.0
-    restarts: int = 1  # independent inits per target; the best is kept
+    restarts: int = 1  # independent inits per target (attempts in the pool); the best is kept
     seed: int = 0
-    chunk_size: int | None = None  # targets per compiled chunk; None sizes it to the available memory
-    segment_steps: int = 25  # steps per compiled call (progress granularity)
+    slots: int | str | None = None  # targets optimized at once; None: 64 on a CPU, 1024 on an accelerator;
+    #                                 "auto": sized from XLA's memory analysis to half the free memory
+    segment_steps: int = 10  # steps per compiled call: finished targets' slots are refilled between calls
     intervention_layer: int | str | None = None  # None: input embeddings; k: residual entering layer k; "final_norm"
     intervention_mode: str = "add"
     top_k: int = 10  # for the top-k overlap figure
@@ -64,7 +63,6 @@ class SoftPromptConfig:
 
         check_shared_fields(
             self, lm, INITS, at_least_one=("max_steps", "patience", "restarts", "segment_steps", "top_k"),
-            positive_or_none=("chunk_size",),
         )
         if self.init == "text" and self.restarts > 1:
             fail("restarts > 1 with init='text' would repeat the same run")
@@ -83,19 +81,18 @@ class SoftPromptConfig:
             fail(f"intervention_layer must be None, 'final_norm' or an int in [0, {lm.n_layers}], got {layer!r}")
 
 
-class _State(NamedTuple):
-    """Per-target optimization state; every leaf has the target axis first."""
+class SoftState(NamedTuple):
+    """One target's optimization state."""
 
+    progress: Progress  # steps, best KL, active
+    patience: Patience
     v: jax.Array  # the variable being optimized: [L, d] prompt or [d] intervention vector
     opt_state: Any
-    best_kl: jax.Array
     best_v: jax.Array
     best_step: jax.Array
     initial_kl: jax.Array  # KL of the initial prompt
     final_kl: jax.Array  # KL at the last step the target was still running
-    steps: jax.Array  # steps run
-    since_improve: jax.Array
-    active: jax.Array
+    diverged: jax.Array  # the KL became non-finite (the target stopped; its best finite point is kept)
 
 
 def soft_prompt(lm, targets, config: SoftPromptConfig | None = None, *, devices=None) -> PromptResults:
@@ -105,193 +102,143 @@ def soft_prompt(lm, targets, config: SoftPromptConfig | None = None, *, devices=
       lm: a LanguageModel.
       targets: a TargetSet or an [N, V] array of probabilities over lm's vocabulary.
       config: SoftPromptConfig (defaults as documented there).
-      devices: devices to shard the target axis over (default: this process's devices). In a multi-host
-        run each process optimizes its own contiguous share of the targets (`parallel.process_slice`)
-        and returns results for those only.
+      devices: devices to shard the slots over (default: this process's devices). In a multi-host run
+        each process optimizes its own contiguous share of the targets (`parallel.process_slice`) and
+        returns results for those only.
     Returns:
       PromptResults with method "soft"; `.arrays["prompt"]` holds the best variables and
       `.arrays["nearest_tokens"]` each soft vector's nearest vocabulary token (input prompts only).
     """
-    config = config or SoftPromptConfig()
-    target_set = as_target_set(targets, lm.vocab_size)
-    share = parallel.process_slice(len(target_set))
-    probs = target_set.probs[share]
-    engine = SoftEngine(lm, config, n_targets=len(probs), devices=devices)
-    bounds = parallel.chunk_bounds(len(probs), engine.chunk_size)
-    progress = tqdm(total=len(probs), desc="soft prompts", unit="target", disable=len(bounds) < 2)
-    chunks = []
-    for start, stop in bounds:
-        # Initializations are keyed by the global target index, so the split over processes does not matter.
-        chunk = engine.start(probs[start:stop], first_index=share.start + start)
-        while not chunk.finished:
-            chunk = engine.advance(chunk)
-        chunks.append(engine.results(chunk))
-        progress.update(stop - start)
-    progress.close()
-    return engine.assemble(chunks, target_set.metadata.iloc[share].reset_index(drop=True))
-
-
-def _keep_better(a: _State, b: _State) -> _State:
-    better = b.best_kl < a.best_kl
-
-    def pick(x, y):
-        return jnp.where(better.reshape(better.shape + (1,) * (x.ndim - 1)), y, x)
-
-    return jax.tree.map(pick, a, b)
+    return run_method(SoftMethod(lm, config or SoftPromptConfig()), lm, targets, devices=devices)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Problem:
-    """The pieces of one configured optimization: how the variable enters the model, init, optimizer."""
+class SoftProblem:
+    """One target's soft-prompt optimization. Its fields are what enters tracing (the run-level fields of
+    the config — seed, slots, segment_steps, restarts, shard_params — do not: the driver takes them)."""
 
-    lm: Any
-    config: SoftPromptConfig
+    lm: Any  # the model's structure, without weights (engine.model_structure)
+    prompt_len: int
+    init_kind: str  # config.init
+    intervention_layer: int | str | None
+    intervention_mode: str
+    learning_rate: float
+    schedule: str
+    clip_norm: float | None
+    max_steps: int
+    patience: int
+    min_delta: float
+    top_k: int
     context: context_lib.FixedContext
-    embed_std: float
-    candidate_ids: np.ndarray  # tokens that "vocab" init draws from
-    init_ids: np.ndarray | None
+    init_ids: tuple[int, ...] | None
+    # Functions of the model and the fields above, so not compared.
+    embed_std: float = dataclasses.field(compare=False)
+    candidate_ids: np.ndarray = dataclasses.field(compare=False, repr=False)
 
     @classmethod
-    def build(cls, lm, config: SoftPromptConfig) -> _Problem:
+    def build(cls, lm, config: SoftPromptConfig) -> SoftProblem:
         context = context_lib.FixedContext.build(lm, config.prefix, config.suffix, config.bos)
         if config.intervention_layer is not None and context.is_empty:
             raise ValueError("an intervention needs fixed input tokens: set prefix (and/or bos=True)")
-        table = lm.embedding_matrix(lm.params)
         init_ids = None
         if config.init == "text":
-            init_ids = lm.encode(config.init_text, add_special_tokens=False)
+            init_ids = tuple(int(i) for i in lm.encode(config.init_text, add_special_tokens=False))
             if len(init_ids) != config.prompt_len:
                 raise ValueError(
                     f"init_text is {len(init_ids)} tokens, but prompt_len is {config.prompt_len}: make them equal"
                 )
         return cls(
-            lm=without_params(lm), config=config, context=context, embed_std=float(jnp.std(table)),
-            candidate_ids=np.flatnonzero(ordinary_token_mask(lm)), init_ids=init_ids,
+            lm=model_structure(lm), prompt_len=config.prompt_len, init_kind=config.init,
+            intervention_layer=config.intervention_layer, intervention_mode=config.intervention_mode,
+            learning_rate=config.learning_rate, schedule=config.schedule, clip_norm=config.clip_norm,
+            max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta, top_k=config.top_k,
+            context=context, init_ids=init_ids, embed_std=_embedding_std(lm),
+            candidate_ids=np.flatnonzero(ordinary_token_mask(lm)),
         )
 
     @property
     def intervening(self) -> bool:
-        return self.config.intervention_layer is not None
-
-    @property
-    def prompt_len(self) -> int:
-        return 0 if self.intervening else self.config.prompt_len
+        return self.intervention_layer is not None
 
     def variable_shape(self) -> tuple[int, ...]:
         d = self.lm.d_model
-        return (d,) if self.intervening else (self.config.prompt_len, d)
+        return (d,) if self.intervening else (self.prompt_len, d)
 
     def logits(self, params, v):
-        lm, cfg = self.lm, self.config
+        lm = self.lm
         if not self.intervening:
             return lm.logits(params, self.context.around(params, lm, v))
         x = self.context.around(params, lm, None)
-        if cfg.intervention_layer == "final_norm":
+        if self.intervention_layer == "final_norm":
             h = lm.final_norm(params, lm.run_layers(params, lm.input_stream(params, x))[-1])
-            return lm.unembed(params, v if cfg.intervention_mode == "replace" else h + v)
-        k = cfg.intervention_layer
+            return lm.unembed(params, v if self.intervention_mode == "replace" else h + v)
+        k = self.intervention_layer
         h = lm.run_layers(params, lm.input_stream(params, x), 0, k)
-        last = v.astype(h.dtype) if cfg.intervention_mode == "replace" else h[-1] + v.astype(h.dtype)
+        last = v.astype(h.dtype) if self.intervention_mode == "replace" else h[-1] + v.astype(h.dtype)
         return lm.logits_from_layer(params, h.at[-1].set(last), k)
 
     def optimizer(self) -> optax.GradientTransformation:
-        cfg = self.config
         schedule = {
-            "constant": optax.constant_schedule(cfg.learning_rate),
-            "cosine": optax.cosine_decay_schedule(cfg.learning_rate, cfg.max_steps),
-            "linear": optax.linear_schedule(cfg.learning_rate, 0.0, cfg.max_steps),
-        }[cfg.schedule]
-        steps = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
+            "constant": optax.constant_schedule(self.learning_rate),
+            "cosine": optax.cosine_decay_schedule(self.learning_rate, self.max_steps),
+            "linear": optax.linear_schedule(self.learning_rate, 0.0, self.max_steps),
+        }[self.schedule]
+        steps = [optax.clip_by_global_norm(self.clip_norm)] if self.clip_norm else []
         return optax.chain(*steps, optax.adam(schedule))
 
-    def init_variables(self, params, key, first_index: int, n: int):
-        """Initial variables of targets first_index .. first_index + n - 1 (each from its own key)."""
-        cfg = self.config
-        if cfg.init == "text":
-            return jnp.broadcast_to(self.lm.embed(params, self.init_ids).astype(jnp.float32), (n, *self.variable_shape()))
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first_index + jnp.arange(n))
-        if cfg.init == "vocab":
-            choose = lambda k: jax.random.choice(k, jnp.asarray(self.candidate_ids), self.variable_shape()[:-1])
-            return self.lm.embed(params, jax.vmap(choose)(keys)).astype(jnp.float32)
-        scale = self.embed_std if cfg.init == "embedding_std" else 1.0
-        return scale * jax.vmap(lambda k: jax.random.normal(k, self.variable_shape(), jnp.float32))(keys)
+    # -- the Problem contract (one target) -----------------------------------------------------------------
 
-    def init_state(self, params, key, first_index: int, n: int) -> _State:
-        v = self.init_variables(params, key, first_index, n)
-        opt_state = jax.vmap(self.optimizer().init)(v)
-        inf = jnp.full((n,), jnp.inf, jnp.float32)
-        zeros = jnp.zeros((n,), jnp.int32)
-        return _State(v, opt_state, inf, v, zeros, inf, inf, zeros, zeros, jnp.ones((n,), bool))
+    def prepare(self, inputs):
+        p = inputs["p"]
+        return p, safe_log(p)
 
-    def run_segment(self, params, p, log_p, state: _State, num_steps: int) -> _State:
-        """Up to num_steps optimizer steps for every still-active target."""
-        cfg = self.config
-        tx = self.optimizer()
+    def init(self, params, target, index, key) -> SoftState:
+        if self.init_kind == "text":
+            v = self.lm.embed(params, jnp.asarray(self.init_ids)).astype(jnp.float32)
+        elif self.init_kind == "vocab":
+            ids = jax.random.choice(key, jnp.asarray(self.candidate_ids), self.variable_shape()[:-1])
+            v = self.lm.embed(params, ids).astype(jnp.float32)
+        else:
+            scale = self.embed_std if self.init_kind == "embedding_std" else 1.0
+            v = scale * jax.random.normal(key, self.variable_shape(), jnp.float32)
+        inf = jnp.float32(jnp.inf)
+        return SoftState(
+            progress=Progress.start(), patience=Patience.start(), v=v, opt_state=self.optimizer().init(v),
+            best_v=v, best_step=jnp.int32(0), initial_kl=inf, final_kl=inf, diverged=jnp.asarray(False),
+        )
 
-        def loss(v, p_i, log_p_i):
-            return kl_from_logits(p_i, self.logits(params, v), log_p_i)
+    def step(self, params, target, s: SoftState) -> SoftState:
+        p, log_p = target
+        kl, grad = jax.value_and_grad(lambda v: kl_from_logits(p, self.logits(params, v), log_p))(s.v)
+        updates, opt_state = self.optimizer().update(grad, s.opt_state, s.v)
+        progress, patience, better = track(s.progress, s.patience, kl, min_delta=self.min_delta,
+                                           max_steps=self.max_steps, patience_steps=self.patience)
+        diverged = ~jnp.isfinite(kl)
+        return SoftState(
+            progress=progress._replace(active=progress.active & ~diverged),
+            patience=patience,
+            v=optax.apply_updates(s.v, updates),
+            opt_state=opt_state,
+            best_v=jnp.where(better, s.v, s.best_v),
+            best_step=jnp.where(better, s.progress.steps, s.best_step),
+            initial_kl=jnp.where(s.progress.steps == 0, kl, s.initial_kl),
+            final_kl=kl,
+            diverged=diverged,
+        )
 
-        value_and_grad = jax.vmap(jax.value_and_grad(loss))
-
-        def step(carry):
-            i, s = carry
-            kl, grad = value_and_grad(s.v, p, log_p)
-            updates, opt_state = jax.vmap(tx.update)(grad, s.opt_state, s.v)
-            v = jax.vmap(optax.apply_updates)(s.v, updates)
-            running = s.active
-
-            def where(new, old):
-                return _select(running, new, old)
-
-            better = running & (kl < s.best_kl)
-            improved = running & (kl < s.best_kl - cfg.min_delta)
-            since_improve = jnp.where(improved, 0, s.since_improve + running)
-            steps = s.steps + running
-            return i + 1, _State(
-                v=where(v, s.v),
-                opt_state=jax.tree.map(where, opt_state, s.opt_state),
-                best_kl=jnp.where(better, kl, s.best_kl),
-                best_v=_select(better, s.v, s.best_v),
-                best_step=jnp.where(better, s.steps, s.best_step),
-                initial_kl=jnp.where(running & (s.steps == 0), kl, s.initial_kl),
-                final_kl=jnp.where(running, kl, s.final_kl),
-                steps=steps,
-                since_improve=since_improve,
-                active=running & (since_improve < cfg.patience) & (steps < cfg.max_steps),
-            )
-
-        def more(carry):
-            i, s = carry
-            return (i < num_steps) & jnp.any(s.active)
-
-        _, state = jax.lax.while_loop(more, step, (jnp.int32(0), state))
-        return state
-
-    def report(self, params, p, best_v) -> dict:
-        logits = jax.vmap(lambda v: self.logits(params, v))(best_v)
-        figures = jax.vmap(lambda p_i, z: distribution_report(p_i, z, self.config.top_k))(p, logits)
+    def report(self, params, target, s: SoftState) -> dict:
+        p, _ = target
+        figures = distribution_report(p, self.logits(params, s.best_v), self.top_k)
         del figures["kl"]  # the tracked best KL is the same value, measured when it was reached
+        out = dict(kl=s.progress.best, initial_kl=s.initial_kl, final_kl=s.final_kl, best_step=s.best_step,
+                   steps=s.progress.steps, diverged=s.diverged, **figures, prompt=s.best_v)
         if not self.intervening:
-            figures["nearest_tokens"] = nearest_tokens(self.lm, params, best_v)
-        return figures
-
-    def auto_chunk_size(self, params, mesh, n_targets: int) -> int:
-        def lower(size: int):
-            p = jax.ShapeDtypeStruct((size, self.lm.vocab_size), jnp.float32, sharding=parallel.target_sharding(mesh))
-            log_p = p
-            state = jax.eval_shape(lambda: self.init_state(params, jax.random.key(0), 0, size))
-            state = jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.target_sharding(mesh)), state
-            )
-            return jax.jit(self.run_segment, static_argnames="num_steps").lower(params, p, log_p, state, num_steps=1)
-
-        # What one device holds of the parameters (all of them, unless they are sharded).
-        fixed = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(params))
-        return parallel.auto_chunk_size(lower, n_targets=n_targets, n_devices=mesh.size, fixed_bytes=fixed)
+            out["nearest_tokens"] = nearest_tokens(self.lm, params, s.best_v)
+        return out
 
 
-def _select(mask, new, old):
-    return jnp.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
+def _embedding_std(lm) -> float:
+    return float(jnp.std(lm.embedding_matrix(lm.params)))
 
 
 def nearest_tokens(lm, params, vectors):
@@ -302,60 +249,36 @@ def nearest_tokens(lm, params, vectors):
     return jnp.argmin(distances, axis=-1).astype(jnp.int32).reshape(vectors.shape[:-1])
 
 
-@dataclasses.dataclass
-class SoftChunkRun(ChunkRun):
-    """Where one chunk's optimization stands (see ChunkRun): the current restart's state, and the best
-    over the restarts before it."""
-
-    ARRAY_FIELDS = ("state", "best")
-
-    restart: int = 0
-    best: _State | None = None
+ARRAY_RESULTS = ("prompt", "nearest_tokens")
 
 
-class SoftEngine(ChunkEngine):
-    """A configured soft-prompt optimization, advanced chunk by chunk and segment by segment.
+class SoftMethod:
+    """Soft prompts as a method (engine.Method): what `soft_prompt` and the sweep run."""
 
-    `soft_prompt` drives it from start to finish; a sweep can checkpoint a `SoftChunkRun` between `advance`
-    calls and resume it later with the same result.
-    """
+    name = "soft"
+    slot_defaults = DEFAULT_SLOTS
 
-    method = "soft"
-    problem_class = _Problem
+    def __init__(self, lm, config: SoftPromptConfig):
+        config.validate(lm)
+        self.lm, self.config = lm, config
+        self._problem = SoftProblem.build(lm, config)
 
-    def _init_state(self, first_index: int, restart: int) -> _State:
-        # Restart r always starts from the same key, whatever the number of restarts; a target's init
-        # depends on its index in the set, not on how the set was chunked.
-        key = jax.random.fold_in(jax.random.key(self.config.seed), restart)
-        return self._sharded(self.problem.init_state(self.params, key, first_index, self.chunk_size))
+    def problem(self) -> SoftProblem:
+        return self._problem
 
-    def start(self, probs: np.ndarray, first_index: int) -> SoftChunkRun:
-        """Begin a chunk of targets; `first_index` is the first one's index in the whole target set."""
-        self._set_targets(probs, first_index)
-        return SoftChunkRun(first_index, len(probs), self._init_state(first_index, 0))
+    def options(self, slots: int) -> DriverOptions:
+        c = self.config
+        return DriverOptions(slots=slots, segment_steps=c.segment_steps, attempts=c.restarts, seed=c.seed,
+                             desc="soft prompts")
 
-    def advance(self, run: SoftChunkRun) -> SoftChunkRun:
-        """One compiled segment of steps; moves on to the next restart when every target has finished."""
-        state = self._segment(run)
-        if bool(jnp.any(state.active)):
-            return dataclasses.replace(run, state=state)
-        best = state if run.best is None else _keep_better(run.best, state)
-        if run.restart + 1 == self.config.restarts:
-            return dataclasses.replace(run, state=state, best=best, finished=True)
-        restart = run.restart + 1
-        return dataclasses.replace(run, state=self._init_state(run.first_index, restart), restart=restart, best=best)
+    def inputs(self, probs: np.ndarray) -> dict[str, np.ndarray]:
+        return {"p": np.asarray(probs, np.float32)}
 
-    def _chunk_results(self, run: SoftChunkRun, p) -> tuple[dict, dict]:
-        best = run.best
-        figures = self._report(self.params, p, best.best_v)
-        nearest = figures.pop("nearest_tokens", None)
-        columns = dict(
-            kl=best.best_kl, initial_kl=best.initial_kl, final_kl=best.final_kl, best_step=best.best_step,
-            steps=best.steps, **figures,
-        )
-        return columns, {"prompt": best.best_v} | ({} if nearest is None else {"nearest_tokens": nearest})
-
-    def _text_columns(self, tokenizer, arrays: dict) -> dict:
-        if "nearest_tokens" not in arrays:
-            return {}
-        return {"nearest_text": np.array([tokenizer.decode(row.tolist()) for row in arrays["nearest_tokens"]])}
+    def columns(self, reports: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        # kl first: the figure every table is read for.
+        columns = {"kl": reports["kl"]} | {k: v for k, v in reports.items() if k not in ARRAY_RESULTS}
+        arrays = {k: v for k, v in reports.items() if k in ARRAY_RESULTS}
+        columns["prompt_len"] = np.full(len(columns["kl"]), 0 if self._problem.intervening else self.config.prompt_len)
+        if "nearest_tokens" in arrays and self.lm.tokenizer is not None:
+            columns["nearest_text"] = np.array(self.lm.tokenizer.batch_decode(arrays["nearest_tokens"].tolist()))
+        return columns, arrays

@@ -1,0 +1,352 @@
+"""The one driver that runs many independent per-target problems at once.
+
+The pool: `slots` per-target states advance together in one compiled segment (a `while_loop` of up to
+`segment_steps` steps; finished slots are frozen). Between segments the host takes the results of slots
+that finished, and refills those slots with waiting work, so a run never computes a finished target while
+others still run. A unit of work is a job (target, attempt): restarts are more jobs of the same target,
+and the best attempt (lowest `Progress.best`) is kept.
+
+What is decided here, once, for every method: slot count, refilling, the slot axis sharded over this
+process's devices (`NamedSharding`), the compile cache, progress, and checkpoint/restore of the whole
+pool. Determinism: the job order and the slot count are fixed by the inputs and options, so the same run
+on the same hardware and device count gives bitwise the same results, resumed or not. Across slot counts
+or device counts a target's float32 trajectory can differ (batched matmuls round differently per shape).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from distprompt_jax import parallel
+from distprompt_jax.solve.checkpoint import PoolCheckpoint
+from distprompt_jax.solve.problem import Problem, select
+
+# Compiled functions of the most recent problems. A problem is a frozen dataclass of exactly what enters
+# tracing, so equal problems share their compiled programs across calls (compiling a segment is most of a
+# small run's time).
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_COMPILED_KEEP = 16
+_OBJECTIVE = "__objective__"
+
+
+@dataclasses.dataclass(frozen=True)
+class DriverOptions:
+    """How a pool runs. None of these enters tracing: they are data or host-side choices."""
+
+    slots: int = 32  # per-target states computed together (a multiple of the device count is used)
+    segment_steps: int = 10  # steps per compiled call: refill granularity
+    attempts: int = 1  # independent attempts (restarts) per target; the best is kept
+    seed: int = 0
+    checkpoint_every: int = 4  # segments between checkpoints (when a checkpoint directory is given)
+    desc: str = "targets"
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("slots", "segment_steps", "attempts", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"DriverOptions: {name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentInfo:
+    """What a caller sees after each segment (for logs, progress and metrics)."""
+
+    segment: int
+    steps: int  # steps this segment ran
+    active: int  # slots still running after it
+    finished: int  # targets with every attempt done
+    n_targets: int
+    mean_best: float  # over the running slots (nan when none)
+    median_best: float
+    target_steps: int  # useful steps so far: steps of running targets, summed
+    slot_steps: int  # steps times slots so far: what was computed
+    seconds: float  # wall time of the segments so far
+
+
+@dataclasses.dataclass
+class RunStats:
+    segments: int = 0
+    target_steps: int = 0
+    slot_steps: int = 0
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    prepare: Callable
+    start: Callable
+    refill: Callable
+    segment: Callable
+    report: Callable
+
+
+def compiled(problem: Problem) -> Compiled:
+    """The jitted functions of `problem`, cached by the problem's value."""
+    if problem in _COMPILED:
+        _COMPILED.move_to_end(problem)
+        return _COMPILED[problem]
+
+    def fresh(params, inputs, seed, index, attempt):
+        targets = jax.vmap(problem.prepare)(inputs)
+        base = jax.random.key(seed)
+        keys = jax.vmap(lambda a, i: jax.random.fold_in(jax.random.fold_in(base, a), i))(attempt, index)
+        states = jax.vmap(problem.init, in_axes=(None, 0, 0, 0))(params, targets, index, keys)
+        return targets, states
+
+    def start(params, inputs, seed, index, attempt, occupied):
+        targets, states = fresh(params, inputs, seed, index, attempt)
+        return targets, _with_active(states, states.progress.active & occupied)
+
+    def refill(params, targets, states, inputs, seed, index, attempt, take, occupied):
+        new_targets, new_states = fresh(params, inputs, seed, index, attempt)
+        targets, states = select(take, new_targets, targets), select(take, new_states, states)
+        return targets, _with_active(states, states.progress.active & occupied)
+
+    def segment(params, targets, states, num_steps):
+        step = jax.vmap(problem.step, in_axes=(None, 0, 0))
+
+        def body(carry):
+            i, s = carry
+            return i + 1, select(s.progress.active, step(params, targets, s), s)
+
+        def more(carry):
+            i, s = carry
+            return (i < num_steps) & jnp.any(s.progress.active)
+
+        ran, states = jax.lax.while_loop(more, body, (jnp.int32(0), states))
+        return states, ran
+
+    def report(params, targets, states, rows):
+        pick = lambda tree: jax.tree.map(lambda a: a[rows], tree)
+        out = jax.vmap(problem.report, in_axes=(None, 0, 0))(params, pick(targets), pick(states))
+        return dict(out) | {_OBJECTIVE: states.progress.best[rows]}
+
+    entry = Compiled(
+        prepare=jax.jit(jax.vmap(problem.prepare)), start=jax.jit(start), refill=jax.jit(refill),
+        segment=jax.jit(segment, static_argnames="num_steps", donate_argnums=2), report=jax.jit(report),
+    )
+    _COMPILED[problem] = entry
+    if len(_COMPILED) > _COMPILED_KEEP:
+        _COMPILED.popitem(last=False)
+    return entry
+
+
+def _with_active(states, active):
+    return states._replace(progress=states.progress._replace(active=active))
+
+
+class Driver:
+    """Runs one problem over many targets: `Driver(problem, params, options, mesh).run(inputs)`."""
+
+    def __init__(self, problem: Problem, params, options: DriverOptions, mesh):
+        options.validate()
+        self.problem, self.params, self.options, self.mesh = problem, params, options, mesh
+        self.slots = parallel.round_up(options.slots, mesh.size)
+        self.sharding = parallel.target_sharding(mesh)
+        self.functions = compiled(problem)
+        self.stats = RunStats()
+
+    def run(
+        self, inputs: dict[str, np.ndarray], *, first_index: int = 0, checkpoint: PoolCheckpoint | None = None,
+        on_segment: Callable[[SegmentInfo], None] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The report of each target's best attempt: {name: array [N, ...]} in input order.
+
+        `inputs` hold one row per target (numpy, first axis N); `first_index` is the first row's index in
+        the whole target set (keys and inits depend on it, so a process's share gives the rows it would in
+        a one-process run). With `checkpoint`, the pool is saved every `checkpoint_every` segments and a
+        run finds and continues the latest save.
+        """
+        n = len(next(iter(inputs.values())))
+        pool = _Pool(self, inputs, n, first_index)
+        if n == 0:
+            return pool.results_for_no_targets()
+        if checkpoint is not None and checkpoint.latest() is not None:
+            pool.restore(checkpoint)
+        else:
+            pool.begin()
+        bar = tqdm(total=n, initial=pool.targets_done(), desc=self.options.desc, unit="target",
+                   disable=not self.options.progress)
+        while pool.has_work():
+            started = time.perf_counter()
+            ran = pool.advance()
+            done_before = pool.targets_done()
+            pool.collect()
+            pool.refill()
+            self.stats.seconds += time.perf_counter() - started
+            self.stats.segments += 1
+            info = pool.info(ran)
+            bar.update(pool.targets_done() - done_before)
+            bar.set_postfix(active=info.active, mean_best=f"{info.mean_best:.4g}")
+            if on_segment is not None:
+                on_segment(info)
+            if checkpoint is not None and self.stats.segments % self.options.checkpoint_every == 0 and pool.has_work():
+                pool.save(checkpoint)
+        bar.close()
+        return pool.results
+
+
+class _Pool:
+    """The host's view of a run: which job each slot holds, the queue, and the results so far."""
+
+    def __init__(self, driver: Driver, inputs: dict[str, np.ndarray], n: int, first_index: int):
+        self.driver, self.inputs, self.n, self.first_index = driver, inputs, n, first_index
+        options = driver.options
+        # Jobs in order: every target's first attempt, then the second attempts, ... so a pool of any size
+        # keeps the same order, and restarts do not hold back first results.
+        self.queue = collections.deque((t, a) for a in range(options.attempts) for t in range(n))
+        self.slot_target = np.full(driver.slots, -1, np.int64)
+        self.slot_attempt = np.zeros(driver.slots, np.int64)
+        self.attempts_done = np.zeros(n, np.int64)
+        self.best = np.full(n, np.inf, np.float64)
+        self.results = self._empty_results()
+        self.targets = self.states = None
+
+    # Shapes of what a target's report holds, without running anything.
+    def _empty_results(self) -> dict[str, np.ndarray]:
+        f = self.driver.functions
+        rows = 1
+        slot_inputs = self._slot_inputs(np.zeros(self.driver.slots, np.int64))
+        abstract = jax.eval_shape(
+            lambda: f.report(self.driver.params, *f.start(
+                self.driver.params, slot_inputs, 0, *(np.zeros(self.driver.slots, np.int32),) * 2,
+                np.ones(self.driver.slots, bool),
+            ), np.zeros(rows, np.int32)))
+        return {name: np.zeros((self.n,) + a.shape[1:], a.dtype) for name, a in abstract.items() if name != _OBJECTIVE}
+
+    def results_for_no_targets(self) -> dict[str, np.ndarray]:
+        return self.results
+
+    def _slot_inputs(self, rows: np.ndarray) -> dict:
+        return {name: jax.device_put(np.asarray(values[rows]), self.driver.sharding) for name, values in self.inputs.items()}
+
+    def _slot_data(self, take: np.ndarray):
+        occupied = self.slot_target >= 0
+        rows = np.where(occupied, self.slot_target, 0)
+        put = lambda x, dtype: jax.device_put(np.asarray(x, dtype), self.driver.sharding)
+        return (self._slot_inputs(rows), np.uint32(self.driver.options.seed),
+                put(self.first_index + rows, np.int32), put(self.slot_attempt, np.int32), put(take, bool),
+                put(occupied, bool))
+
+    def _assign(self, free: np.ndarray) -> np.ndarray:
+        """Give waiting jobs to free slots, in order; returns the mask of slots that took one."""
+        take = np.zeros(self.driver.slots, bool)
+        for slot in free:
+            if not self.queue:
+                break
+            target, attempt = self.queue.popleft()
+            self.slot_target[slot], self.slot_attempt[slot] = target, attempt
+            take[slot] = True
+        return take
+
+    def begin(self):
+        self._assign(np.arange(self.driver.slots))
+        inputs, seed, index, attempt, _, occupied = self._slot_data(np.ones(self.driver.slots, bool))
+        self.targets, self.states = self.driver.functions.start(self.driver.params, inputs, seed, index, attempt, occupied)
+
+    def has_work(self) -> bool:
+        return bool((self.slot_target >= 0).any() or self.queue)
+
+    def targets_done(self) -> int:
+        return int(np.sum(self.attempts_done >= self.driver.options.attempts))
+
+    def advance(self) -> int:
+        d = self.driver
+        before = np.asarray(self.states.progress.steps)  # the states are donated to the segment
+        self.states, ran = d.functions.segment(d.params, self.targets, self.states,
+                                              num_steps=d.options.segment_steps)
+        ran = int(ran)
+        d.stats.slot_steps += ran * d.slots
+        d.stats.target_steps += int(np.sum(np.asarray(self.states.progress.steps) - before))
+        return ran
+
+    def collect(self):
+        """Record the reports of slots whose attempt finished, and free those slots."""
+        active = np.asarray(self.states.progress.active)
+        finished = np.flatnonzero((self.slot_target >= 0) & ~active)
+        if not len(finished):
+            return
+        # Reports are computed for the finished rows only, in power-of-two buckets (few compiled shapes).
+        bucket = 1 << int(len(finished) - 1).bit_length()
+        rows = np.concatenate([finished, np.repeat(finished[:1], bucket - len(finished))]).astype(np.int32)
+        out = jax.device_get(self.driver.functions.report(self.driver.params, self.targets, self.states, rows))
+        for i, slot in enumerate(finished):
+            target = self.slot_target[slot]
+            objective = float(out[_OBJECTIVE][i])
+            if self.attempts_done[target] == 0 or objective < self.best[target]:
+                self.best[target] = objective
+                for name, values in self.results.items():
+                    values[target] = out[name][i]
+            self.attempts_done[target] += 1
+        self.slot_target[finished] = -1
+
+    def refill(self):
+        free = np.flatnonzero(self.slot_target < 0)
+        if not len(free) or not self.queue:  # slots left without work stay frozen
+            return
+        take = self._assign(free)
+        inputs, seed, index, attempt, take, occupied = self._slot_data(take)
+        self.targets, self.states = self.driver.functions.refill(
+            self.driver.params, self.targets, self.states, inputs, seed, index, attempt, take, occupied)
+
+    def info(self, ran: int) -> SegmentInfo:
+        d = self.driver
+        running = np.asarray(self.states.progress.active) & (self.slot_target >= 0)
+        best = np.asarray(self.states.progress.best)[running]
+        best = best[np.isfinite(best)]
+        return SegmentInfo(
+            segment=d.stats.segments, steps=ran, active=int(running.sum()), finished=self.targets_done(),
+            n_targets=self.n, mean_best=float(best.mean()) if len(best) else float("nan"),
+            median_best=float(np.median(best)) if len(best) else float("nan"),
+            target_steps=d.stats.target_steps, slot_steps=d.stats.slot_steps, seconds=d.stats.seconds,
+        )
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def save(self, checkpoint: PoolCheckpoint):
+        d = self.driver
+        arrays = {"states": self.states, "results": self.results, "best": self.best,
+                  "attempts_done": self.attempts_done}
+        meta = {
+            "slots": d.slots, "n": self.n, "first_index": self.first_index, "attempts": d.options.attempts,
+            "slot_target": self.slot_target.tolist(), "slot_attempt": self.slot_attempt.tolist(),
+            "queue": [list(job) for job in self.queue],
+            "stats": dataclasses.asdict(d.stats),
+        }
+        checkpoint.save(d.stats.segments, arrays, meta)
+
+    def restore(self, checkpoint: PoolCheckpoint):
+        d = self.driver
+        self._assign(np.arange(d.slots))  # a fresh pool's layout, only to get the states' structure
+        inputs, seed, index, attempt, _, occupied = self._slot_data(np.ones(d.slots, bool))
+        _, abstract = jax.eval_shape(d.functions.start, d.params, inputs, seed, index, attempt, occupied)
+        template = {
+            "states": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=d.sharding), abstract),
+            "results": self.results, "best": self.best, "attempts_done": self.attempts_done,
+        }
+        arrays, meta = checkpoint.restore(template)
+        expected = {"slots": d.slots, "n": self.n, "first_index": self.first_index, "attempts": d.options.attempts}
+        held = {k: meta[k] for k in expected}
+        if held != expected:
+            raise ValueError(f"{checkpoint.directory} holds a pool of {held}, not of {expected}: it belongs to "
+                             "another run (or another slot count); use that run's settings or a new directory")
+        self.slot_target = np.asarray(meta["slot_target"], np.int64)
+        self.slot_attempt = np.asarray(meta["slot_attempt"], np.int64)
+        self.queue = collections.deque(tuple(job) for job in meta["queue"])
+        self.results = {k: np.asarray(v) for k, v in arrays["results"].items()}
+        self.best = np.asarray(arrays["best"])
+        self.attempts_done = np.asarray(arrays["attempts_done"])
+        d.stats = RunStats(**meta["stats"])
+        occupied = self.slot_target >= 0
+        rows = np.where(occupied, self.slot_target, 0)
+        self.targets = d.functions.prepare(self._slot_inputs(rows))
+        self.states = arrays["states"]
