@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import psutil
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 TARGET_AXIS = "targets"
@@ -63,10 +64,7 @@ def available_bytes(device) -> int:
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":", 1) for line in f)
-    host = int(info["MemAvailable"].split()[0]) * 1024
-    return host // len(jax.local_devices(backend=device.platform))
+    return psutil.virtual_memory().available // len(jax.local_devices(backend=device.platform))
 
 
 def auto_chunk_size(
