@@ -1,24 +1,19 @@
 """HF model directories: `config.json` + `model.safetensors` or a sharded `model.safetensors.index.json`.
 
-safetensors' numpy API cannot return bfloat16, the dtype most HF checkpoints ship in, so tensors are read
-straight from the format (an 8-byte header length, a JSON header, raw little-endian buffers) through a
-read-only memmap, with ml_dtypes supplying bfloat16.
+Tensors are read with `safetensors.safe_open(framework="np")`, which memory-maps the file and returns
+bfloat16 tensors as `ml_dtypes.bfloat16` arrays once ml_dtypes is imported (checked with safetensors
+0.4.3 through 0.8.0; 0.4.0 fails).
 """
 
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import ml_dtypes
+import ml_dtypes  # noqa: F401 -- registers bfloat16 with numpy, which safe_open's numpy path needs
 import numpy as np
-
-_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
+from safetensors import SafetensorError, safe_open
 
 
 class CheckpointError(ValueError):
@@ -36,38 +31,37 @@ def read_config(model_dir: Path) -> dict:
 
 
 class SafetensorsFile(Mapping):
-    """Lazy name -> numpy array view of one .safetensors file."""
+    """Lazy name -> numpy array of one .safetensors file."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path} is missing")
         try:
-            with open(self.path, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(header_len))
-        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{self.path} is not a readable safetensors file: {err}") from None
-        header.pop("__metadata__", None)
-        self._entries = header
-        self._data_start = 8 + header_len
-        size = self.path.stat().st_size
-        for name, entry in header.items():
-            if entry["dtype"] not in _DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
-            if self._data_start + entry["data_offsets"][1] > size:
-                raise CheckpointError(f"{self.path} is truncated: tensor {name} runs past the end of the file")
-        self._buffer = np.memmap(self.path, dtype=np.uint8, mode="r") if header else None
+            self._file = safe_open(str(self.path), framework="np")
+        except (OSError, SafetensorError) as err:
+            raise CheckpointError(
+                f"{self.path} ({self.path.stat().st_size} bytes) is not a readable safetensors file: {err}. "
+                "A truncated or partly downloaded file gives this; fetch or convert it again."
+            ) from None
+        self._names = dict.fromkeys(self._file.keys())  # ordered, O(1) membership
+
+    def __contains__(self, name) -> bool:  # Mapping's default would read the tensor
+        return name in self._names
 
     def __getitem__(self, name: str) -> np.ndarray:
-        entry = self._entries[name]
-        begin, end = entry["data_offsets"]
-        raw = self._buffer[self._data_start + begin : self._data_start + end]
-        return raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        if name not in self._names:
+            raise KeyError(name)
+        try:
+            return self._file.get_tensor(name)
+        except (TypeError, SafetensorError) as err:  # a dtype numpy cannot hold, or bad bytes
+            raise CheckpointError(f"{self.path}: cannot read tensor {name}: {err}") from None
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._names)
 
 
 class ShardedTensors(Mapping):
@@ -78,8 +72,15 @@ class ShardedTensors(Mapping):
         index = model_dir / "model.safetensors.index.json"
         single = model_dir / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = {f: SafetensorsFile(model_dir / f) for f in sorted(set(weight_map.values()))}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index} is not a safetensors index (a JSON with weight_map): {err!r}") from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (model_dir / f).is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names shards that are missing: {missing}")
+            shards = {f: SafetensorsFile(model_dir / f) for f in files}
             self._where = {name: shards[f] for name, f in weight_map.items()}
         elif single.is_file():
             shard = SafetensorsFile(single)
