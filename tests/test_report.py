@@ -1,11 +1,18 @@
-"""The report from a small results file: figures, paired tests, prompt-length table."""
+"""The report from a small results file: figures, honest intervals, corrected paired tests, and never over the
+user's own files."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import wilcoxon
+from scipy import stats
+from scipy.stats import false_discovery_control, wilcoxon
 
 from distprompt_jax import report
 
@@ -30,18 +37,29 @@ def test_report_writes_figures_and_statistics(tmp_path):
     results = small_results()
     results.to_parquet(tmp_path / "results.parquet")
     path = report.write_report(tmp_path)
+    assert path == tmp_path / "report.md"
     text = path.read_text()
     for figure in ("kl_vs_entropy", "paired_outlier_vs_vanilla_soft", "kl_vs_prompt_length"):
         assert (tmp_path / "figures" / f"{figure}.png").stat().st_size > 5_000, figure
         assert (tmp_path / "figures" / f"{figure}.svg").is_file()
         assert f"figures/{figure}.png" in text
-    # The paired test in the report is the Wilcoxon test on the paired KLs.
-    soft = results[results.method == "soft"]
-    expected = wilcoxon(soft.kl[soft.recipe == "outlier"].to_numpy(), soft.kl[soft.recipe == "vanilla"].to_numpy())
-    assert f"p = {expected.pvalue:.3g}" in text
+    # The paired tests in the report are Wilcoxon tests on the paired KLs, one per method, and their p values
+    # are adjusted together.
+    raw = []
+    for method in ("soft", "soft-L10", "soft-L2"):
+        rows = results[results.method == method]
+        raw.append(wilcoxon(rows.kl[rows.recipe == "outlier"].to_numpy(),
+                            rows.kl[rows.recipe == "vanilla"].to_numpy()).pvalue)
+        assert f"p = {raw[-1]:.3g}" in text
+    for p_adj in false_discovery_control(raw):
+        assert f"adjusted over the 3 tests of this report: p_adj = {p_adj:.3g}" in text
     found = report.paired_comparison(results, "soft", "vanilla")
     assert found["paired_with"] == "outlier" and found["n"] == 12 and found["wins"] <= 12
     assert "| 2 | 24 |" in text and "| 10 | 24 |" in text
+    # 24 targets per method, two at each entropy (pairs): two entropy bins of 12, t intervals, n shown.
+    assert text.count("| soft | ") == 3  # two bins and the summary row
+    assert "| soft | 0.00–4.55 | 12 |" in text and "| soft | 5.45–10.00 | 12 |" in text and "(t) |" in text
+    assert "Student t where 10 ≤ n < 30" in text and "none where n < 10" in text
 
 
 def test_report_shows_the_bound_band(tmp_path):
@@ -65,15 +83,137 @@ def test_report_compares_soft_and_hard(tmp_path):
     assert "hard is higher on 24 of 24" in text and f"p = {expected.pvalue:.3g}" in text
 
 
-def test_bootstrap_interval_covers_the_mean():
-    values = np.random.default_rng(1).standard_normal(200) + 3
-    low, high = report.bootstrap_ci(values)
-    assert low < values.mean() < high and high - low < 0.6
+def test_intervals_only_where_n_allows_and_by_the_stated_method():
+    rng = np.random.default_rng(1)
+    few = rng.exponential(size=report.MIN_N_INTERVAL - 1)
+    assert report.mean_interval(few).method == "none" and np.isnan(report.mean_interval(few).low)
+    some = rng.exponential(size=20)
+    found = report.mean_interval(some)
+    expected = stats.t.interval(0.95, len(some) - 1, loc=some.mean(), scale=stats.sem(some))
+    assert found.method == "t" and np.allclose((found.low, found.high), expected, rtol=1e-12)
+    many = rng.exponential(size=200)
+    found = report.mean_interval(many, seed=3)
+    expected = stats.bootstrap((many,), np.mean, method="BCa", rng=np.random.default_rng(3)).confidence_interval
+    assert found.method == "BCa" and (found.low, found.high) == (expected.low, expected.high)
+    assert found.low < many.mean() < found.high and found.high - found.low < 0.4
+    flat = report.mean_interval(np.full(40, 2.5))
+    assert (flat.low, flat.high) == (2.5, 2.5)
+    assert report.mean_interval(np.r_[some, np.nan, np.inf]) == report.mean_interval(some)
+
+
+def test_bins_hold_enough_targets_for_an_interval():
+    rng = np.random.default_rng(0)
+    for n in (3, 9, 10, 24, 64, 1000):
+        x = rng.uniform(0, 10, n)
+        bins = report.choose_bins(x)
+        counts = np.bincount(bins)
+        assert counts.sum() == n and len(counts) <= 8
+        assert len(counts) == 1 or counts.min() >= report.MIN_N_INTERVAL, (n, counts)
+        # Bins are consecutive in x.
+        order = np.argsort(x)
+        assert (np.diff(bins[order]) >= 0).all()
+    assert len(np.bincount(report.choose_bins(rng.uniform(size=1000)))) == 8
+    # Equal x values (paired recipes share entropies) are never split.
+    x = np.repeat(np.arange(6.0), 7)
+    bins = report.choose_bins(x)
+    assert all(len(set(bins[x == v])) == 1 for v in np.unique(x))
+    assert list(report.choose_bins([np.nan, 1.0, 2.0])) == [-1, 0, 0]
+
+
+def test_binned_summary_states_n_and_gives_no_interval_below_the_minimum():
+    x = np.linspace(0, 10, 24)
+    y = np.sin(x) + 2
+    y[5] = np.nan  # not finite: left out
+    table = report.binned_summary(x, y)
+    assert table.n.tolist() == [12, 11] and table.n.sum() == 23
+    assert (table.interval == "t").all() and (table.ci_low < table["mean"]).all()
+    first = np.delete(y[:13], 5)
+    assert np.isclose(table["mean"][0], first.mean()) and np.isclose(table["median"][0], np.median(first))
+    assert (table.x_low[0], table.x_high[0]) == (x[0], x[12])
+    small = report.binned_summary(x[:3], y[:3])
+    assert small.n.tolist() == [3] and small.interval.tolist() == ["none"] and small.ci_low.isna().all()
+    assert len(report.binned_summary(x, y, min_per_bin=1)) == 8
+
+
+def test_p_values_are_adjusted_together():
+    p = np.array([0.01, 0.04, 0.03, 0.5])
+    np.testing.assert_allclose(report.adjust_p_values(p), false_discovery_control(p))
+    assert report.adjust_p_values([]).shape == (0,)
 
 
 def test_report_without_results(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the experiment"):
         report.write_report(tmp_path)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"\x00garbage\xff" * 100, "is not a readable parquet results file"),
+    ("missing_column", r"lacks the column\(s\) \['kl'\]"),
+    ("no_rows", "has no rows"),
+])
+def test_bad_results_files_are_named_and_explained(tmp_path, content, message):
+    path = tmp_path / "results.parquet"
+    if content == "missing_column":
+        small_results().drop(columns="kl").to_parquet(path)
+    elif content == "no_rows":
+        small_results().iloc[:0].to_parquet(path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(report.ReportError, match=message) as error:
+        report.write_report(tmp_path)
+    assert str(path) in str(error.value)
+    assert not (tmp_path / "report.md").exists()
+    result = subprocess.run([sys.executable, "-m", "distprompt_jax.report", f"--workdir={tmp_path}"],
+                            capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode != 0 and str(path) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_users_report_and_figures_are_never_overwritten(tmp_path):
+    small_results().to_parquet(tmp_path / "results.parquet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", report.ReportLocationWarning)
+        assert report.write_report(tmp_path) == tmp_path / "report.md"
+        ours = (tmp_path / "report.md").read_text()
+        assert report.write_report(tmp_path) == tmp_path / "report.md"  # its own files: rewritten silently
+    assert (tmp_path / "report.md").read_text() == ours
+
+    (tmp_path / "report.md").write_text(ours + "\nmy notes\n")  # edited by the user: now theirs
+    with pytest.warns(report.ReportLocationWarning, match="distprompt-report.md"):
+        path = report.write_report(tmp_path)
+    assert path == tmp_path / "distprompt-report.md"
+    assert (tmp_path / "report.md").read_text().endswith("my notes\n")
+    assert "distprompt-figures/kl_vs_entropy.png" in path.read_text()
+    assert (tmp_path / "distprompt-figures" / "kl_vs_entropy.png").is_file()
+    with pytest.warns(report.ReportLocationWarning):
+        assert report.write_report(tmp_path) == path  # and again: the second location is its own
+
+    user = tmp_path / "user"
+    user.mkdir()
+    small_results().to_parquet(user / "results.parquet")
+    (user / "figures").mkdir()
+    (user / "figures" / "kl_vs_entropy.png").write_bytes(b"my figure")
+    (user / "distprompt-report.md").write_text("also mine")
+    with pytest.raises(report.ReportError, match="holds files distprompt did not write"):
+        report.write_report(user)
+    assert (user / "figures" / "kl_vs_entropy.png").read_bytes() == b"my figure"
+    assert (user / "distprompt-report.md").read_text() == "also mine" and not (user / "report.md").exists()
+
+
+def test_figures_of_an_earlier_report_that_are_no_longer_drawn_are_removed(tmp_path):
+    results = small_results()
+    soft = results[results.method == "soft"]
+    hard = soft.assign(method="hard", kl=soft.kl + 0.1)
+    pd.concat([soft, hard], ignore_index=True).to_parquet(tmp_path / "results.parquet")
+    report.write_report(tmp_path)
+    assert (tmp_path / "figures" / "soft_vs_hard.png").is_file()
+    (tmp_path / "figures" / "notes.txt").write_text("mine")
+    soft.to_parquet(tmp_path / "results.parquet")
+    with pytest.warns(report.ReportLocationWarning):  # figures/notes.txt is the user's
+        report.write_report(tmp_path)
+    (tmp_path / "figures" / "notes.txt").unlink()
+    report.write_report(tmp_path)
+    assert not (tmp_path / "figures" / "soft_vs_hard.png").exists()
+    assert (tmp_path / "figures" / "kl_vs_entropy.png").is_file()
 
 
 def test_gap_table_and_band_figure(tmp_path):

@@ -1,0 +1,3 @@
+from distprompt_jax.report.page import run
+
+run()

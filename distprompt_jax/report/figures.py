@@ -1,0 +1,147 @@
+"""The report's figures. Each draws every target as a point and the statistics computed in `statistics`
+over them; each writes `<stem>.png` and `<stem>.svg` and returns both paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from distprompt_jax.report.statistics import MIN_N_INTERVAL, binned_summary, kl_gap_table
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, stem) -> list[Path]:
+    """`fig` as `stem`.png and `stem`.svg (a .png/.svg/.pdf suffix on `stem` is replaced); closes it."""
+    plt = _pyplot()
+    base = Path(stem)
+    base = base.with_suffix("") if base.suffix in (".png", ".svg", ".pdf") else base
+    base.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for suffix in (".png", ".svg"):
+        path = base.with_name(base.name + suffix)
+        fig.savefig(path)
+        written.append(path)
+    plt.close(fig)
+    return written
+
+
+def _binned_line(ax, rows: pd.DataFrame, bins: pd.DataFrame, color: str, label: str):
+    ax.scatter(rows.target_entropy, rows.kl, s=8, alpha=0.35, color=color)
+    ax.plot(bins.x_mean, bins["mean"], color=color, marker="o", markersize=3, label=label)
+    # Bins below MIN_N_INTERVAL targets have NaN bounds: no band is drawn there.
+    ax.fill_between(bins.x_mean, bins.ci_low, bins.ci_high, color=color, alpha=0.2, linewidth=0)
+
+
+def plot_kl_vs_entropy(results: pd.DataFrame, bins: dict[str, pd.DataFrame], stem) -> list[Path]:
+    """KL against target entropy per method: the targets, and per method its `binned_summary` (`bins`)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=150)
+    for i, (method, rows) in enumerate(results.groupby("method", sort=True)):
+        _binned_line(ax, rows, bins[method], f"C{i}", f"{method}: bin means, {_interval_label()}")
+    ax.set_xlabel("target entropy (nats)")
+    ax.set_ylabel("KL(p ‖ q) reached (nats)")
+    ax.set_title(f"{results.model.iloc[0]}: how close prompts get, by target entropy")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
+def _interval_label() -> str:
+    return f"95% CI where n ≥ {MIN_N_INTERVAL}"
+
+
+def plot_recipes(results: pd.DataFrame, method: str, recipes: list[str], stem) -> list[Path]:
+    """KL vs entropy for several target recipes under one method (binned means with their intervals)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=150)
+    for i, recipe in enumerate(recipes):
+        rows = results[(results.method == method) & (results.recipe == recipe)]
+        bins = binned_summary(rows.target_entropy, rows.kl)
+        _binned_line(ax, rows, bins, f"C{i}", f"{recipe} targets ({_interval_label()})")
+    ax.set_xlabel("target entropy (nats)")
+    ax.set_ylabel(f"KL(p ‖ q) reached, {method} (nats)")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
+def plot_prompt_length(table: pd.DataFrame, stem) -> list[Path]:
+    """Mean KL against soft-prompt length from `table` (prompt_len, mean, ci_low, ci_high); no error bar
+    where the interval is missing."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=150)
+    below = np.nan_to_num(table["mean"] - table.ci_low)
+    above = np.nan_to_num(table.ci_high - table["mean"])
+    ax.errorbar(table.prompt_len, table["mean"], yerr=[below, above], marker="o", capsize=3)
+    ax.set_xscale("log")
+    ax.set_xticks(table.prompt_len, [str(v) for v in table.prompt_len])
+    ax.set_xlabel("soft prompt length L")
+    ax.set_ylabel("mean KL(p ‖ q) (nats)")
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
+def plot_soft_vs_hard(results: pd.DataFrame, stem) -> list[Path]:
+    """Per target: the hard prompt's KL against the soft prompt's."""
+    plt = _pyplot()
+    pairs = results[results.method.isin(["soft", "hard"])].pivot(index="target_id", columns="method", values="kl")
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=150)
+    ax.scatter(pairs.soft, pairs.hard, s=10, alpha=0.6)
+    top = float(np.nanmax(pairs.to_numpy()))
+    ax.plot([0, top], [0, top], color="black", linewidth=0.8, label="equal KL")
+    ax.set_xlabel("soft prompt KL (nats)")
+    ax.set_ylabel("hard prompt KL (nats)")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
+def plot_bound_band(found_df: pd.DataFrame, bound_df: pd.DataFrame, path, max_bins: int = 8) -> list[Path]:
+    """KL vs target entropy: the certified bound, each found method's KL, and the band between them.
+
+    Writes `path` with suffixes .png and .svg (a .png/.svg/.pdf suffix given is replaced); returns both
+    paths. Every target is a point (the bound a black dash); the band runs between the medians of the bound
+    and of each method's found KL over up to `max_bins` entropy bins (`binned_summary` with one target per bin
+    allowed: medians need no minimum). Below the bound: what the unembedding cannot express; the band: what
+    the search did not find.
+    """
+    plt = _pyplot()
+    table = kl_gap_table(found_df, bound_df)
+    if "target_entropy" not in table.columns:
+        raise ValueError("neither table has a target_entropy column")
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=150)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (method, rows) in enumerate(table.groupby("method", sort=True)):
+        color = colors[index % len(colors)]
+        ax.scatter(rows["target_entropy"], rows["kl_found"], s=12, alpha=0.7, color=color,
+                   label=f"found KL ({method})")
+        both = rows[np.isfinite(rows["kl_bound"]) & np.isfinite(rows["kl_found"])]
+        low = binned_summary(both["target_entropy"], both["kl_bound"], max_bins, min_per_bin=1)
+        high = binned_summary(both["target_entropy"], both["kl_found"], max_bins, min_per_bin=1)
+        ax.fill_between(high.x_mean, low["median"], high["median"], color=color, alpha=0.2, linewidth=0)
+        ax.plot(high.x_mean, high["median"], color=color, linewidth=1)
+    targets = table.drop_duplicates("target_id")
+    if "kl_bound_norm" in table.columns:
+        ax.scatter(targets["target_entropy"], targets["kl_bound_norm"], s=14, marker="x", linewidth=0.8,
+                   color="gray", label="norm-constrained estimate")
+    ax.scatter(targets["target_entropy"], targets["kl_bound"], s=60, marker="_", color="black", zorder=3,
+               label="certified bound (unembedding)")
+    bound_line = binned_summary(targets["target_entropy"], targets["kl_bound"], max_bins, min_per_bin=1)
+    ax.plot(bound_line.x_mean, bound_line["median"], color="black", linewidth=1)
+    ax.set_xlabel("target entropy (nats)")
+    ax.set_ylabel("KL(p ‖ q) (nats)")
+    ax.set_title("Certified lower bound and the KL prompts reached")
+    ax.set_ylim(bottom=min(0.0, float(np.nanmin(targets["kl_bound"])) if targets["kl_bound"].notna().any() else 0.0))
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,324 @@
+"""report.md and its figures for a run's results.parquet, written only over files this package wrote.
+
+What the package wrote is listed, with each file's sha256, in `MANIFEST` in the workdir. A report.md or a
+figures/ file that is not listed there (or was edited since) is the user's: the report then goes to
+distprompt-report.md and distprompt-figures/ instead, with a warning, and if those are taken too nothing is
+written (ReportError names the files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from distprompt_jax.report import figures
+from distprompt_jax.report.statistics import (
+    BOOTSTRAP_RESAMPLES, LEVEL, MAX_BINS, MIN_N_BOOTSTRAP, MIN_N_INTERVAL, adjust_p_values, binned_summary,
+    kl_gap_table, mean_interval, method_comparison, paired_comparison,
+)
+
+RESULTS_FILE = "results.parquet"
+REQUIRED_COLUMNS = ("target_id", "method", "model", "target_entropy", "kl")
+MANIFEST = ".distprompt-report.json"
+# (report file, figures folder), in order of preference.
+LOCATIONS = (("report.md", "figures"), ("distprompt-report.md", "distprompt-figures"))
+
+
+class ReportError(ValueError):
+    """A results file the report cannot read, or no place to write the report without overwriting."""
+
+
+class ReportLocationWarning(UserWarning):
+    """The report went to its second location because the first holds the user's files."""
+
+
+def read_results(path) -> pd.DataFrame:
+    """A results table, or an error that names the file and says what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the experiment (to the end) first")
+    try:
+        results = pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises its own types for garbage, truncation and bad metadata
+        raise ReportError(f"{path} is not a readable parquet results file ({type(err).__name__}: {err}); "
+                          "rerun the experiment in a new workdir, or restore the file") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in results.columns]
+    if missing:
+        raise ReportError(f"{path} lacks the column(s) {missing} a report needs (it has {list(results.columns)})")
+    if results.empty:
+        raise ReportError(f"{path} has no rows: there is nothing to report")
+    return results
+
+
+def write_report(workdir) -> Path:
+    """Figures and report.md for the run in `workdir`; returns the report's path (see the module docstring
+    for where it goes when report.md or figures/ hold files the package did not write)."""
+    workdir = Path(workdir)
+    results = read_results(workdir / RESULTS_FILE)
+    manifest = _read_manifest(workdir)
+    report_name, figures_name = _choose_location(workdir, manifest)
+    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=workdir))
+    try:
+        lines = build_report(results, staging / figures_name, figures_name)
+        (staging / report_name).write_text("\n".join(lines) + "\n")
+        written = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        # Figures of an earlier report in this location that this one did not redraw: removed if still ours.
+        stale = [name for name in manifest if name.startswith(f"{figures_name}/") and name not in written]
+        for name in stale:
+            if _owned(workdir, name, manifest):
+                (workdir / name).unlink()
+            manifest.pop(name)
+        for name in written:
+            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / name, workdir / name)
+            manifest[name] = _sha256(workdir / name)
+        _write_manifest(workdir, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return workdir / report_name
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_manifest(workdir: Path) -> dict[str, str]:
+    try:
+        files = json.loads((workdir / MANIFEST).read_text())["files"]
+        return {str(k): str(v) for k, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # none, or unreadable: then nothing counts as ours, which only ever protects files
+
+
+def _write_manifest(workdir: Path, manifest: dict[str, str]) -> None:
+    temporary = workdir / f"{MANIFEST}.tmp-{os.getpid()}"
+    temporary.write_text(json.dumps({"files": dict(sorted(manifest.items()))}, indent=1))
+    os.replace(temporary, workdir / MANIFEST)
+
+
+def _owned(workdir: Path, name: str, manifest: dict[str, str]) -> bool:
+    """Whether `name` (relative to workdir) is a file this package wrote and nobody changed since."""
+    path = workdir / name
+    return name in manifest and path.is_file() and _sha256(path) == manifest[name]
+
+
+def _foreign_files(workdir: Path, report_name: str, figures_name: str, manifest: dict[str, str]) -> list[Path]:
+    """Files at a report location that the package did not write (or that were changed since)."""
+    foreign = []
+    report = workdir / report_name
+    if report.exists() and not _owned(workdir, report_name, manifest):
+        foreign.append(report)
+    folder = workdir / figures_name
+    if folder.exists() and not folder.is_dir():
+        foreign.append(folder)
+    elif folder.is_dir():
+        for path in sorted(folder.rglob("*")):
+            if not path.is_dir() and not _owned(workdir, path.relative_to(workdir).as_posix(), manifest):
+                foreign.append(path)
+    return foreign
+
+
+def _choose_location(workdir: Path, manifest: dict[str, str]) -> tuple[str, str]:
+    taken = []
+    for report_name, figures_name in LOCATIONS:
+        foreign = _foreign_files(workdir, report_name, figures_name, manifest)
+        if not foreign:
+            if taken:
+                warnings.warn(
+                    f"{', '.join(map(str, taken[0][:5]))} were not written by distprompt (or were edited): left as "
+                    f"they are; the report goes to {workdir / report_name} and {workdir / figures_name}/ instead",
+                    ReportLocationWarning, stacklevel=3,
+                )
+            return report_name, figures_name
+        taken.append(foreign)
+    listed = ", ".join(str(p) for group in taken for p in group[:5])
+    raise ReportError(f"every report location in {workdir} holds files distprompt did not write ({listed}); "
+                      "move them away to write the report")
+
+
+# -- the page ---------------------------------------------------------------------------------------------
+
+
+def _interval_text(row) -> str:
+    if row.interval == "none":
+        return f"— (n < {MIN_N_INTERVAL})"
+    return f"{row.ci_low:.4f}–{row.ci_high:.4f} ({row.interval})"
+
+
+def intervals_explained() -> str:
+    return (
+        f"Intervals are {LEVEL:.0%} confidence intervals of the mean: BCa bootstrap ({BOOTSTRAP_RESAMPLES} "
+        f"resamples) where n ≥ {MIN_N_BOOTSTRAP}, Student t where {MIN_N_INTERVAL} ≤ n < {MIN_N_BOOTSTRAP}, "
+        f"and none where n < {MIN_N_INTERVAL} (too few targets for an interval to mean anything)."
+    )
+
+
+def build_report(results: pd.DataFrame, figures_dir: Path, figures_name: str) -> list[str]:
+    """The report's lines; figures are written to `figures_dir`, which the page links as `figures_name`/."""
+    bins = {method: binned_summary(rows.target_entropy, rows.kl) for method, rows in results.groupby("method")}
+    figures.plot_kl_vs_entropy(results, bins, figures_dir / "kl_vs_entropy")
+    lines = [
+        f"# Report: {results.model.iloc[0]}, {results.target_id.nunique()} targets",
+        "",
+        f"![KL vs target entropy]({figures_name}/kl_vs_entropy.png)",
+        "",
+        "KL(p‖q) reached per target against the target's entropy. Per method the targets are grouped into at "
+        f"most {MAX_BINS} entropy bins of at least {MIN_N_INTERVAL} targets each (consecutive by entropy, so "
+        "small runs get fewer bins; the range column gives each bin's lowest and highest target entropy); "
+        "lines join the bin means. " + intervals_explained(),
+        "",
+        f"| method | entropy range (nats) | n | mean KL | median KL | {LEVEL:.0%} CI of the mean |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for method, table in bins.items():
+        for row in table.itertuples():
+            lines.append(f"| {method} | {row.x_low:.2f}–{row.x_high:.2f} | {row.n} | {row.mean:.4f} | "
+                         f"{row.median:.4f} | {_interval_text(row)} |")
+    lines += ["", "| method | targets | finite KL | mean KL | median KL |", "|---|---:|---:|---:|---:|"]
+    for method, rows in results.groupby("method"):
+        kl = rows.kl.to_numpy(np.float64)
+        finite = kl[np.isfinite(kl)]
+        mean, median = (f"{finite.mean():.4f}", f"{np.median(finite):.4f}") if len(finite) else ("—", "—")
+        lines.append(f"| {method} | {len(rows)} | {len(finite)} | {mean} | {median} |")
+    if not np.isfinite(results.kl.to_numpy(np.float64)).all():
+        lines += ["", "Targets without a finite KL (a run that diverged, or a bound left uncertified) are counted "
+                  "in `targets` but left out of every statistic."]
+    lines += _tests_section(results, figures_dir, figures_name)
+    lines += _bound_section(results, figures_dir, figures_name)
+    if results.method.str.match(r"soft-L\d+$").any():
+        lines += _prompt_length_section(results, figures_dir, figures_name)
+    return lines
+
+
+def _tests_section(results: pd.DataFrame, figures_dir: Path, figures_name: str) -> list[str]:
+    """Paired recipe comparisons and soft vs hard, with p values adjusted over all of them together."""
+    tests = []  # (kind, result)
+    if "pair_target_id" in results.columns and "recipe" in results.columns:
+        for recipe in sorted(results.recipe[results.pair_target_id >= 0].unique()):
+            for method in sorted(results.method.unique()):
+                found = paired_comparison(results, method, recipe)
+                if found is not None:
+                    tests.append(("paired", found))
+    found = method_comparison(results, "soft", "hard")
+    if found is not None:
+        tests.append(("methods", found))
+    if not tests:
+        return []
+    adjusted = adjust_p_values([t["p_value"] for _, t in tests])
+    correction = (f"Benjamini–Hochberg adjusted over the {len(tests)} tests of this report: p_adj = {{:.3g}}"
+                  if len(tests) > 1 else "the only test of this report, so p_adj = p = {:.3g}")
+    lines = []
+    for (kind, test), p_adj in zip(tests, adjusted):
+        excluded = (f" ({test['n_excluded']} left out: a KL not finite)" if test["n_excluded"] else "")
+        if kind == "paired":
+            other, recipe, method = test["paired_with"], test["recipe"], test["method"]
+            stem = f"paired_{other}_vs_{recipe}_{method}"
+            figures.plot_recipes(results, method, [other, recipe], figures_dir / stem)
+            lines += [
+                "", f"## {other} vs {recipe} targets at equal entropy ({method})", "",
+                f"![{stem}]({figures_name}/{stem}.png)", "",
+                f"{test['n']} pairs{excluded}. Median KL: {other} {test['median_kl_paired']:.4f}, "
+                f"{recipe} {test['median_kl']:.4f}; median paired difference ({other} − {recipe}) "
+                f"{test['median_difference']:.4f}; {other} has the higher KL in {test['wins']} of "
+                f"{test['n']} pairs. Wilcoxon signed-rank (two-sided): W = {test['wilcoxon_statistic']:.1f}, "
+                f"p = {test['p_value']:.3g}; " + correction.format(p_adj) + ".",
+            ]
+        else:
+            figures.plot_soft_vs_hard(results, figures_dir / "soft_vs_hard")
+            lines += [
+                "", "## Soft vs hard prompts on the same targets", "",
+                f"![soft vs hard]({figures_name}/soft_vs_hard.png)", "",
+                f"{test['n']} targets{excluded}. Median KL: soft {test['median_first']:.4f}, hard "
+                f"{test['median_second']:.4f}; median difference (hard − soft) {test['median_difference']:.4f}; "
+                f"hard is higher on {test['second_higher']} of {test['n']}. Wilcoxon signed-rank (two-sided): "
+                f"W = {test['wilcoxon_statistic']:.1f}, p = {test['p_value']:.3g}; " + correction.format(p_adj) + ".",
+            ]
+    return lines
+
+
+def _bound_section(results: pd.DataFrame, figures_dir: Path, figures_name: str) -> list[str]:
+    """The band between the certified unembedding bound and the KL each prompt method reached."""
+    if "bound" not in set(results.method):
+        return []
+    bound = results[results.method.isin(["bound", "bound_norm"])]
+    found = results[~results.method.isin(["bound", "bound_norm"])]
+    if found.empty:
+        return []
+    figures.plot_bound_band(found, bound, figures_dir / "bound_band")
+    gaps = kl_gap_table(found, bound)
+    lines = [
+        "", "## Found KL against the certified bound", "", f"![bound band]({figures_name}/bound_band.png)", "",
+        "Below the bound: what the unembedding cannot express at all; between the bound and the found KL: what "
+        "the search did not find. The bound is certified (convex duality, float64 with rigorous error bounds). "
+        "The band joins medians over entropy bins.",
+        "", "| method | targets | certified | median KL found | median bound | median gap to bound |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for method, rows in gaps.groupby("method"):
+        lines.append(
+            f"| {method} | {len(rows)} | {int(rows.certified.sum())} | {rows.kl_found.median():.4f} | "
+            f"{rows.kl_bound.median():.4f} | {rows.gap_to_bound.median():.4f} |"
+        )
+    return lines
+
+
+def prompt_length_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Per soft-prompt length (methods labelled soft-L<length>): n finite KLs, mean and its interval."""
+    rows = []
+    for method, group in results[results.method.str.match(r"soft-L\d+$")].groupby("method"):
+        kl = group.kl.to_numpy(np.float64)
+        kl = kl[np.isfinite(kl)]
+        interval = mean_interval(kl)
+        rows.append({"prompt_len": int(method.removeprefix("soft-L")), "n": len(kl),
+                     "mean": kl.mean() if len(kl) else np.nan, "ci_low": interval.low, "ci_high": interval.high,
+                     "interval": interval.method})
+    return pd.DataFrame(rows).sort_values("prompt_len", ignore_index=True)
+
+
+def _prompt_length_section(results: pd.DataFrame, figures_dir: Path, figures_name: str) -> list[str]:
+    table = prompt_length_table(results)
+    figures.plot_prompt_length(table, figures_dir / "kl_vs_prompt_length")
+    lines = ["", "## KL vs prompt length", "", f"![KL vs prompt length]({figures_name}/kl_vs_prompt_length.png)",
+             "", intervals_explained(), "", f"| L | targets | mean KL | {LEVEL:.0%} CI of the mean |",
+             "|---:|---:|---:|---|"]
+    lines += [f"| {r.prompt_len} | {r.n} | {r.mean:.4f} | {_interval_text(r)} |" for r in table.itertuples()]
+    return lines
+
+
+# -- command line -----------------------------------------------------------------------------------------
+
+
+def main(argv):
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ReportLocationWarning)
+            path = write_report(flags.FLAGS.workdir)
+        for warning in caught:
+            if issubclass(warning.category, ReportLocationWarning):
+                print(f"distprompt-report: {warning.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+        print(path)
+    except (FileNotFoundError, ReportError) as err:
+        raise SystemExit(f"distprompt-report: {err}") from None
+
+
+def run():
+    from absl import app, flags
+
+    # Defined here, not at import: the experiment CLI imports this module and has its own --workdir.
+    flags.DEFINE_string("workdir", None, "Run directory holding results.parquet.", required=True)
+    app.run(main)

@@ -1,0 +1,213 @@
+"""The numbers a report states: binned means with intervals only where n supports one, paired tests with a
+multiple-comparison correction, and each found KL beside the certified bound.
+
+Honesty rules, each a named constant:
+  - bins are chosen so that each holds at least `MIN_N_INTERVAL` targets (quantile bins: at most `MAX_BINS`,
+    fewer for small runs; tied x values stay in one bin), and every table shows n per bin;
+  - a mean gets no interval from fewer than `MIN_N_INTERVAL` values; a Student t interval from up to
+    `MIN_N_BOOTSTRAP` - 1 values; a BCa bootstrap interval (scipy.stats.bootstrap) from `MIN_N_BOOTSTRAP` on.
+    With ~3 values a percentile bootstrap "95% CI" is little more than [min, max].
+  - paired tests are Wilcoxon signed-rank (two-sided), and the p values of all tests in one report are
+    adjusted together (Benjamini-Hochberg, scipy.stats.false_discovery_control) and shown beside the raw p.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+LEVEL = 0.95
+MAX_BINS = 8
+MIN_N_INTERVAL = 10  # fewer values: the mean is shown without an interval
+MIN_N_BOOTSTRAP = 30  # from here on BCa bootstrap; below it (and from MIN_N_INTERVAL) Student t
+BOOTSTRAP_RESAMPLES = 9999
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """A confidence interval of a mean; `method` is "BCa", "t" or "none" (too few values: NaN bounds)."""
+
+    low: float
+    high: float
+    method: str
+
+
+def mean_interval(values, level: float = LEVEL, seed: int = 0) -> Interval:
+    """Interval of the mean of the finite `values`, by the rule in the module docstring."""
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    n = len(values)
+    if n < MIN_N_INTERVAL:
+        return Interval(float("nan"), float("nan"), "none")
+    mean = float(values.mean())
+    if np.ptp(values) == 0:  # no spread: every resample and the t interval collapse onto the mean
+        return Interval(mean, mean, "t")
+    if n >= MIN_N_BOOTSTRAP:
+        found = stats.bootstrap((values,), np.mean, confidence_level=level, method="BCa",
+                                n_resamples=BOOTSTRAP_RESAMPLES, rng=np.random.default_rng(seed))
+        low, high = found.confidence_interval
+        if np.isfinite(low) and np.isfinite(high):
+            return Interval(float(low), float(high), "BCa")
+    low, high = stats.t.interval(level, n - 1, loc=mean, scale=stats.sem(values))
+    return Interval(float(low), float(high), "t")
+
+
+def choose_bins(x, max_bins: int = MAX_BINS, min_per_bin: int = MIN_N_INTERVAL) -> np.ndarray:
+    """Bin index of each value of `x` (-1 where not finite): k = min(max_bins, n // min_per_bin) (at least 1)
+    consecutive ranges of the sorted values with about n / k values each (quantile bins); equal values always
+    share a bin, and a bin that ties left short of `min_per_bin` joins its neighbour."""
+    x = np.asarray(x, np.float64)
+    bins = np.full(len(x), -1)
+    finite = np.flatnonzero(np.isfinite(x))
+    n = len(finite)
+    if n == 0:
+        return bins
+    k = max(1, min(max_bins, n // max(min_per_bin, 1)))
+    values, counts = np.unique(x[finite], return_counts=True)
+    which = (np.cumsum(counts) - counts) * k // n  # by the rank of each distinct value's first occurrence
+    while True:
+        labels, first, sizes = np.unique(which, return_index=True, return_counts=True)
+        sizes = np.add.reduceat(counts, first)
+        short = np.flatnonzero(sizes < min_per_bin)
+        if len(labels) == 1 or len(short) == 0:
+            break
+        i = short[0]
+        which[which == labels[i]] = labels[i - 1] if i > 0 else labels[1]
+    which = np.unique(which, return_inverse=True)[1]
+    bins[finite] = which[np.searchsorted(values, x[finite])]
+    return bins
+
+
+def binned_summary(x, y, max_bins: int = MAX_BINS, min_per_bin: int = MIN_N_INTERVAL,
+                   level: float = LEVEL) -> pd.DataFrame:
+    """y summarized in bins of x (see `choose_bins`) over the pairs where both are finite.
+
+    One row per bin: x_low / x_high (the range of its x values), x_mean (where to draw it), n, mean,
+    median, and the mean's interval ci_low / ci_high / interval (see `mean_interval`).
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    bins = choose_bins(x, max_bins, min_per_bin)
+    rows = []
+    for b in range(bins.max() + 1 if len(bins) else 0):
+        xs, ys = x[bins == b], y[bins == b]
+        interval = mean_interval(ys, level, seed=b)
+        rows.append({"x_low": xs.min(), "x_high": xs.max(), "x_mean": xs.mean(), "n": len(ys), "mean": ys.mean(),
+                     "median": np.median(ys), "ci_low": interval.low, "ci_high": interval.high,
+                     "interval": interval.method})
+    columns = ["x_low", "x_high", "x_mean", "n", "mean", "median", "ci_low", "ci_high", "interval"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def wilcoxon_test(first, second) -> tuple[float, float]:
+    """(W, two-sided p) of the Wilcoxon signed-rank test on second − first; (0, 1) when all differences are 0."""
+    first, second = np.asarray(first, np.float64), np.asarray(second, np.float64)
+    if np.all(second == first):
+        return 0.0, 1.0
+    test = stats.wilcoxon(second, first)
+    return float(test.statistic), float(test.pvalue)
+
+
+def paired_comparison(results: pd.DataFrame, method: str, recipe: str) -> dict | None:
+    """KL of `recipe`'s targets against the targets they were paired with (equal entropy), one method.
+
+    Wilcoxon signed-rank test on the paired differences (two-sided), over the pairs whose KLs are both finite
+    (`n_excluded` counts the others). None with fewer than 2 such pairs.
+    """
+    rows = results[results.method == method]
+    paired = rows[(rows.recipe == recipe) & (rows.pair_target_id >= 0)]
+    if paired.empty:
+        return None
+    partner = rows.set_index("target_id").loc[paired.pair_target_id.to_numpy()]
+    mine, theirs = paired.kl.to_numpy(np.float64), partner.kl.to_numpy(np.float64)
+    finite = np.isfinite(mine) & np.isfinite(theirs)
+    if finite.sum() < 2:
+        return None
+    mine, theirs = mine[finite], theirs[finite]
+    statistic, p_value = wilcoxon_test(mine, theirs)
+    return {
+        "method": method, "recipe": recipe, "paired_with": partner.recipe.iloc[0], "n": int(finite.sum()),
+        "n_excluded": int((~finite).sum()), "median_kl": float(np.median(mine)),
+        "median_kl_paired": float(np.median(theirs)), "median_difference": float(np.median(theirs - mine)),
+        "wins": int(np.sum(theirs > mine)), "wilcoxon_statistic": statistic, "p_value": p_value,
+    }
+
+
+def method_comparison(results: pd.DataFrame, first: str, second: str) -> dict | None:
+    """KL of two methods on the same targets: Wilcoxon signed-rank test on the per-target differences
+    (targets where both KLs are finite; None with fewer than 2)."""
+    a = results[results.method == first].set_index("target_id").kl
+    b = results[results.method == second].set_index("target_id").kl
+    common = a.index.intersection(b.index)
+    a, b = a.loc[common].to_numpy(np.float64), b.loc[common].to_numpy(np.float64)
+    finite = np.isfinite(a) & np.isfinite(b)
+    if finite.sum() < 2:
+        return None
+    a, b = a[finite], b[finite]
+    statistic, p_value = wilcoxon_test(a, b)
+    return {"first": first, "second": second, "n": int(finite.sum()), "n_excluded": int((~finite).sum()),
+            "median_first": float(np.median(a)), "median_second": float(np.median(b)),
+            "median_difference": float(np.median(b - a)), "second_higher": int(np.sum(b > a)),
+            "wilcoxon_statistic": statistic, "p_value": p_value}
+
+
+def adjust_p_values(p_values) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p values (false discovery rate) of tests reported together."""
+    p_values = np.asarray(p_values, np.float64)
+    return stats.false_discovery_control(p_values) if len(p_values) else p_values
+
+
+def kl_gap_table(found: pd.DataFrame, bound: pd.DataFrame) -> pd.DataFrame:
+    """Each found KL beside the bound: one row per (target, found method), joined on `target_id`.
+
+    `found`: `.to_pandas()` of soft/hard results (several methods may be concatenated): target_id,
+    method, kl, and optionally target_entropy / kind. `bound`: `.to_pandas()` of `unembedding_bound`
+    (method "bound"), optionally concatenated with `norm_bound_estimate` rows (method "bound_norm").
+    Columns: target_id, method, kl_found, kl_bound (certified; NaN where uncertified), bound_primal,
+    certified, gap_to_bound = kl_found − kl_bound, and with bound_norm rows kl_bound_norm (estimate),
+    gap_to_norm_bound = kl_found − kl_bound_norm; then target_entropy and kind when known.
+    """
+    for name, table, needed in (("found", found, ("target_id", "method", "kl")),
+                                ("bound", bound, ("target_id", "method", "kl"))):
+        missing = [c for c in needed if c not in table.columns]
+        if missing:
+            raise ValueError(f"{name} table lacks column(s) {missing}")
+    plain = bound[bound["method"] == "bound"]
+    if plain.empty:
+        raise ValueError("bound table has no rows with method 'bound' (run unembedding_bound)")
+    for column in ("primal", "certified"):
+        if column not in plain.columns:
+            raise ValueError(f"bound table lacks column {column!r} (is it unembedding_bound's table?)")
+    if plain["target_id"].duplicated().any():
+        raise ValueError("bound table has several 'bound' rows for one target_id")
+    found_methods = set(found["method"]) & {"bound", "bound_norm"}
+    if found_methods:
+        raise ValueError(f"found table contains bound rows ({sorted(found_methods)}); pass soft/hard results")
+    table = found[["target_id", "method", "kl"]].rename(columns={"kl": "kl_found"})
+    side = plain[["target_id", "kl", "primal", "certified"]].rename(
+        columns={"kl": "kl_bound", "primal": "bound_primal"}
+    )
+    table = table.merge(side, on="target_id", how="left", validate="many_to_one")
+    unmatched = table["kl_bound"].isna() & table["bound_primal"].isna()
+    if unmatched.any():
+        ids = table.loc[unmatched, "target_id"].unique()[:10].tolist()
+        raise ValueError(f"no bound for target_id(s) {ids}")
+    table["gap_to_bound"] = table["kl_found"] - table["kl_bound"]
+    norm = bound[bound["method"] == "bound_norm"]
+    if not norm.empty:
+        if norm["target_id"].duplicated().any():
+            raise ValueError("bound table has several 'bound_norm' rows for one target_id")
+        table = table.merge(
+            norm[["target_id", "kl"]].rename(columns={"kl": "kl_bound_norm"}), on="target_id", how="left"
+        )
+        table["gap_to_norm_bound"] = table["kl_found"] - table["kl_bound_norm"]
+    for column in ("target_entropy", "kind"):
+        source = found if column in found.columns else plain if column in plain.columns else None
+        if source is not None:
+            values = source.drop_duplicates("target_id").set_index("target_id")[column]
+            table[column] = table["target_id"].map(values).to_numpy()
+    return table.reset_index(drop=True)
