@@ -1,0 +1,83 @@
+"""Scalars a researcher can watch while a sweep runs, as TensorBoard event files (optional).
+
+    metrics = SegmentMetrics(workdir / "tensorboard" / "soft")     # one folder per method: one TensorBoard run
+    metrics.write(step, segment_scalars(kl, active, steps=25, seconds=3.2))
+    metrics.close()
+    # then: tensorboard --logdir <workdir>/tensorboard
+
+Written with tensorboardX (numpy and protobuf only; no TensorFlow): `pip install distprompt_jax[tensorboard]`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+
+class SegmentMetrics:
+    """A TensorBoard event-file writer for per-segment scalars in `logdir` (created if needed).
+
+    Writing to a folder that already holds event files adds a new file beside them (a resumed run); give
+    steps that continue the earlier ones. Usable as a context manager.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, flush_secs: int = 30):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError as err:
+            raise ImportError(
+                "TensorBoard metrics need tensorboardX: pip install 'distprompt_jax[tensorboard]'"
+            ) from err
+        self.logdir = os.fspath(logdir)
+        # tensorboardX names files by the second and host alone: a writer opened in the same second (a quick
+        # resume) would replace the earlier file. Nanoseconds keep them apart and in the order written.
+        self._writer = SummaryWriter(logdir=self.logdir, flush_secs=flush_secs,
+                                     filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Record each `name: value` of `scalars` at `step` (an int ≥ 0; names may group with '/')."""
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        for name, value in scalars.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"scalar names must be non-empty strings, got {name!r}")
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"scalar {name!r} must be a number, got {value!r}") from None
+            self._writer.add_scalar(name, value, global_step=int(step))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self) -> SegmentMetrics:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def segment_scalars(kl, active, steps: int, seconds: float) -> dict[str, float]:
+    """The scalars of one segment of a chunk: KL so far over its targets, how many still run, and speed.
+
+    `kl`: each target's best KL so far; `active`: whether each target still runs; `steps`: optimizer steps
+    the segment ran; `seconds`: its wall time. Non-finite KLs (a diverged target) are counted apart, not
+    averaged.
+    """
+    kl = np.asarray(kl, np.float64)
+    finite = kl[np.isfinite(kl)]
+    return {
+        "kl/mean": float(finite.mean()) if len(finite) else math.nan,
+        "kl/median": float(np.median(finite)) if len(finite) else math.nan,
+        "kl/not_finite": float(len(kl) - len(finite)),
+        "targets/active": float(np.count_nonzero(active)),
+        "targets/total": float(len(kl)),
+        "speed/steps_per_second": steps / seconds if seconds > 0 else math.nan,
+    }

@@ -1,0 +1,54 @@
+"""TensorBoard metrics: real event files, read back with TensorBoard's own reader."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from distprompt_jax.metrics import SegmentMetrics, segment_scalars
+
+
+def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_scalars_are_written_as_tensorboard_events(tmp_path):
+    with SegmentMetrics(tmp_path / "soft") as metrics:
+        for step in range(3):
+            metrics.write(step, {"kl/mean": 1.0 / (step + 1), "targets/active": np.int64(8 - step)})
+    assert list((tmp_path / "soft").glob("events.out.tfevents.*"))
+    found = read_scalars(tmp_path / "soft")
+    assert found["targets/active"] == [(0, 8.0), (1, 7.0), (2, 6.0)]
+    assert [step for step, _ in found["kl/mean"]] == [0, 1, 2]
+    np.testing.assert_allclose([v for _, v in found["kl/mean"]], [1.0, 0.5, 1 / 3], rtol=1e-7)  # float32 events
+
+
+def test_a_resumed_run_adds_to_the_same_folder(tmp_path):
+    with SegmentMetrics(tmp_path) as metrics:
+        metrics.write(0, {"kl/mean": 2.0})
+    with SegmentMetrics(tmp_path) as metrics:
+        metrics.write(1, {"kl/mean": 1.0})
+    assert read_scalars(tmp_path)["kl/mean"] == [(0, 2.0), (1, 1.0)]
+
+
+def test_bad_steps_and_values_are_refused_by_name(tmp_path):
+    with SegmentMetrics(tmp_path) as metrics:
+        for step in (-1, 1.5, True):
+            with pytest.raises(ValueError, match="step must be a non-negative integer"):
+                metrics.write(step, {"kl/mean": 1.0})
+        with pytest.raises(ValueError, match="scalar 'kl/mean' must be a number"):
+            metrics.write(0, {"kl/mean": "low"})
+
+
+def test_segment_scalars():
+    scalars = segment_scalars(np.array([1.0, 3.0, np.nan, 2.0]), np.array([True, False, True, False]),
+                              steps=25, seconds=5.0)
+    assert scalars == {"kl/mean": 2.0, "kl/median": 2.0, "kl/not_finite": 1.0, "targets/active": 2.0,
+                       "targets/total": 4.0, "speed/steps_per_second": 5.0}
+    empty = segment_scalars(np.array([np.inf]), np.array([False]), steps=0, seconds=0.0)
+    assert math.isnan(empty["kl/mean"]) and math.isnan(empty["speed/steps_per_second"])
