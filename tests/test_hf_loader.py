@@ -71,3 +71,42 @@ def test_a_file_that_is_not_gguf(tmp_path):
     path.write_bytes(b"\0" * 16)
     with pytest.raises(CheckpointError, match="not a .gguf"):
         load_model(path)
+
+
+def test_index_naming_a_missing_shard(tmp_path):
+    build_tiny_hf_model("qwen3").save_pretrained(tmp_path, max_shard_size="40KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"names shards that are missing: \\['{shard.name}'\\]"):
+        load_model(tmp_path)
+
+
+def test_tokenizer_asking_for_custom_code_never_runs_it(tiny_hf_dir, tmp_path, monkeypatch):
+    # transformers, left to decide, asks on the terminal whether to run a directory's tokenizer code;
+    # answer "y" to any question, and check that none is asked and the code never runs.
+    from transformers import PreTrainedTokenizerFast
+
+    from gguf_writer import tiny_byte_level_bpe
+
+    model_dir, evil = tmp_path / "model", tmp_path / "tokenizer"
+    model_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_hf_dir("gpt2")[1] / name, model_dir)
+    PreTrainedTokenizerFast(tokenizer_object=tiny_byte_level_bpe()).save_pretrained(evil)
+    config = json.loads((evil / "tokenizer_config.json").read_text())
+    config |= {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}}
+    (evil / "tokenizer_config.json").write_text(json.dumps(config))
+    ran = tmp_path / "custom code ran"
+    (evil / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(ran)!r}).touch()\n"
+        "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
+    )
+    questions = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": questions.append(prompt) or "y")
+    with pytest.raises(CheckpointError, match="asks for custom tokenizer code .* never runs code"):
+        load_model(model_dir, tokenizer=evil)
+    # Beside a config.json transformers knows the standard class and loads it, still running nothing.
+    for path in evil.iterdir():
+        shutil.copy(path, model_dir)
+    assert load_model(model_dir).tokenizer is not None
+    assert not questions and not ran.exists()

