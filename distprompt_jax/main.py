@@ -81,10 +81,12 @@ def main(argv):
 def run_experiment(config, workdir: str | None):
     if not workdir:
         raise app.UsageError("--workdir is required with --config")
-    from distprompt_jax import experiment, report, sweep
+    from distprompt_jax import experiment
 
     # Everything checkable without the model, before the workdir is claimed or the model loads.
     experiment.validate(config)
+    from distprompt_jax import report, sweep
+
     sweep.run(config, workdir)
     if jax.process_index() == 0:
         print(f"report: {report.write_report(workdir)}")

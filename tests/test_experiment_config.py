@@ -131,10 +131,10 @@ def test_union_fields_take_each_of_their_types(monkeypatch):
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
 def test_every_shipped_config_converts_and_validates(monkeypatch, path):
     assert path.stem in EXPECTED_SECTIONS, f"add {path.name} to EXPECTED_SECTIONS"
-    config = load_config_file(monkeypatch, path, "--config.soft.chunk_size=8", "--config.bound.host_threads=2")
+    config = load_config_file(monkeypatch, path, "--config.soft.seed=5", "--config.bound.host_threads=2")
     validate(config)
     changes = EXPECTED_SECTIONS[path.stem]
-    assert experiment.soft_config(config) == SoftPromptConfig(**changes.get("soft", {}), chunk_size=8)
+    assert experiment.soft_config(config) == SoftPromptConfig(**changes.get("soft", {}), seed=5)
     assert experiment.hard_config(config) == HardPromptConfig(**changes.get("hard", {}))
     assert experiment.bound_config(config) == BoundConfig(host_threads=2)
 
