@@ -8,6 +8,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -38,8 +39,7 @@ EXPECTED_SECTIONS = {
 
 def examples(hint, default) -> list:
     """Values unlike `default` of every alternative the type hint allows."""
-    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, __import__("types").UnionType) \
-        else (hint,)
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     values = []
     for member in members:
         if member is type(None):
