@@ -17,36 +17,47 @@ from scipy.optimize import minimize
 from distprompt_jax import bounds
 from distprompt_jax.bounds import (
     BoundConfig,
+    BoundMethod,
     norm_bound_estimate,
     unembedding_bound,
 )
+from distprompt_jax.prompting.engine import run_method
 from distprompt_jax.prompting.objective import kl_from_logits
 from distprompt_jax.results import PromptResults
+from distprompt_jax.solve import PoolCheckpoint
 from distprompt_jax.targets import TargetSet
 
 FAMILIES = ("llama", "gemma3", "gpt2")
 # One chunk shape (8 targets × the tiny models' V=300, d=64) everywhere, so the solver compiles once.
-CONFIG = BoundConfig(chunk_size=8)
+CONFIG = BoundConfig(slots=8)
 
 
+@dataclasses.dataclass(eq=False)
 class AffineLM:
-    """Only an unembedding (logits = W h + b): all `unembedding_bound` needs, with a bias the families lack."""
+    """Only an unembedding (logits = W h + b): all `unembedding_bound` needs, with a bias the families lack.
 
-    def __init__(self, w, b, softcap=None):
-        self.params = {"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(b, jnp.float32)}
-        self.config = SimpleNamespace(final_logit_softcap=softcap, family="affine")
-        self.name = "affine"
+    Like a LanguageModel, its weights are `params` and its functions take them as an argument."""
 
-    vocab_size = property(lambda self: self.params["w"].shape[0])
-    d_model = property(lambda self: self.params["w"].shape[1])
+    params: dict
+    config: SimpleNamespace
+    name: str = "affine"
+
+    vocab_size = property(lambda self: self.config.vocab_size)
+    d_model = property(lambda self: self.config.d_model)
 
     def unembedding(self, params):
         return params["w"], params["b"]
 
 
+def make_affine_lm(w, b) -> AffineLM:
+    params = {"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(b, jnp.float32)}
+    config = SimpleNamespace(final_logit_softcap=None, family="affine", vocab_size=len(w), d_model=w.shape[1])
+    return AffineLM(params, config)
+
+
 def affine_lm(vocab=300, d=64, seed=0):
     rng = np.random.default_rng(seed)
-    return AffineLM(rng.standard_normal((vocab, d)), rng.standard_normal(vocab))
+    return make_affine_lm(rng.standard_normal((vocab, d)), rng.standard_normal(vocab))
 
 
 def random_targets(lm, seed: int) -> np.ndarray:
@@ -231,7 +242,7 @@ def test_boundary_targets_are_reported_honestly():
     rng = np.random.default_rng(4)
     w = rng.standard_normal((300, 64))
     w[7] = np.delete(w, 7, axis=0).mean(axis=0)  # token 7 sits inside the hull: LB(one-hot 7) > 0
-    lm = AffineLM(w, np.zeros(300))
+    lm = make_affine_lm(w, np.zeros(300))
     targets = np.eye(300, dtype=np.float32)[[0, 1, 2, 7, 3, 4]]
     targets[4:, 10] = 1
     targets /= targets.sum(1, keepdims=True)
@@ -308,3 +319,43 @@ def test_softcapped_models_are_refused():
         unembedding_bound(lm, np.full((1, lm.vocab_size), 1 / lm.vocab_size, np.float32), CONFIG)
 
 
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resumes_mid_run_from_a_checkpoint_bitwise(tmp_path):
+    """A run stopped after a checkpoint (with targets finished and certified before it, others in the slots)
+    and rerun on the same checkpoint directory gives exactly the uninterrupted run's results."""
+    lm = affine_lm(seed=7)
+    targets = np.concatenate([random_targets(lm, 7), random_targets(lm, 8)])[:11]
+    config = dataclasses.replace(CONFIG, slots=4, segment_steps=5)
+    method = BoundMethod(lm, config)
+
+    def run(**kwargs):
+        return run_method(method, lm, targets, on_finished=method.finished, progress=False, **kwargs)
+
+    expected = run()
+
+    seen = {}  # segment -> SegmentInfo
+    checkpoint = PoolCheckpoint(tmp_path / "pool")
+
+    def stop_after_a_checkpoint_with_finished_targets(info):
+        seen[info.segment] = info
+        saved = checkpoint.latest()
+        if saved is not None and 0 < seen[saved].finished < info.n_targets:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run(checkpoint=checkpoint, checkpoint_every=1, on_segment=stop_after_a_checkpoint_with_finished_targets)
+    saved = checkpoint.latest()
+    checkpoint.close()
+
+    segments = []
+    resumed = run(checkpoint=PoolCheckpoint(tmp_path / "pool"), checkpoint_every=1, on_segment=segments.append)
+    assert segments[0].segment == saved + 1  # continued, not started over
+    assert resumed.columns.keys() == expected.columns.keys()
+    for name in expected.columns:
+        np.testing.assert_array_equal(resumed.columns[name], expected.columns[name], err_msg=name)
+    np.testing.assert_array_equal(resumed.arrays["h"], expected.arrays["h"])

@@ -1,0 +1,369 @@
+"""The bound and the norm-constrained estimate as methods on the solver driver (prompting.engine.Method).
+
+The device runs the float32 L-BFGS problems (problems.py) in the driver's refilled pool; the host
+certifies each finished target in float64 (certificate.py, geometry.py) on a thread pool — for the bound
+as the driver reports targets finished, so the certificate of one segment's targets overlaps the next
+segment on the device.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+from distprompt_jax import parallel
+from distprompt_jax.bounds.certificate import Unembedding, certify_and_refine
+from distprompt_jax.bounds.geometry import NormImage, certify_norm
+from distprompt_jax.bounds.problems import INITS, BoundProblem, LeastSquaresInit, NormProblem
+from distprompt_jax.prompting.engine import check_slots, run_method
+from distprompt_jax.results import PromptResults
+from distprompt_jax.solve import DriverOptions
+from distprompt_jax.targets import as_target_set
+
+CERTIFICATES = ("dual", "trivial", "frank_wolfe", "unconstrained", "none")
+
+# Slots by platform. On a CPU the float32 solve and the host's certificate share the cores; 64 slots keep
+# the device busy while the host certifies the previous segment's targets (BENCHMARKS.md).
+BOUND_SLOTS = {"cpu": 64, "accelerator": 256}
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundConfig:
+    """Settings of the unembedding bound and the norm-constrained estimate (defaults are ours)."""
+
+    max_steps: int = 500  # float32 L-BFGS iterations per target (unconstrained problem)
+    tolerance: float = 1e-6  # stop a target when the float32 gradient norm is below this
+    memory: int = 10  # L-BFGS history pairs
+    init: str = "auto"  # "zeros" | "lstsq" (least-squares fit of W h + b + c to log p) | "auto": the better
+    refine_steps: int = 20  # float64 Newton steps on the host where the certificate is not yet tight
+    support: int = 2048  # tokens (the most probable under q) the certificate's repair may move mass on
+    gap_tolerance: float = 1e-6  # refine until the certified gap (primal − bound) is below this, in nats
+    max_gap: float = 1e-3  # rows whose certified gap exceeds this are reported uncertified (kl NaN)
+    restarts: int = 4  # norm-constrained estimate: restarts (the first from the unconstrained solution)
+    norm_steps: int = 500  # norm-constrained estimate: L-BFGS iterations per restart
+    seed: int = 0  # random restarts of the norm-constrained estimate
+    slots: int | str | None = None  # targets solved at once; None: 64 on a CPU, 256 on an accelerator;
+    #                                 "auto": sized from XLA's memory analysis to half the free memory
+    segment_steps: int = 50  # iterations between refills of the slots whose targets finished
+    host_threads: int | None = None  # threads certifying targets on the host (None: min(8, CPU count))
+
+    def validate(self, lm=None) -> None:
+        """Check the fields (and, given the model, that the bound applies to it and `support` is enough)."""
+
+        def fail(message):
+            raise ValueError(f"BoundConfig: {message}")
+
+        for name in ("max_steps", "memory", "support", "restarts", "norm_steps", "segment_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                fail(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.refine_steps, (int, np.integer)) or self.refine_steps < 0:
+            fail(f"refine_steps must be a non-negative integer, got {self.refine_steps!r}")
+        if self.init not in INITS:
+            fail(f"init must be one of {INITS}, got {self.init!r}")
+        for name in ("tolerance", "gap_tolerance", "max_gap"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                fail(f"{name} must be a positive finite number, got {value!r}")
+        if self.host_threads is not None and (not isinstance(self.host_threads, (int, np.integer))
+                                              or self.host_threads < 1):
+            fail(f"host_threads must be a positive integer or None, got {self.host_threads!r}")
+        if self.gap_tolerance > self.max_gap:
+            fail(f"gap_tolerance ({self.gap_tolerance}) must not exceed max_gap ({self.max_gap})")
+        check_slots(self)
+        if lm is None:
+            return
+        cap = getattr(lm.config, "final_logit_softcap", None)
+        if cap is not None:
+            raise ValueError(
+                f"{lm.name} has final_logit_softcap={cap}: its logits c·tanh((W h + b)/c) are not affine in h, "
+                "so neither the convex unembedding bound nor its certificate applies"
+            )
+        if min(self.support, lm.vocab_size) < min(lm.d_model + 1, lm.vocab_size):
+            fail(f"support={self.support} is below d_model + 1 = {lm.d_model + 1}: the certificate's Gram "
+                 "matrix would be singular")
+
+
+def unembedding_bound(
+    lm, targets, config: BoundConfig | None = None, *, devices=None, take_share: bool = True
+) -> PromptResults:
+    """Certified lower bound on the KL any prompt of `lm` can reach, for each target.
+
+    Args:
+      lm: a LanguageModel.
+      targets: a TargetSet or an [N, V] array of probabilities over lm's vocabulary.
+      config: BoundConfig (defaults as documented there).
+      devices: devices to shard the slots over (default: this process's devices). In a multi-host run
+        each process bounds its own contiguous share of the targets and returns results for those.
+      take_share: False when `targets` already are this process's share (as in a sweep).
+    Returns:
+      PromptResults with method "bound". Columns: `kl` the certified lower bound (NaN where uncertified),
+      `primal` the KL at the solver's h (an upper bound on the infimum), `gap` = primal − the best proven
+      bound, `certified`, `certificate` ("dual" | "trivial" | "none"), `residual` ‖Wᵀ(p̄ − q)‖, `h_norm`,
+      `steps` (float32 L-BFGS), `refine_steps` (float64 Newton), `prompt_len` = 0. Arrays: `h` [N, d]
+      float64, the final-normed hidden vector the primal value belongs to.
+    """
+    method = BoundMethod(lm, config)
+    return run_method(method, lm, targets, devices=devices, take_share=take_share, on_finished=method.finished)
+
+
+def norm_bound_estimate(
+    lm, targets, config: BoundConfig | None = None, *, devices=None, take_share: bool = True,
+    unconstrained: PromptResults | None = None,
+) -> PromptResults:
+    """Best KL over h restricted to the final norm's image (an estimate), with a Frank–Wolfe lower bound.
+
+    Args:
+      lm, targets, config, devices, take_share: as for `unembedding_bound`.
+      unconstrained: optional `unembedding_bound` results on the same targets: its `h` starts the first
+        restart and its certified bound (also valid here) joins the lower bound.
+    Returns:
+      PromptResults with method "bound_norm". Columns: `kl` the best value found (an estimate: an upper
+      bound on the norm-constrained infimum), `primal` (the same), `lower` a rigorous lower bound on that
+      infimum, `gap` = kl − lower, `certified` (gap ≤ max_gap), `certificate` ("frank_wolfe" |
+      "unconstrained" | "trivial"), `on_boundary` (the normed vector is on the ellipsoid's surface, as real
+      prompts' are), `best_restart`, `steps`, `prompt_len` = 0. Arrays: `u` [N, d] (pre-norm, float32)
+      and `x` [N, d] (its final-norm output, float64).
+    """
+    target_set = as_target_set(targets, lm.vocab_size)
+    start_h = prior_lower = None
+    if unconstrained is not None:
+        share = parallel.process_slice(len(target_set)) if take_share else slice(None)
+        ids = target_set.metadata["target_id"].to_numpy()[share]
+        if unconstrained.method != "bound" or "h" not in unconstrained.arrays:
+            raise ValueError("`unconstrained` must be the PromptResults of unembedding_bound")
+        if len(unconstrained) != len(ids) or not np.array_equal(unconstrained.metadata["target_id"].to_numpy(), ids):
+            raise ValueError("`unconstrained` results are for other targets (target_id differs)")
+        start_h = np.asarray(unconstrained.arrays["h"], np.float32)
+        prior_lower = (np.asarray(unconstrained.columns["primal"], np.float64)
+                       - np.asarray(unconstrained.columns["gap"], np.float64))
+    method = NormMethod(lm, config, start_h=start_h, prior_lower=prior_lower)
+    return run_method(method, lm, target_set, devices=devices, take_share=take_share)
+
+
+class BoundMethod:
+    """The certified unembedding bound as a method (engine.Method): what `unembedding_bound` and the sweep run.
+
+    A method runs one target set at a time: `inputs(probs)` starts a run (the host keeps the rows to
+    certify), `finished(rows, reports)` certifies targets on host threads as the driver reports them done
+    (while the device runs the next segment), and `columns(reports)` waits for those certificates and
+    computes any the driver did not report (so it is complete on its own).
+    """
+
+    name = "bound"
+    slot_defaults = BOUND_SLOTS
+
+    def __init__(self, lm, config: BoundConfig | None = None):
+        config = config or BoundConfig()
+        config.validate(lm)
+        self.lm, self.config = lm, config
+        self._problem = BoundProblem.build(lm, config)
+        w, b = lm.unembedding(lm.params)
+        self._unembedding = Unembedding.build(np.asarray(w), np.asarray(b))
+        self._lstsq = LeastSquaresInit(w, b) if config.init != "zeros" else None
+        self._run: _HostJobs | None = None
+        self.host_seconds = 0.0  # the last run's certificate time, summed over host threads
+
+    def problem(self) -> BoundProblem:
+        return self._problem
+
+    def options(self, slots: int) -> DriverOptions:
+        c = self.config
+        return DriverOptions(slots=slots, segment_steps=c.segment_steps, seed=c.seed, desc="unembedding bound")
+
+    def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
+        probs = np.asarray(probs, np.float32)
+        if self._run is not None:
+            self._run.close()  # a run that never reached `columns` (interrupted)
+        c = self.config
+
+        def certify(row: int, h: np.ndarray) -> dict:
+            return certify_and_refine(self._unembedding, probs[row], h, support=c.support,
+                                      refine_steps=c.refine_steps, gap_tolerance=c.gap_tolerance, max_gap=c.max_gap)
+
+        self._run = _HostJobs(certify, c.host_threads)
+        inputs = {"p": probs}
+        if self._lstsq is not None:
+            inputs["h0"] = self._lstsq(probs)
+        return inputs
+
+    def finished(self, rows: np.ndarray, reports: dict[str, np.ndarray]) -> None:
+        self._running().submit(rows, reports["h"])
+
+    def columns(self, reports: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        run, self._run = self._running(), None
+        rows = run.results(reports["h"])
+        self.host_seconds = run.seconds
+        names = ("kl", "primal", "gap", "certified", "certificate", "residual", "h_norm")
+        columns = {name: np.asarray([row[name] for row in rows]) for name in names}
+        columns["steps"] = reports["steps"]
+        columns["refine_steps"] = np.asarray([row["refine_steps"] for row in rows], np.int32)
+        columns["prompt_len"] = np.zeros(len(rows), np.int32)
+        h = np.stack([row["h"] for row in rows]) if rows else np.zeros((0, self.lm.d_model))
+        return columns, {"h": h}
+
+    def _running(self) -> _HostJobs:
+        if self._run is None:
+            raise RuntimeError("BoundMethod: no run in progress (`inputs` starts one)")
+        return self._run
+
+
+class NormMethod:
+    """The norm-constrained estimate as a method (engine.Method): what `norm_bound_estimate` runs.
+
+    Restarts are rows: the driver solves `restarts` rows per target, restart-major (the first from the
+    preimage of the unconstrained h — `start_h`, else the least-squares fit — the others from N(0, I) draws
+    keyed by (seed, restart, target index)), and `columns` keeps each target's best and bounds it from
+    below. (Not driver attempts: a Problem's init is not told its attempt, and the first restart starts
+    elsewhere than the others and `best_restart` is reported.)
+    """
+
+    name = "bound_norm"
+    slot_defaults = BOUND_SLOTS
+
+    def __init__(self, lm, config: BoundConfig | None = None, *, start_h: np.ndarray | None = None,
+                 prior_lower: np.ndarray | None = None):
+        """`start_h` [N, d]: the unconstrained solutions of the targets this method will run on; `prior_lower`
+        [N]: lower bounds already proven for them (the unconstrained bound holds here too)."""
+        config = config or BoundConfig()
+        config.validate(lm)
+        self.lm, self.config = lm, config
+        self.start_h, self.prior_lower = start_h, prior_lower
+        self._problem = NormProblem.build(lm, config)
+        self._geometry = NormImage.build(lm)
+        w, b = lm.unembedding(lm.params)
+        self._unembedding = Unembedding.build(np.asarray(w), np.asarray(b))
+        self._lstsq = LeastSquaresInit(w, b) if start_h is None else None
+        self._probs: np.ndarray | None = None
+
+    def problem(self) -> NormProblem:
+        return self._problem
+
+    def options(self, slots: int) -> DriverOptions:
+        c = self.config
+        return DriverOptions(slots=slots, segment_steps=c.segment_steps, seed=c.seed, desc="norm-constrained bound")
+
+    def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
+        probs = np.asarray(probs, np.float32)
+        n, restarts = len(probs), self.config.restarts
+        if self.start_h is not None and len(self.start_h) != n:
+            raise ValueError(f"NormMethod: start_h has {len(self.start_h)} rows for {n} targets")
+        h0 = self.start_h if self.start_h is not None else self._lstsq(probs)
+        first = self._geometry.preimage(np.asarray(h0, np.float64)).astype(np.float32)
+        index = np.arange(rows.start, rows.start + n)  # in the whole target set: a share starts as it would alone
+        starts = [first] + [_normal_rows(self.config.seed, r, index, self.lm.d_model) for r in range(1, restarts)]
+        self._probs = probs
+        return {"p": np.tile(probs, (restarts, 1)), "u0": np.concatenate(starts)}
+
+    def columns(self, reports: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        probs, restarts = self._probs, self.config.restarts
+        n = len(probs)
+        f = np.asarray(reports["f"], np.float64).reshape(restarts, n)
+        best_restart = np.argmin(np.where(np.isfinite(f), f, np.inf), axis=0)  # the first of equals
+        rows = best_restart * n + np.arange(n)
+        u = reports["u"][rows]
+        x = self._geometry.output(u.astype(np.float64))
+        for i in range(n):
+            self._geometry.check(x[i], reports["x_model"][rows[i]])
+        run = _HostJobs(lambda i, x_i: certify_norm(self._unembedding, self._geometry, probs[i], x_i),
+                        self.config.host_threads)
+        certified = run.results(x)
+        if self.prior_lower is not None:
+            for i, row in enumerate(certified):
+                if self.prior_lower[i] > row["lower"]:
+                    row["lower"], row["certificate"] = float(self.prior_lower[i]), "unconstrained"
+        primal = np.asarray([row["primal"] for row in certified], np.float64)
+        lower = np.asarray([row["lower"] for row in certified], np.float64)
+        columns = {
+            "kl": primal, "primal": primal, "lower": lower, "gap": primal - lower,
+            "certified": primal - lower <= self.config.max_gap,
+            "certificate": np.asarray([row["certificate"] for row in certified]),
+            "on_boundary": np.asarray([row["on_boundary"] for row in certified], bool),
+            "best_restart": best_restart.astype(np.int32), "steps": reports["steps"][rows],
+            "prompt_len": np.zeros(n, np.int32),
+        }
+        return columns, {"u": u, "x": x}
+
+
+def _normal_rows(seed: int, restart: int, index: np.ndarray, d: int) -> np.ndarray:
+    """N(0, I) starts [n, d] of one restart for the targets `index`; each depends only on (seed, restart, index)."""
+    key = jax.random.fold_in(jax.random.key(seed), restart)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+    return np.asarray(jax.vmap(lambda k: jax.random.normal(k, (d,), np.float32))(keys))
+
+
+class _HostJobs:
+    """Per-target host work on a thread pool: jobs submitted as targets finish, results in row order."""
+
+    def __init__(self, job: Callable[[int, np.ndarray], dict], threads: int | None):
+        self.job = job
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1))
+        self.futures: dict[int, tuple[np.ndarray, concurrent.futures.Future]] = {}
+        self.seconds = 0.0
+        self._lock = threading.Lock()
+
+    def submit(self, rows, points: np.ndarray) -> None:
+        for row, point in zip(rows, points):
+            self.futures[int(row)] = (np.array(point), self.executor.submit(self._timed, int(row), point))
+
+    def results(self, points: np.ndarray) -> list[dict]:
+        """Every row's result for `points` [N, ...] (computing those not submitted with these very points)."""
+        try:
+            for row, point in enumerate(points):
+                held = self.futures.get(row)
+                if held is None or not np.array_equal(held[0], point):
+                    self.submit([row], [point])
+            return [self.futures[row][1].result() for row in range(len(points))]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def _timed(self, row: int, point: np.ndarray) -> dict:
+        start = time.perf_counter()
+        with _ONE_BLAS_THREAD:
+            out = self.job(row, np.asarray(point, np.float64))
+        with self._lock:
+            self.seconds += time.perf_counter() - start
+        return out
+
+
+class _OneBlasThread:
+    """BLAS limited to one thread while any host job runs (the setting is process-wide, so users are counted).
+
+    numpy's OpenBLAS spins its threads while it waits; on a busy or oversubscribed CPU (XLA's own threads
+    run the next segment meanwhile) two-thread calls on (d+1)² matrices ran 10-100× slower than one-thread
+    calls here. Parallelism comes from certifying several targets at once instead.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._controller: ThreadpoolController | None = None
+        self._limits = None
+
+    def __enter__(self):
+        with self._lock:
+            if self._users == 0:
+                self._controller = self._controller or ThreadpoolController()
+                self._limits = self._controller.limit(limits=1, user_api="blas")
+            self._users += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                self._limits.restore_original_limits()
+
+
+_ONE_BLAS_THREAD = _OneBlasThread()
