@@ -32,7 +32,7 @@ def get_config():
     c.soft.max_steps = {max_steps}
     c.soft.patience = 1000
     c.soft.prompt_len = 3
-    c.soft.chunk_size = 4
+    c.soft.slots = 4
     c.soft.segment_steps = 5
     c.hard = hard_defaults()
     c.bound = bound_defaults()
@@ -80,7 +80,7 @@ def test_run_writes_results_prompts_logs_and_report(experiment, tmp_path):
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["config"]["soft"]["max_steps"] == 20 and run["versions"]["jax"]
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert log and {"method", "chunk", "steps", "mean_best_kl", "active"} <= set(log[0])
+    assert log and {"method", "segment", "steps", "mean_best", "active", "target_steps", "slot_steps"} <= set(log[0])
     assert (tmp_path / "figures" / "kl_vs_entropy.png").stat().st_size > 10_000
     assert (tmp_path / "figures" / "kl_vs_entropy.svg").is_file()
     assert "mean KL" in (tmp_path / "report.md").read_text()
@@ -100,11 +100,12 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(experiment, tmp_path):
 
     killed = tmp_path / "killed"
     process = distprompt(f"--config={config}", f"--workdir={killed}", start_new_session=True)
-    checkpoints = killed / "checkpoints" / "soft"
+    checkpoints = killed / "checkpoints" / "soft" / "p0"
     deadline = time.time() + 300
-    # Kill once the first chunk is done and the second is mid-way, checkpointed.
-    while time.time() < deadline and not (
-        any((killed / "chunks" / "soft").glob("*.npz")) and any(checkpoints.glob("00000004/*[0-9]"))
+    # 7 targets in 4 slots, 60 steps in segments of 5: the first four finish at segment 12 and their slots
+    # take the last three. Kill once a checkpoint after that refill is complete.
+    while time.time() < deadline and not any(
+        p.name.isdigit() and int(p.name) >= 14 for p in (checkpoints.iterdir() if checkpoints.is_dir() else ())
     ):
         assert process.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
@@ -115,9 +116,9 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(experiment, tmp_path):
 
     code, _, err = finish(distprompt(f"--config={config}", f"--workdir={killed}"))
     assert code == 0, err[-3000:]
-    # The second chunk went on from its checkpoint rather than from step 0.
+    # The pool went on from its checkpoint rather than from the start.
     after = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()[logged_before_kill:]]
-    assert after[0]["chunk"] == 4 and after[0]["steps"] > 5
+    assert after[0]["segment"] > 14 and after[0]["finished"] >= 4
     straight = pd.read_parquet(tmp_path / "straight" / "results.parquet")
     resumed = pd.read_parquet(killed / "results.parquet")
     pd.testing.assert_frame_equal(straight, resumed)
@@ -125,23 +126,34 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(experiment, tmp_path):
         np.testing.assert_array_equal(a["prompt"], b["prompt"])
 
 
-def test_a_checkpoint_is_replaced_only_once_its_successor_is_complete(tmp_path):
-    from distprompt_jax.prompting.engine import ChunkRun
-    from distprompt_jax.sweep import _checkpoint_versions, _process_local_checkpointer, _save_chunk
+def test_a_second_run_on_a_busy_workdir_is_refused(experiment, tmp_path):
+    import fcntl
 
-    checkpointer = _process_local_checkpointer()
-    path = tmp_path / "00000004"
-    run = ChunkRun(first_index=4, n_rows=2, state={"v": np.arange(3.0)})
-    _save_chunk(checkpointer, path, run)
-    _save_chunk(checkpointer, path, run)
-    assert _checkpoint_versions(path) == [1]
-    # A save killed half-way leaves its staging directory beside the last complete version, which stays.
-    (path / "00000002.tmp" / "state").mkdir(parents=True)
-    assert _checkpoint_versions(path) == [1]
-    _save_chunk(checkpointer, path, run)
-    assert sorted(p.name for p in path.iterdir()) == ["00000002"]
-    restored = checkpointer.restore(path / "00000002" / "state", {"state": {"v": np.zeros(3)}})
-    np.testing.assert_array_equal(restored["state"]["v"], np.arange(3.0))
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("pid 12345 on testhost since then")
+        lock.flush()
+        code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path}"))
+    assert code != 0 and "in use by pid 12345 on testhost" in err
+    assert not (tmp_path / "targets").exists()
+
+
+def test_leftovers_and_damaged_results_are_handled(experiment, tmp_path):
+    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path}"))
+    assert code == 0, err[-3000:]
+    expected = pd.read_parquet(tmp_path / "results.parquet")
+    done = tmp_path / "done" / "soft" / "00000000.npz"
+    assert json.loads((tmp_path / "slots" / "soft.p0.json").read_text()) == {"slots": 4}
+    # What a kill during a write leaves, and a results file cut short: the rerun ignores the first, names
+    # and recomputes the second, and ends where an untouched run ends.
+    (tmp_path / "done" / "soft" / ".00000000.npz.tmp-999.npz").write_bytes(b"partial")
+    done.write_bytes(done.read_bytes()[:100])
+    (tmp_path / "results.parquet").unlink()
+    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path}"))
+    assert code == 0, err[-3000:]
+    assert "00000000.npz is damaged" in err
+    pd.testing.assert_frame_equal(expected, pd.read_parquet(tmp_path / "results.parquet"))
 
 
 def test_config_errors_are_named(experiment, tmp_path):
@@ -160,8 +172,8 @@ def test_two_processes_split_the_targets_and_match_one(experiment, tmp_path):
     import socket
 
     config = experiment()
-    # Bounds as well as soft prompts: each is one chunk per process, the bound one a single call.
-    methods = ("--config.methods=('soft','bound')", "--config.bound.chunk_size=4")
+    # Bounds as well as soft prompts: each process runs a pool over its share.
+    methods = ("--config.methods=('soft','bound')", "--config.bound.slots=4")
     code, _, err = finish(distprompt(f"--config={config}", f"--workdir={tmp_path / 'one'}", *methods))
     assert code == 0, err[-3000:]
     with socket.socket() as s:
@@ -187,10 +199,10 @@ def test_two_processes_split_the_targets_and_match_one(experiment, tmp_path):
         for worker, log in zip(workers, logs):
             worker.kill()
             log.close()
-    # 7 targets: process 0 takes targets 0-3, process 1 targets 4-6, each in one chunk of up to 4.
+    # 7 targets: process 0 takes targets 0-3, process 1 targets 4-6.
     for method in ("soft", "bound"):
-        chunk_files = sorted(p.name for p in (tmp_path / "two" / "chunks" / method).glob("*.npz"))
-        assert chunk_files == ["00000000.npz", "00000004.npz"], method
+        done = sorted(p.name for p in (tmp_path / "two" / "done" / method).glob("*.npz"))
+        assert done == ["00000000.npz", "00000004.npz"], method
     one = pd.read_parquet(tmp_path / "one" / "results.parquet")
     two = pd.read_parquet(tmp_path / "two" / "results.parquet")
     pd.testing.assert_frame_equal(one, two)
@@ -240,8 +252,8 @@ def test_hard_prompts_and_bounds_in_one_run(experiment, tmp_path):
     config = experiment()
     overrides = [
         "--config.methods=('soft','hard','bound')", "--config.hard.max_steps=4", "--config.hard.prompt_len=3",
-        "--config.hard.k=8", "--config.hard.chunk_size=4", "--config.hard.segment_steps=2",
-        "--config.bound.chunk_size=4",
+        "--config.hard.k=8", "--config.hard.slots=4", "--config.hard.segment_steps=2",
+        "--config.bound.slots=4",
     ]
     code, _, err = finish(distprompt(f"--config={config}", f"--workdir={tmp_path}", *overrides))
     assert code == 0, err[-3000:]

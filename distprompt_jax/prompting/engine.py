@@ -55,7 +55,8 @@ class Method(Protocol):
 
     def options(self, slots: int) -> DriverOptions: ...
 
-    def inputs(self, probs: np.ndarray) -> dict[str, np.ndarray]: ...
+    def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
+        """Per-target inputs of the targets `rows` of the whole set (whose probabilities are `probs`)."""
 
     def columns(self, reports: dict[str, np.ndarray]) -> tuple[dict, dict]: ...
 
@@ -139,26 +140,35 @@ def auto_slots(problem: Problem, params, mesh, example_inputs: dict, n_targets: 
 
 
 def run_method(
-    method: Method, lm, targets, *, devices=None, take_share: bool = True, checkpoint: PoolCheckpoint | None = None,
-    on_segment: Callable[[SegmentInfo], None] | None = None, slots: int | None = None, progress: bool = True,
+    method: Method, lm, targets, *, devices=None, take_share: bool = True, first_index: int = 0,
+    checkpoint: PoolCheckpoint | None = None, checkpoint_every: int | None = None, slots: int | None = None,
+    on_segment: Callable[[SegmentInfo], None] | None = None,
+    on_finished: Callable[[np.ndarray, dict], None] | None = None,
+    on_slots: Callable[[int], None] | None = None, progress: bool = True,
 ) -> PromptResults:
     """Run `method` over `targets` (a TargetSet or [N, V] probabilities) and return its PromptResults.
 
-    Multi-host: each process runs its own contiguous share (`take_share=False` when `targets` already are
-    it) and returns results for those rows. `slots` overrides the method's own choice (a resumed run passes
-    the count it recorded).
+    Multi-host: each process runs its own contiguous share; with `take_share=False` the targets already
+    are this process's rows, the first of them at `first_index` in the whole set. `slots` overrides the
+    method's own pool size (a resumed run passes the count it recorded through `on_slots`). `checkpoint`,
+    `on_segment`, `on_finished`: see `Driver.run`.
     """
     target_set = as_target_set(targets, lm.vocab_size)
     share = parallel.process_slice(len(target_set)) if take_share else slice(0, len(target_set))
     probs = target_set.probs[share]
-    first_index = share.start if take_share else 0
     mesh = parallel.local_mesh(devices)
     params = place_params(lm, mesh, getattr(method.config, "shard_params", False))
-    inputs = method.inputs(probs)
-    slots = slots or resolve_slots(method, params, mesh, {k: v[:1] for k, v in inputs.items()}, len(probs))
+    inputs = method.inputs(probs, share if take_share else slice(first_index, first_index + len(probs)))
+    if slots is None:
+        slots = resolve_slots(method, params, mesh, {k: v[:1] for k, v in inputs.items()}, max(1, len(probs)))
+    if on_slots is not None:
+        on_slots(slots)
     options = dataclasses.replace(method.options(slots), progress=progress and len(probs) > 1)
+    if checkpoint_every is not None:
+        options = dataclasses.replace(options, checkpoint_every=checkpoint_every)
     driver = Driver(method.problem(), params, options, mesh)
-    reports = driver.run(inputs, first_index=first_index, checkpoint=checkpoint, on_segment=on_segment)
+    reports = driver.run(inputs, first_index=share.start if take_share else first_index, checkpoint=checkpoint,
+                         on_segment=on_segment, on_finished=on_finished)
     columns, arrays = method.columns(reports)
     metadata = target_set.metadata.iloc[share].reset_index(drop=True)
     return PromptResults(method=method.name, columns=columns, arrays=arrays, metadata=metadata)

@@ -341,12 +341,13 @@ class HardProblem:
         steps = s.progress.steps + 1
         # A deterministic search whose beam stood still for a whole period of positions is stuck for good.
         period = {"cycle": self.prompt_len, "best": 1}[self.positions] if self.mode == "hotflip" else None
-        stuck = since_change >= period if period is not None else False
+        stuck = since_change >= period if period is not None else jnp.asarray(False)
         active = (steps < self.max_steps) & (since_improve < self.patience) & ~stuck
         return HardState(
             progress=Progress(steps, best, active), patience=Patience(since_improve), ids=ids,
             best_ids=jnp.where(better, ids[0], s.best_ids), best_step=jnp.where(better, steps, s.best_step),
-            initial_kl=s.initial_kl, path=s.path.at[s.progress.steps].set(best), since_change=since_change,
+            initial_kl=s.initial_kl, path=s.path.at[s.progress.steps].set(best) if self.max_steps else s.path,
+            since_change=since_change,
             key=s.key,
         )
 
@@ -421,10 +422,10 @@ class HardMethod:
         c = self.config
         return DriverOptions(slots=slots, segment_steps=c.segment_steps, seed=c.seed, desc="hard prompts")
 
-    def inputs(self, probs: np.ndarray) -> dict[str, np.ndarray]:
+    def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
         inputs = {"p": np.asarray(probs, np.float32)}
         if self.init_ids is not None:
-            inputs["init_ids"] = self.init_ids
+            inputs["init_ids"] = self.init_ids[rows]
         return inputs
 
     def columns(self, reports: dict[str, np.ndarray]) -> tuple[dict, dict]:

@@ -271,7 +271,7 @@ class SoftMethod:
         return DriverOptions(slots=slots, segment_steps=c.segment_steps, attempts=c.restarts, seed=c.seed,
                              desc="soft prompts")
 
-    def inputs(self, probs: np.ndarray) -> dict[str, np.ndarray]:
+    def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
         return {"p": np.asarray(probs, np.float32)}
 
     def columns(self, reports: dict[str, np.ndarray]) -> tuple[dict, dict]:

@@ -8,6 +8,8 @@ a kill at any moment leaves the last complete checkpoint in place.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -29,7 +31,9 @@ class PoolCheckpoint:
             ),
             # Half-written steps a kill left behind are removed when the manager opens.
             cleanup_tmp_directories=True,
+            create=False,  # orbax refuses to create the root with active_processes set: we do
         )
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest(self) -> int | None:
@@ -42,13 +46,31 @@ class PoolCheckpoint:
         ), force=True)
         self.manager.wait_until_finished()
 
-    def restore(self, template) -> tuple[object, dict]:
-        """(arrays restored into the structure, dtypes and shardings of `template`, meta) of the latest step."""
-        step = self.latest()
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            arrays=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore(),
-        ))
-        return restored["arrays"], restored["meta"]
+    def restore(self, template, check: Callable[[dict], None]) -> tuple[object, dict] | None:
+        """(arrays restored into the structure, dtypes and shardings of `template`, meta) of the newest step
+        that reads back whole, or None when there is none. `check(meta)` runs first and raises when the
+        checkpoint belongs to another run (that is the caller's error, never a reason to delete it). A damaged
+        step is named in a warning and deleted, and the one before it is tried."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            except Exception as err:  # orbax raises many kinds for a damaged file
+                self._discard(step, err)
+                continue
+            check(meta)
+            try:
+                arrays = self.manager.restore(step, args=ocp.args.Composite(
+                    arrays=ocp.args.StandardRestore(template)))["arrays"]
+            except Exception as err:
+                self._discard(step, err)
+                continue
+            return arrays, meta
+        return None
+
+    def _discard(self, step: int, err: Exception) -> None:
+        warnings.warn(f"checkpoint {self.directory / str(step)} is damaged ({type(err).__name__}: "
+                      f"{str(err)[:200]}); deleting it and trying an older one")
+        self.manager.delete(step)
 
     def close(self) -> None:
         self.manager.close()

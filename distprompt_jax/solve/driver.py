@@ -158,6 +158,7 @@ class Driver:
     def run(
         self, inputs: dict[str, np.ndarray], *, first_index: int = 0, checkpoint: PoolCheckpoint | None = None,
         on_segment: Callable[[SegmentInfo], None] | None = None,
+        on_finished: Callable[[np.ndarray, dict[str, np.ndarray]], None] | None = None,
     ) -> dict[str, np.ndarray]:
         """The report of each target's best attempt: {name: array [N, ...]} in input order.
 
@@ -165,13 +166,17 @@ class Driver:
         the whole target set (keys and inits depend on it, so a process's share gives the rows it would in
         a one-process run). With `checkpoint`, the pool is saved every `checkpoint_every` segments and a
         run finds and continues the latest save.
+
+        `on_finished(rows, reports)` is told of targets whose every attempt is done (row indices into
+        `inputs`, and their best reports), while the next segment computes — for host work on results such
+        as certificates. After a restore it is first told of every target finished before the save.
         """
         n = len(next(iter(inputs.values())))
-        pool = _Pool(self, inputs, n, first_index)
+        pool = _Pool(self, inputs, n, first_index, on_finished)
         if n == 0:
             return pool.results_for_no_targets()
-        if checkpoint is not None and checkpoint.latest() is not None:
-            pool.restore(checkpoint)
+        if checkpoint is not None and pool.restore(checkpoint):
+            pool.announce(np.flatnonzero(pool.attempts_done >= self.options.attempts))
         else:
             pool.begin()
         bar = tqdm(total=n, initial=pool.targets_done(), desc=self.options.desc, unit="target",
@@ -187,10 +192,11 @@ class Driver:
             info = pool.info(ran)
             bar.update(pool.targets_done() - done_before)
             bar.set_postfix(active=info.active, mean_best=f"{info.mean_best:.4g}")
-            if on_segment is not None:
-                on_segment(info)
             if checkpoint is not None and self.stats.segments % self.options.checkpoint_every == 0 and pool.has_work():
                 pool.save(checkpoint)
+            if on_segment is not None:
+                on_segment(info)
+        pool.announce_pending()
         bar.close()
         return pool.results
 
@@ -198,8 +204,10 @@ class Driver:
 class _Pool:
     """The host's view of a run: which job each slot holds, the queue, and the results so far."""
 
-    def __init__(self, driver: Driver, inputs: dict[str, np.ndarray], n: int, first_index: int):
+    def __init__(self, driver: Driver, inputs: dict[str, np.ndarray], n: int, first_index: int, on_finished):
         self.driver, self.inputs, self.n, self.first_index = driver, inputs, n, first_index
+        self.on_finished = on_finished
+        self.pending = []  # targets finished since on_finished was last told
         options = driver.options
         # Jobs in order: every target's first attempt, then the second attempts, ... so a pool of any size
         # keeps the same order, and restarts do not hold back first results.
@@ -211,16 +219,16 @@ class _Pool:
         self.results = self._empty_results()
         self.targets = self.states = None
 
-    # Shapes of what a target's report holds, without running anything.
     def _empty_results(self) -> dict[str, np.ndarray]:
-        f = self.driver.functions
-        rows = 1
-        slot_inputs = self._slot_inputs(np.zeros(self.driver.slots, np.int64))
-        abstract = jax.eval_shape(
-            lambda: f.report(self.driver.params, *f.start(
-                self.driver.params, slot_inputs, 0, *(np.zeros(self.driver.slots, np.int32),) * 2,
-                np.ones(self.driver.slots, bool),
-            ), np.zeros(rows, np.int32)))
+        """Zeroed result arrays [n, ...] shaped as a target's report, found without running anything."""
+        f, slots = self.driver.functions, self.driver.slots
+        inputs = {name: jax.ShapeDtypeStruct((slots,) + values.shape[1:], values.dtype)
+                  for name, values in self.inputs.items()}
+        index = jax.ShapeDtypeStruct((slots,), np.int32)
+        occupied = jax.ShapeDtypeStruct((slots,), bool)
+        abstract = jax.eval_shape(lambda: f.report(
+            self.driver.params, *f.start(self.driver.params, inputs, np.uint32(0), index, index, occupied),
+            np.zeros(1, np.int32)))
         return {name: np.zeros((self.n,) + a.shape[1:], a.dtype) for name, a in abstract.items() if name != _OBJECTIVE}
 
     def results_for_no_targets(self) -> dict[str, np.ndarray]:
@@ -264,6 +272,7 @@ class _Pool:
         before = np.asarray(self.states.progress.steps)  # the states are donated to the segment
         self.states, ran = d.functions.segment(d.params, self.targets, self.states,
                                               num_steps=d.options.segment_steps)
+        self.announce_pending()  # host work overlaps the segment, which runs asynchronously
         ran = int(ran)
         d.stats.slot_steps += ran * d.slots
         d.stats.target_steps += int(np.sum(np.asarray(self.states.progress.steps) - before))
@@ -287,7 +296,17 @@ class _Pool:
                 for name, values in self.results.items():
                     values[target] = out[name][i]
             self.attempts_done[target] += 1
+            if self.attempts_done[target] == self.driver.options.attempts:
+                self.pending.append(target)
         self.slot_target[finished] = -1
+
+    def announce_pending(self):
+        rows, self.pending = np.asarray(self.pending, np.int64), []
+        self.announce(rows)
+
+    def announce(self, rows: np.ndarray):
+        if self.on_finished is not None and len(rows):
+            self.on_finished(rows, {name: values[rows] for name, values in self.results.items()})
 
     def refill(self):
         free = np.flatnonzero(self.slot_target < 0)
@@ -324,21 +343,30 @@ class _Pool:
         }
         checkpoint.save(d.stats.segments, arrays, meta)
 
-    def restore(self, checkpoint: PoolCheckpoint):
+    def restore(self, checkpoint: PoolCheckpoint) -> bool:
+        """Continue from the checkpoint's newest good step; False when it has none."""
+        if checkpoint.latest() is None:
+            return False
         d = self.driver
-        self._assign(np.arange(d.slots))  # a fresh pool's layout, only to get the states' structure
+        # The states' structure, from empty slots (only shapes and dtypes are read).
         inputs, seed, index, attempt, _, occupied = self._slot_data(np.ones(d.slots, bool))
         _, abstract = jax.eval_shape(d.functions.start, d.params, inputs, seed, index, attempt, occupied)
         template = {
             "states": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=d.sharding), abstract),
             "results": self.results, "best": self.best, "attempts_done": self.attempts_done,
         }
-        arrays, meta = checkpoint.restore(template)
         expected = {"slots": d.slots, "n": self.n, "first_index": self.first_index, "attempts": d.options.attempts}
-        held = {k: meta[k] for k in expected}
-        if held != expected:
-            raise ValueError(f"{checkpoint.directory} holds a pool of {held}, not of {expected}: it belongs to "
-                             "another run (or another slot count); use that run's settings or a new directory")
+
+        def check(meta):
+            held = {k: meta.get(k) for k in expected}
+            if held != expected:
+                raise ValueError(f"{checkpoint.directory} holds a pool of {held}, not of {expected}: it belongs to "
+                                 "another run (or another slot count); use that run's settings or a new directory")
+
+        restored = checkpoint.restore(template, check)
+        if restored is None:
+            return False
+        arrays, meta = restored
         self.slot_target = np.asarray(meta["slot_target"], np.int64)
         self.slot_attempt = np.asarray(meta["slot_attempt"], np.int64)
         self.queue = collections.deque(tuple(job) for job in meta["queue"])
@@ -350,3 +378,4 @@ class _Pool:
         rows = np.where(occupied, self.slot_target, 0)
         self.targets = d.functions.prepare(self._slot_inputs(rows))
         self.states = arrays["states"]
+        return True

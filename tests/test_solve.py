@@ -1,0 +1,180 @@
+"""The solver driver on a small problem of its own (gradient descent on per-target quadratics): refilling,
+attempts, determinism, checkpoint/restore, and the accounting the benchmarks read."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distprompt_jax import parallel
+from distprompt_jax.solve import Driver, DriverOptions, PoolCheckpoint, Progress, compiled
+
+
+class QuadraticState(NamedTuple):
+    progress: Progress
+    x: jax.Array
+    start: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Quadratic:
+    """Minimize |x − c|² from a random start by gradient steps of size `rate`; a target stops once its
+    value is below `tolerance` or after its own step limit (an input), so targets stop at different steps."""
+
+    rate: float = 0.1
+    tolerance: float = 1e-4
+
+    def prepare(self, inputs):
+        return inputs["center"], inputs["limit"]
+
+    def init(self, params, target, index, key):
+        x = jax.random.normal(key, (3,)) * 4.0
+        return QuadraticState(Progress.start(), x, x)
+
+    def step(self, params, target, s):
+        center, limit = target
+        value = jnp.sum((s.x - center) ** 2) * params["scale"]
+        steps = s.progress.steps + 1
+        best = jnp.minimum(s.progress.best, value)
+        active = (value > self.tolerance) & (steps < limit)
+        return QuadraticState(Progress(steps, best, active), s.x - self.rate * 2 * (s.x - center), s.start)
+
+    def report(self, params, target, s):
+        return {"best": s.progress.best, "steps": s.progress.steps, "start": s.start, "x": s.x}
+
+
+def inputs(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"center": rng.normal(size=(n, 3)).astype(np.float32),
+            "limit": rng.integers(3, 60, size=n).astype(np.int32)}
+
+
+PARAMS = {"scale": jnp.float32(1.0)}
+
+
+def run(n=11, slots=4, devices=None, checkpoint=None, on_segment=None, **options):
+    mesh = parallel.local_mesh(devices)
+    driver = Driver(Quadratic(), jax.device_put(PARAMS, parallel.replicated(mesh)),
+                    DriverOptions(slots=slots, progress=False, **options), mesh)
+    return driver, driver.run(inputs(n), checkpoint=checkpoint, on_segment=on_segment)
+
+
+def test_every_target_runs_to_its_own_end_and_refilling_wastes_little():
+    driver, out = run(n=11, slots=4, segment_steps=5)
+    limits = inputs(11)["limit"]
+    assert np.all(out["steps"] <= limits) and np.all(out["steps"] >= 1)
+    # Computed slot-steps are the useful ones plus at most one segment's rounding per target.
+    assert driver.stats.target_steps == out["steps"].sum()
+    assert driver.stats.slot_steps - driver.stats.target_steps <= 11 * 5 + 4 * 5
+
+
+def test_results_do_not_depend_on_slots_or_devices_for_an_exact_problem():
+    _, a = run(slots=4)
+    _, b = run(slots=8, devices=jax.devices()[:1])
+    _, again = run(slots=4)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-6)
+        np.testing.assert_array_equal(a[name], again[name])
+
+
+def test_attempts_keep_each_targets_best_and_differ_in_their_start():
+    _, once = run(attempts=1)
+    _, thrice = run(attempts=3)
+    assert np.all(thrice["best"] <= once["best"])
+    # Attempt 0 is the same in both runs: where the best attempt was the first, the start is the same.
+    same = thrice["best"] == once["best"]
+    np.testing.assert_array_equal(thrice["start"][same], once["start"][same])
+    assert not np.all(same)
+
+
+def test_no_targets():
+    _, out = run(n=0)
+    assert out["best"].shape == (0,)
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="slots must be a positive integer"):
+        run(slots=0)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_results(tmp_path):
+    _, straight = run(n=13, slots=4, segment_steps=3)
+    checkpoint = PoolCheckpoint(tmp_path / "pool")
+    stopped_at = []
+
+    def stop_once_some_finished(info):  # mid-run: some targets done and their slots refilled
+        if info.finished > 0 and info.segment % 2 == 0:
+            stopped_at.append(info.segment)
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(n=13, slots=4, segment_steps=3, checkpoint=checkpoint, on_segment=stop_once_some_finished,
+            checkpoint_every=2)
+    assert checkpoint.latest() == stopped_at[0]
+    told = []
+    driver, resumed = run(n=13, slots=4, segment_steps=3, checkpoint=PoolCheckpoint(tmp_path / "pool"),
+                          on_segment=lambda info: told.append(info.segment), checkpoint_every=2)
+    assert told[0] == stopped_at[0] + 1  # went on from the checkpoint
+    for name in straight:
+        np.testing.assert_array_equal(straight[name], resumed[name])
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
+    checkpoint = PoolCheckpoint(tmp_path / "pool")
+
+    def stop(info):
+        if info.segment == 4:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(n=13, slots=4, segment_steps=3, checkpoint=checkpoint, on_segment=stop, checkpoint_every=2)
+    assert sorted(checkpoint.manager.all_steps()) == [2, 4]  # the newest two are kept
+    for file in (tmp_path / "pool" / "4").rglob("*"):
+        if file.is_file() and file.stat().st_size > 0:
+            file.write_bytes(b"\0" * 7)
+    told = []
+    _, straight = run(n=13, slots=4, segment_steps=3)
+    with pytest.warns(UserWarning, match="is damaged"):
+        _, resumed = run(n=13, slots=4, segment_steps=3, checkpoint=PoolCheckpoint(tmp_path / "pool"),
+                         on_segment=lambda info: told.append(info.segment), checkpoint_every=2)
+    assert told[0] == 3
+    for name in straight:
+        np.testing.assert_array_equal(straight[name], resumed[name])
+
+
+def test_a_checkpoint_of_another_pool_is_refused(tmp_path):
+    checkpoint = PoolCheckpoint(tmp_path / "pool")
+
+    def stop(info):
+        if info.segment == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(n=13, slots=4, segment_steps=3, checkpoint=checkpoint, on_segment=stop, checkpoint_every=2)
+    with pytest.raises(ValueError, match="another run"):
+        run(n=13, slots=8, segment_steps=3, checkpoint=PoolCheckpoint(tmp_path / "pool"))
+
+
+def test_equal_problems_share_their_compiled_functions():
+    assert compiled(Quadratic()) is compiled(Quadratic())
+    assert compiled(Quadratic(rate=0.2)) is not compiled(Quadratic())
+
+
+def test_on_finished_hears_of_every_target_once_with_its_best_report():
+    heard = []
+    mesh = parallel.local_mesh()
+    driver = Driver(Quadratic(), jax.device_put(PARAMS, parallel.replicated(mesh)),
+                    DriverOptions(slots=4, segment_steps=4, progress=False), mesh)
+    out = driver.run(inputs(9), on_finished=lambda rows, reports: heard.extend(zip(rows, reports["best"])))
+    assert sorted(r for r, _ in heard) == list(range(9))
+    for row, best in heard:
+        assert best == out["best"][row]
