@@ -8,7 +8,8 @@ A config holds:
     methods                      which run, in order: soft, hard, bound, bound_norm
     soft, hard, bound            the fields of SoftPromptConfig, HardPromptConfig, BoundConfig
     prompt_lengths               optional: run soft once per prompt length (KL vs L)
-    checkpoint_every             segments between checkpoints of an unfinished chunk
+    checkpoint_every             segments between checkpoints of a method's pool
+    tensorboard                  also write per-segment scalars as TensorBoard events (needs tensorboardX)
 
 `validate(config)` refuses, naming the field, everything that can be checked before the model loads.
 """
@@ -36,7 +37,7 @@ TARGET_KINDS = ("vanilla", "outlier", "model", "cross_model", "file")
 DTYPES = ("float32", "bfloat16")
 # The top-level fields a config may have; anything else is a typo or a field this version does not know.
 TOP_LEVEL_FIELDS = ("model", "dtype", "seed", "targets", "methods", "soft", "hard", "bound", "checkpoint_every",
-                    "prompt_lengths")
+                    "prompt_lengths", "tensorboard")
 # The fields each kind of target recipe reads (besides `kind`).
 RECIPE_FIELDS = {
     "vanilla": ("n", "entropy_min", "entropy_max", "entropies_from", "seed_offset"),
@@ -212,6 +213,7 @@ def base_config(model: str = "smollm2-135m") -> ConfigDict:
     return ConfigDict(dict(
         model=model, dtype="float32", seed=0, targets=ConfigDict(), methods=("soft",),
         soft=soft_defaults(), hard=hard_defaults(), bound=bound_defaults(), checkpoint_every=4,
+        tensorboard=False,
     ))
 
 
@@ -330,6 +332,8 @@ def validate(config, lm=None) -> None:
         raise ConfigError(f"config.dtype = {config.dtype!r}: must be one of {DTYPES}")
     _check_int(config.get("seed", 0), "config.seed", minimum=None)
     _check_int(config.get("checkpoint_every"), "config.checkpoint_every", minimum=1)
+    if not isinstance(config.get("tensorboard", False), bool):
+        raise ConfigError(f"config.tensorboard = {config.tensorboard!r}: must be True or False")
     methods = config.get("methods")
     if not isinstance(methods, (tuple, list)) or not methods:
         raise ConfigError(f"config.methods = {methods!r}: give a tuple of methods from {METHODS}")

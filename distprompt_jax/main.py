@@ -36,6 +36,14 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
+_COMPILATION_CACHE = flags.DEFINE_bool(
+    "compilation_cache", True,
+    "Keep compiled programs on disk so a rerun or resume does not compile again (JAX's persistent cache).",
+)
+_COMPILATION_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", None,
+    "Where the compilation cache lives (default: $DISTPROMPT_JAX_COMPILATION_CACHE, else under the model cache).",
+)
 
 
 def next_token_report(lm, prompt: str, top_k: int) -> str:
@@ -60,6 +68,10 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         # absl logs at INFO by default, which surfaces JAX's backend probing.
         logging.set_verbosity(logging.WARNING)
+    if _COMPILATION_CACHE.value:
+        from distprompt_jax import compilation_cache
+
+        compilation_cache.enable(_COMPILATION_CACHE_DIR.value)
     if _DISTRIBUTED.value:
         # Cross-process collectives on CPU devices (a CPU-only cluster) go through gloo.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

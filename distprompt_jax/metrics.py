@@ -1,7 +1,7 @@
 """Scalars a researcher can watch while a sweep runs, as TensorBoard event files (optional).
 
     metrics = SegmentMetrics(workdir / "tensorboard" / "soft")     # one folder per method: one TensorBoard run
-    metrics.write(step, segment_scalars(kl, active, steps=25, seconds=3.2))
+    metrics.write(info.segment, segment_scalars(info))    # info: a solve.SegmentInfo
     metrics.close()
     # then: tensorboard --logdir <workdir>/tensorboard
 
@@ -64,20 +64,16 @@ class SegmentMetrics:
         self.close()
 
 
-def segment_scalars(kl, active, steps: int, seconds: float) -> dict[str, float]:
-    """The scalars of one segment of a chunk: KL so far over its targets, how many still run, and speed.
-
-    `kl`: each target's best KL so far; `active`: whether each target still runs; `steps`: optimizer steps
-    the segment ran; `seconds`: its wall time. Non-finite KLs (a diverged target) are counted apart, not
-    averaged.
-    """
-    kl = np.asarray(kl, np.float64)
-    finite = kl[np.isfinite(kl)]
+def segment_scalars(info) -> dict[str, float]:
+    """The scalars of one segment of a pool (a `solve.SegmentInfo`): the running targets' best KL so far,
+    how many run and have finished, and useful vs computed target·steps per second (their ratio is the
+    share of the pool's work that went to targets still running)."""
+    seconds = info.seconds
     return {
-        "kl/mean": float(finite.mean()) if len(finite) else math.nan,
-        "kl/median": float(np.median(finite)) if len(finite) else math.nan,
-        "kl/not_finite": float(len(kl) - len(finite)),
-        "targets/active": float(np.count_nonzero(active)),
-        "targets/total": float(len(kl)),
-        "speed/steps_per_second": steps / seconds if seconds > 0 else math.nan,
+        "kl/mean_best": info.mean_best,
+        "kl/median_best": info.median_best,
+        "targets/active": float(info.active),
+        "targets/finished": float(info.finished),
+        "speed/useful_target_steps_per_second": info.target_steps / seconds if seconds > 0 else math.nan,
+        "speed/computed_target_steps_per_second": info.slot_steps / seconds if seconds > 0 else math.nan,
     }

@@ -8,6 +8,7 @@ Everything a run produces lives in its workdir:
     slots/<method>.p<k>.json  the pool size process k uses for a method (recorded once: a resume reuses it)
     checkpoints/<method>/p<k>/  process k's pool (orbax CheckpointManager), every `checkpoint_every` segments
     done/<method>/<first target>.npz  a process's finished results for a method (its columns and arrays)
+    tensorboard/<method>/  with config.tensorboard: the same per segment as TensorBoard events
     log.jsonl              one line per segment: method, segment, steps, active, finished, mean/median best KL,
                            useful and computed target·steps, seconds
     results.parquet        one row per (target, method), written when every method is done
@@ -43,7 +44,8 @@ import numpy as np
 import pandas as pd
 
 from distprompt_jax import parallel
-from distprompt_jax.experiment import METHODS, bound_config, hard_config, soft_config, validate
+from distprompt_jax.experiment import bound_config, hard_config, soft_config, validate
+from distprompt_jax.metrics import segment_scalars
 from distprompt_jax.prompting.engine import Method, run_method
 from distprompt_jax.results import PromptResults
 from distprompt_jax.solve import PoolCheckpoint, SegmentInfo
@@ -177,9 +179,10 @@ def _method_runs(config, method: str, lm) -> list[tuple[str, object]]:
     """(label, method factory) of each run of `method`: one, or one per entry of `config.prompt_lengths`
     for the prompt methods."""
     if method in ("bound", "bound_norm"):
-        from distprompt_jax.bounds import BoundMethod
+        from distprompt_jax.bounds import BoundMethod, NormMethod
 
-        return [(method, lambda: BoundMethod(lm, bound_config(config), norm=method == "bound_norm"))]
+        method_class = BoundMethod if method == "bound" else NormMethod
+        return [(method, lambda: method_class(lm, bound_config(config)))]
     if method == "soft":
         from distprompt_jax.prompting.soft import SoftMethod
 
@@ -209,11 +212,23 @@ def _run_method(
         checkpoint_dir = workdir / "checkpoints" / label / f"p{me}"
         slots = _recorded_slots(workdir, label, me)
         checkpoint = PoolCheckpoint(checkpoint_dir)
-        result = run_method(
-            method, lm, probs, take_share=False, first_index=share.start, checkpoint=checkpoint, slots=slots,
-            on_segment=lambda info: _log(workdir, label, info), progress=me == 0,
-            checkpoint_every=config.checkpoint_every, on_slots=lambda n: _record_slots(workdir, label, me, n),
-        )
+        with contextlib.ExitStack() as stack:
+            metrics = None
+            if config.get("tensorboard", False) and me == 0:
+                from distprompt_jax.metrics import SegmentMetrics
+
+                metrics = stack.enter_context(SegmentMetrics(workdir / "tensorboard" / label))
+
+            def on_segment(info: SegmentInfo):
+                _log(workdir, label, info)
+                if metrics is not None:
+                    metrics.write(info.segment, segment_scalars(info))
+
+            result = run_method(
+                method, lm, probs, take_share=False, first_index=share.start, checkpoint=checkpoint, slots=slots,
+                on_segment=on_segment, progress=me == 0, checkpoint_every=config.checkpoint_every,
+                on_slots=lambda n: _record_slots(workdir, label, me, n),
+            )
         checkpoint.close()
         _atomic_write(done, lambda path: np.savez(
             path, **result.columns, **{f"array:{k}": v for k, v in result.arrays.items()}

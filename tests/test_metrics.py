@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -46,9 +47,12 @@ def test_bad_steps_and_values_are_refused_by_name(tmp_path):
 
 
 def test_segment_scalars():
-    scalars = segment_scalars(np.array([1.0, 3.0, np.nan, 2.0]), np.array([True, False, True, False]),
-                              steps=25, seconds=5.0)
-    assert scalars == {"kl/mean": 2.0, "kl/median": 2.0, "kl/not_finite": 1.0, "targets/active": 2.0,
-                       "targets/total": 4.0, "speed/steps_per_second": 5.0}
-    empty = segment_scalars(np.array([np.inf]), np.array([False]), steps=0, seconds=0.0)
-    assert math.isnan(empty["kl/mean"]) and math.isnan(empty["speed/steps_per_second"])
+    from distprompt_jax.solve import SegmentInfo
+
+    info = SegmentInfo(segment=3, steps=10, active=5, finished=7, n_targets=20, mean_best=1.5, median_best=1.25,
+                       target_steps=300, slot_steps=400, seconds=2.0)
+    assert segment_scalars(info) == {
+        "kl/mean_best": 1.5, "kl/median_best": 1.25, "targets/active": 5.0, "targets/finished": 7.0,
+        "speed/useful_target_steps_per_second": 150.0, "speed/computed_target_steps_per_second": 200.0,
+    }
+    assert np.isnan(segment_scalars(dataclasses.replace(info, seconds=0.0))["speed/useful_target_steps_per_second"])
