@@ -62,14 +62,14 @@ def quality_targets(vocab: int, n: int):
 
 def compiled_evaluation(lm, probs: np.ndarray, candidates: np.ndarray):
     """(compile seconds, a callable returning KL [T, C]) of the engine's batched candidate evaluation."""
-    from distprompt_jax.prompting.hard import HardPromptConfig, _Search
+    from distprompt_jax.prompting.hard import HardProblem, HardPromptConfig
     from distprompt_jax.prompting.objective import safe_log
 
-    search = _Search.build(lm, HardPromptConfig(prompt_len=candidates.shape[-1]))
+    problem = HardProblem.build(lm, HardPromptConfig(prompt_len=candidates.shape[-1]))
 
     def evaluate(params, p, candidates):
         table = lm.embedding_matrix(params)
-        return jax.vmap(lambda p_i, c: search._candidate_kl(params, table, p_i, safe_log(p_i), c))(p, candidates)
+        return jax.vmap(lambda p_i, c: problem.candidate_kl(params, table, p_i, safe_log(p_i), c))(p, candidates)
 
     p, candidates = jnp.asarray(probs), jnp.asarray(candidates)
     start = time.perf_counter()
@@ -100,19 +100,14 @@ def torch_loop(hf, probs: np.ndarray, candidates: np.ndarray):
 
 def quality(lm, probs: np.ndarray, mode: str, iterations: int):
     """Best KL [T, iterations] and seconds per iteration, one compiled segment per iteration."""
-    from distprompt_jax.prompting.hard import HardEngine, HardPromptConfig
+    from distprompt_jax.prompting.engine import run_method
+    from distprompt_jax.prompting.hard import HardMethod, HardPromptConfig
 
-    config = HardPromptConfig(mode=mode, max_steps=iterations, segment_steps=1, chunk_size=len(probs))
-    engine = HardEngine(lm, config, n_targets=len(probs))
-    run = engine.start(probs, first_index=0)
-    seconds = []
-    while not run.finished:
-        start = time.perf_counter()
-        run = engine.advance(run)
-        jax.block_until_ready(run.state.best_kl)
-        seconds.append(time.perf_counter() - start)
-    columns, arrays = engine.results(run)
-    return columns, arrays["kl_path"], seconds
+    config = HardPromptConfig(mode=mode, max_steps=iterations, segment_steps=1, slots=len(probs))
+    elapsed = []
+    result = run_method(HardMethod(lm, config), lm, probs, on_segment=lambda info: elapsed.append(info.seconds))
+    seconds = np.diff([0.0, *elapsed]).tolist()
+    return result.columns, result.arrays["kl_path"], seconds
 
 
 def main():

@@ -63,17 +63,22 @@ def step_flops(config, prompt_len: int) -> float:
 
 
 def jax_segment(lm, n: int, steps: int):
-    """A callable running `steps` optimizer steps for n targets."""
-    from distprompt_jax.prompting.objective import safe_log
-    from distprompt_jax.prompting.soft import SoftPromptConfig, _Problem
+    """A callable running `steps` optimizer steps for n targets (one compiled segment of the driver's pool)."""
+    from distprompt_jax.prompting.soft import SoftProblem, SoftPromptConfig
+    from distprompt_jax.solve import compiled
 
-    config = SoftPromptConfig(max_steps=10**6, patience=10**6)
-    problem = _Problem.build(lm, config)
-    p = jnp.asarray(random_targets(n, lm.vocab_size))
-    log_p = safe_log(p)
-    state = problem.init_state(lm.params, jax.random.key(0), 0, n)
-    segment = jax.jit(problem.run_segment, static_argnames="num_steps")
-    return lambda: jax.block_until_ready(segment(lm.params, p, log_p, state, num_steps=steps))
+    functions = compiled(SoftProblem.build(lm, SoftPromptConfig(max_steps=10**6, patience=10**6)))
+    inputs = {"p": jnp.asarray(random_targets(n, lm.vocab_size), jnp.float32)}
+    index = jnp.arange(n, dtype=jnp.int32)
+    targets, states = functions.start(lm.params, inputs, np.uint32(0), index, jnp.zeros(n, jnp.int32),
+                                      jnp.ones(n, bool))
+    pool = [states]  # the segment takes its states over (donated), so each call continues from the last
+
+    def run():
+        pool[0], _ = functions.segment(lm.params, targets, pool[0], num_steps=steps)
+        jax.block_until_ready(pool[0])
+
+    return run
 
 
 def torch_steps(hf, targets: np.ndarray, steps: int, embed_std: float):

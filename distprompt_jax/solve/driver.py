@@ -174,7 +174,7 @@ class Driver:
         n = len(next(iter(inputs.values())))
         pool = _Pool(self, inputs, n, first_index, on_finished)
         if n == 0:
-            return pool.results_for_no_targets()
+            return pool.results
         if checkpoint is not None and pool.restore(checkpoint):
             pool.announce(np.flatnonzero(pool.attempts_done >= self.options.attempts))
         else:
@@ -230,9 +230,6 @@ class _Pool:
             self.driver.params, *f.start(self.driver.params, inputs, np.uint32(0), index, index, occupied),
             np.zeros(1, np.int32)))
         return {name: np.zeros((self.n,) + a.shape[1:], a.dtype) for name, a in abstract.items() if name != _OBJECTIVE}
-
-    def results_for_no_targets(self) -> dict[str, np.ndarray]:
-        return self.results
 
     def _slot_inputs(self, rows: np.ndarray) -> dict:
         return {name: jax.device_put(np.asarray(values[rows]), self.driver.sharding) for name, values in self.inputs.items()}
