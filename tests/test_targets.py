@@ -5,14 +5,19 @@ from __future__ import annotations
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
 
+from distprompt_jax.parallel import local_mesh
+from distprompt_jax.solve import Driver, DriverOptions, Problem
 from distprompt_jax.targets import (
     TargetError, TargetSet, as_target_set, entropy_grid, entropy_nats, load_targets, max_entropy_at_mass,
     outlier_mass_bound, outlier_targets, validate_probs, vanilla_targets,
 )
+from distprompt_jax.targets.batching import RowProblem, default_slots, map_rows, slot_count
+from distprompt_jax.targets.entropy import EntropyProblem, EntropySettings
 
 TOL = 1e-4
 # Most tests share one vocabulary and outlier count, so the compiled solver is reused between them.
@@ -77,11 +82,11 @@ def test_vanilla_depends_only_on_seed_and_entropy():
     vocab = VOCAB
     h = np.linspace(0.2, 5.0, 9)
     seeds = np.arange(100, 109)
-    by3 = vanilla_targets(vocab, h, seeds, chunk_size=3, progress=False)
-    by8 = vanilla_targets(vocab, h, seeds, chunk_size=8, progress=False)
-    reversed_ = vanilla_targets(vocab, h[::-1], seeds[::-1], chunk_size=8, progress=False)
-    one_device = vanilla_targets(vocab, h, seeds, chunk_size=4, devices=jax.devices()[:1], progress=False)
-    again = vanilla_targets(vocab, h, seeds, chunk_size=3, progress=False)
+    by3 = vanilla_targets(vocab, h, seeds, slots=3, progress=False)
+    by8 = vanilla_targets(vocab, h, seeds, slots=8, progress=False)
+    reversed_ = vanilla_targets(vocab, h[::-1], seeds[::-1], slots=8, progress=False)
+    one_device = vanilla_targets(vocab, h, seeds, slots=4, devices=jax.devices()[:1], progress=False)
+    again = vanilla_targets(vocab, h, seeds, slots=3, progress=False)
 
     np.testing.assert_array_equal(again.probs, by3.probs)  # bitwise for the same chunking
     # Other chunkings compile reductions over different shapes: equal up to float32 rounding.
@@ -92,7 +97,7 @@ def test_vanilla_depends_only_on_seed_and_entropy():
     alone = vanilla_targets(vocab, h[4:5], seed=int(seeds[4]), progress=False)
     np.testing.assert_allclose(alone.probs[0], by3.probs[4], rtol=0, atol=1e-5)
     # Different seeds give different targets.
-    assert np.abs(vanilla_targets(vocab, h, seed=0, chunk_size=8, progress=False).probs - by3.probs).max() > 1e-2
+    assert np.abs(vanilla_targets(vocab, h, seed=0, slots=8, progress=False).probs - by3.probs).max() > 1e-2
 
 
 def test_vanilla_optimizer_and_learning_rate_are_options_and_recorded():
@@ -124,8 +129,58 @@ def test_vanilla_refuses_bad_options():
         vanilla_targets(50, [1.0], seed=-1, progress=False)
     with pytest.raises(ValueError, match="sequence of 2"):
         vanilla_targets(50, [1.0, 2.0], seed=[1, 2, 3], progress=False)
-    with pytest.raises(ValueError, match="chunk_size"):
-        vanilla_targets(50, [1.0], chunk_size=0, progress=False)
+    with pytest.raises(ValueError, match="slots"):
+        vanilla_targets(50, [1.0], slots=0, progress=False)
+
+
+# --- generation on the solver driver ---------------------------------------------------------------
+
+
+def test_default_slots_follow_the_platform_and_small_requests_take_powers_of_two():
+    assert default_slots(49152, "cpu") == 16 and default_slots(49152, "gpu") == 1024
+    assert default_slots(50, "cpu") == 1024 and default_slots(10**7, "cpu") == 8  # the cap and the floor
+    assert slot_count(100, 16, 4) == 16 and slot_count(5, 16, 1) == 8 and slot_count(3, 16, 4) == 4
+    assert slot_count(1, 16, 1) == 1 and slot_count(6, 3, 4) == 4  # rounded up to the devices
+
+
+def test_entropy_rows_depend_on_their_request_not_on_the_drivers_seed():
+    problem = EntropyProblem(vocab_size=VOCAB)
+    assert isinstance(problem, Problem)
+    settings = EntropySettings.of(learning_rate=0.1, alpha=1.0, beta=0.0, tolerance=TOL)
+    h = np.linspace(0.5, 5.0, 7)
+    inputs = {"h": h.astype(np.float32), "seed": np.arange(7, dtype=np.uint32),
+              "attempt": np.zeros(7, np.uint32), "step_limit": np.full(7, 1000, np.int32)}
+    # 7 requests in 4 slots: three of them start in slots that others left.
+    runs = [Driver(problem, settings, DriverOptions(slots=4, seed=seed, progress=False), local_mesh()).run(inputs)
+            for seed in (0, 99)]
+    # Several optimizer steps per driver step (what solve_requests runs): a row that stops part-way stays
+    # as it stopped, so the same rows come out.
+    batched = EntropyProblem(vocab_size=VOCAB, optimizer_steps=7)
+    runs.append(Driver(batched, settings, DriverOptions(slots=4, segment_steps=2, progress=False), local_mesh())
+                .run(inputs))
+    for run in runs[1:]:
+        for name in ("z", "steps", "entropy"):
+            np.testing.assert_array_equal(run[name], runs[0][name])
+    assert (runs[0]["steps"] > 0).all() and (runs[0]["steps"] < 1000).all()
+    np.testing.assert_array_less(np.abs(runs[0]["entropy"] - h), TOL)  # each stopped at the tolerance
+
+
+def affine(shared, row):
+    return {"y": row["x"] * shared["scale"] + jnp.sum(row["v"]), "x": row["x"]}
+
+
+def test_map_rows_computes_every_row_once_and_in_order():
+    rng = np.random.default_rng(0)
+    inputs = {"x": rng.normal(size=11).astype(np.float32), "v": rng.normal(size=(11, 3)).astype(np.float32)}
+    expected = inputs["x"] * 2 + inputs["v"].sum(axis=1)
+    for devices in (None, jax.devices()[:1]):
+        out = map_rows(affine, inputs, shared={"scale": np.float32(2)}, slots=4, devices=devices, progress=False)
+        np.testing.assert_allclose(out["y"], expected, rtol=1e-6)
+        np.testing.assert_array_equal(out["x"], inputs["x"])
+    # One step per row, whatever the slots: 11 rows in 4 slots take three refills of the pool, not more steps.
+    driver = Driver(RowProblem(affine), {"scale": np.float32(2)}, DriverOptions(slots=4, progress=False), local_mesh())
+    driver.run(inputs)
+    assert driver.stats.target_steps == 11
 
 
 # --- outlier targets --------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def test_sampled_targets_are_the_models_next_token_distribution_on_their_context
 
 def test_sampling_is_seeded_and_chunking_does_not_change_contexts(tiny_lm):
     first = model_targets(tiny_lm, 6, seed=1, context_len=5, progress=False)
-    chunked = model_targets(tiny_lm, 6, seed=1, context_len=5, chunk_size=4, progress=False)
+    chunked = model_targets(tiny_lm, 6, seed=1, context_len=5, slots=4, progress=False)
     shifted = model_targets(tiny_lm, 4, seed=3, context_len=5, progress=False)
     assert first.metadata.context_ids.tolist() == chunked.metadata.context_ids.tolist()
     np.testing.assert_allclose(first.probs, chunked.probs, rtol=0, atol=2e-6)
@@ -115,7 +115,7 @@ def test_contexts_from_a_file(tiny_lm, tmp_path):
     (dict(n=0), "n must be"), (dict(temperature=0.0), "temperature"),
     (dict(target_temperature=-1), "target_temperature"),
     (dict(positions=(0, 6)), "positions"), (dict(positions=()), "positions"), (dict(context_len=0), "context_len"),
-    (dict(chunk_size=0), "chunk_size"),
+    (dict(slots=0), "slots"),
 ])
 def test_model_targets_refuse_bad_options(tiny_lm, kwargs, message):
     with pytest.raises(ValueError, match=message):

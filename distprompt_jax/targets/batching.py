@@ -1,66 +1,97 @@
-"""Running a per-row computation over many targets in fixed-size chunks, sharded over local devices.
+"""How many target rows run at once, and per-row computations on the solver driver.
 
-Every chunk has the same shape (the last is padded by repeating its first row, whose result is dropped), so
-one compiled program serves them all; within a chunk the row axis is split over this process's devices.
+Target generation runs on the same driver (distprompt_jax.solve) as the prompting methods: the entropy
+solver as a Problem of its own (entropy.py), and computations without an iteration of their own —
+sampling a context, reading a next-token distribution — as a one-step `RowProblem` here, so that
+batching the rows, sharding them over the devices and looping over them live in the driver only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from distprompt_jax import parallel
+from distprompt_jax.solve import Driver, DriverOptions, Progress
 
 # Rows optimized together. On a CPU the loop is memory-bound: a pool whose float32 logits, gradients and
 # Adam moments (~4 arrays [rows, V]) stay in cache runs 2-3x faster per entry than a large one (measured
 # on a 2-core EPYC, 32 MiB L3: 2.1 ns per entry-step at 16 rows of 49152, 5-8 ns at 64-256 rows).
 # Accelerators want large batches: there the budget is device memory.
-CPU_CHUNK_BYTES = 16 << 20
-ACCELERATOR_CHUNK_BYTES = 1 << 30
+CPU_SLOT_BYTES = 16 << 20
+ACCELERATOR_SLOT_BYTES = 1 << 30
 _BYTES_PER_ENTRY = 4 * 4
 
 
-def default_chunk_size(vocab_size: int, platform: str | None = None) -> int:
-    """Rows per compiled chunk: the largest power of two (8 to 1024) whose working arrays fit the platform's
-    budget — 16 rows of 49152 on a CPU, 1024 on an accelerator — with a floor of 8 rows."""
+def default_slots(vocab_size: int, platform: str | None = None) -> int:
+    """Rows computed at once: the largest power of two (8 to 1024) whose working arrays fit the platform's
+    budget — 16 rows of 49152 on a CPU, 1024 on an accelerator — with a floor of 8 rows. Deterministic
+    (never from the free memory), so a rerun on the same platform computes the same batches."""
     platform = platform or jax.default_backend()
-    budget = CPU_CHUNK_BYTES if platform == "cpu" else ACCELERATOR_CHUNK_BYTES
+    budget = CPU_SLOT_BYTES if platform == "cpu" else ACCELERATOR_SLOT_BYTES
     rows = max(8, budget // (_BYTES_PER_ENTRY * vocab_size))
     return int(min(1024, 2 ** int(np.log2(rows))))
 
 
-def rows_per_chunk(n_rows: int, chunk_size: int, n_devices: int) -> int:
-    """The compiled chunk size for n_rows: chunk_size, or for fewer rows the next power of two, rounded up
-    to a multiple of the device count. Powers of two keep the number of compiled shapes small when many
-    small requests come in."""
-    if isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    return parallel.round_up(min(chunk_size, 1 << max(0, n_rows - 1).bit_length()), n_devices)
+def slot_count(n_rows: int, slots: int, n_devices: int) -> int:
+    """The pool size for n_rows: `slots`, or for fewer rows the next power of two, rounded up to a multiple
+    of the device count. Powers of two keep the number of compiled shapes small when many small requests
+    come in."""
+    if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
+        raise ValueError(f"slots must be a positive integer, got {slots!r}")
+    return parallel.round_up(min(int(slots), 1 << max(0, n_rows - 1).bit_length()), n_devices)
 
 
-def map_chunks(
-    compute: Callable[[dict, object], dict], inputs: dict[str, np.ndarray], *, chunk_size: int | None,
-    vocab_size: int, devices=None, desc: str = "targets", progress: bool = True,
+class RowState(NamedTuple):
+    progress: Progress
+    outputs: dict  # zeros until the row's one step computes them
+
+
+@dataclasses.dataclass(frozen=True)
+class RowProblem:
+    """A Problem of one step: `function(shared, row) -> {name: array}` computes one row's outputs, and the
+    report returns them.
+
+    `function` must be hashable by what it traces (a frozen dataclass, or a module-level function): equal
+    functions share their compiled programs. The computation is the step, not the init, because the
+    driver compiles init twice (into its start and its refill programs) but the step once (its segment),
+    and a model forward is slow to compile; the step also sees the slots sharded over the devices.
+    """
+
+    function: Callable[[object, dict], dict]
+
+    def prepare(self, inputs: dict) -> dict:
+        return inputs
+
+    def init(self, shared, row, index, key) -> RowState:
+        shapes = jax.eval_shape(self.function, shared, row)
+        return RowState(Progress.start(), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes))
+
+    def step(self, shared, row, state: RowState) -> RowState:
+        done = Progress(steps=state.progress.steps + 1, best=jnp.float32(0), active=jnp.asarray(False))
+        return RowState(done, self.function(shared, row))
+
+    def report(self, shared, row, state: RowState) -> dict:
+        return state.outputs
+
+
+def map_rows(
+    function: Callable[[object, dict], dict], inputs: dict[str, np.ndarray], *, shared, slots: int,
+    devices=None, desc: str = "targets", progress: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Concatenated `compute(chunk_inputs, sharding)` over chunks of the rows of `inputs`.
+    """{name: [N, ...]}: `function(shared, row)` for every row of `inputs` (numpy arrays, rows first).
 
-    `compute` gets each input padded to the chunk size and a `NamedSharding` splitting rows over the
-    devices, and returns numpy arrays with the chunk's rows first. chunk_size=None picks
-    `default_chunk_size(vocab_size)`; see `rows_per_chunk` for the size compiled.
+    `shared` is the data every row reads (model weights, temperatures: traced, so changing them compiles
+    nothing). At most `slots` rows are computed at once (see `slot_count`), split over `devices` (default:
+    this process's).
     """
     n = len(next(iter(inputs.values())))
     mesh = parallel.local_mesh(devices)
-    size = rows_per_chunk(n, chunk_size if chunk_size is not None else default_chunk_size(vocab_size), mesh.size)
-    sharding = parallel.target_sharding(mesh)
-    bounds = parallel.chunk_bounds(n, size)
-    outputs: dict[str, np.ndarray] = {}
-    for start, stop in tqdm(bounds, desc=desc, unit="chunk", disable=not progress or len(bounds) < 2):
-        chunk = {name: parallel.pad_rows(values[start:stop], size) for name, values in inputs.items()}
-        for name, values in compute(chunk, sharding).items():
-            if name not in outputs:
-                outputs[name] = np.empty((n,) + values.shape[1:], values.dtype)
-            outputs[name][start:stop] = values[: stop - start]
-    return outputs
+    size = slot_count(n, slots, mesh.size)
+    options = DriverOptions(slots=size, segment_steps=1, desc=desc, progress=progress and n > size)
+    return Driver(RowProblem(function), shared, options, mesh).run(inputs)

@@ -1,8 +1,9 @@
-"""Entropy-controlled targets from (h, seed) requests: the driver shared by vanilla and outlier targets.
+"""Entropy-controlled targets from (h, seed) requests: what vanilla and outlier targets share.
 
 A request's result depends only on its seed, attempt number, h and the options: its initial logits come
 from `fold_in(key(seed), attempt)` and its optimization is a row of its own (see entropy.py), so neither
-the chunk size (the number of rows optimized together) nor its position among the requests changes it.
+the slot count (the number of rows optimized together) nor its position among the requests changes it
+(beyond float32 rounding: batched reductions round differently per shape).
 
 The two ends are exact and skip the optimizer: h within END_SLACK of 0 gives a one-hot (at the argmax
 of the seed's logits — the τ → 0 limit — or, with outliers, on the first outlier token), h within
@@ -13,17 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from distprompt_jax import parallel
-from distprompt_jax.targets.batching import default_chunk_size, rows_per_chunk
-from distprompt_jax.targets.entropy import EntropySolver, make_optimizer, match_entropy_by_temperature
+from distprompt_jax.solve import Driver, DriverOptions
+from distprompt_jax.targets.batching import default_slots, slot_count
+from distprompt_jax.targets.entropy import (
+    EntropyProblem, EntropySettings, make_optimizer, match_entropy_by_temperature,
+)
 from distprompt_jax.targets.io import entropy_nats
 
 END_SLACK = 1e-6
-# Optimizer steps per compiled call; between calls, stopped rows are finished and their slots refilled.
+# Optimizer steps per compiled segment; between segments, stopped rows are finished and their slots refilled.
 SEGMENT_STEPS = 25
 MAX_SEED = 2**32 - 1
 
@@ -91,14 +93,16 @@ def target_seeds(seed, n: int) -> np.ndarray:
 
 def solve_requests(
     vocab_size: int, entropies: np.ndarray, seeds: np.ndarray, attempts: np.ndarray, options: SolverOptions,
-    *, n_outliers: int = 0, alpha: float = 1.0, beta: float = 0.0, chunk_size: int | None = None,
+    *, n_outliers: int = 0, alpha: float = 1.0, beta: float = 0.0, slots: int | None = None,
     devices=None, progress: bool = True, desc: str = "targets",
 ) -> dict[str, np.ndarray]:
     """Targets for requests (h, seed, attempt): float32 probs [N, V] and per-target figures.
 
-    A pool of `chunk_size` rows runs `SEGMENT_STEPS` optimizer steps at a time; rows that have stopped are
-    finished (stage 2) and their slots refilled from the queue. The queue starts with the requests nearest
-    an end of [0, ln|V|], which take the most steps, so the pool does not idle on one slow row at the end.
+    Stage 1 runs on the solver driver: `slots` rows (default `batching.default_slots`) take
+    `SEGMENT_STEPS` optimizer steps at a time, and the slots of rows that stopped are refilled between
+    segments. Stage 2 runs on the host for the rows that stopped while the next segment computes. The
+    requests nearest an end of [0, ln|V|], which take the most steps, are queued first, so the pool does
+    not idle on one slow row at the end.
 
     Returns `probs`, `entropy` (float64, of the float32 probs returned; callers check it against the
     request), `outlier_ids` [N, k], `outlier_mass` (float64, of the returned probs), `steps`,
@@ -108,56 +112,27 @@ def solve_requests(
     top = np.log(vocab_size)
     ends = (entropies <= END_SLACK) | (entropies >= top - END_SLACK)
     # Rows at either end take no optimizer steps: a step limit of 0 freezes them at once.
-    step_limits = np.where(ends, 0, options.max_steps).astype(np.int32)
-    queue = np.argsort(np.minimum(entropies, top - entropies), kind="stable")
-
-    solver = EntropySolver(vocab_size=vocab_size, n_outliers=n_outliers, optimizer=options.optimizer,
-                           stop_at_tolerance=options.stop_at_tolerance)
-    settings = {name: np.float32(value) for name, value in (("learning_rate", options.learning_rate),
-                                                            ("alpha", alpha), ("beta", beta),
-                                                            ("tolerance", options.tolerance))}
-    mesh = parallel.local_mesh(devices)
-    sharding = parallel.target_sharding(mesh)
-    slots = rows_per_chunk(n, default_chunk_size(vocab_size) if chunk_size is None else chunk_size, mesh.size)
-    slot_request = np.full(slots, -1)
-
-    def requests_for(free_slots):
-        """Device arrays [slots] assigning the next queued requests to free_slots (others get request 0)."""
-        nonlocal queue
-        taken, queue = queue[: len(free_slots)], queue[len(free_slots):]
-        slot_request[free_slots[: len(taken)]] = taken
-        rows = np.zeros(slots, np.int64)
-        rows[free_slots[: len(taken)]] = taken
-        replace = np.zeros(slots, bool)
-        replace[free_slots[: len(taken)]] = True
-        inputs = (seeds[rows].astype(np.uint32), attempts[rows].astype(np.uint32),
-                  entropies[rows].astype(np.float32), np.where(replace, step_limits[rows], 0).astype(np.int32))
-        return jax.device_put(replace, sharding), [jax.device_put(x, sharding) for x in inputs]
-
-    _, inputs = requests_for(np.arange(slots))
-    pool = solver.start(*inputs, settings)
+    step_limits = np.where(ends, 0, options.max_steps)
+    order = np.argsort(np.minimum(entropies, top - entropies), kind="stable")
+    inputs = {
+        "h": entropies[order].astype(np.float32), "seed": seeds[order].astype(np.uint32),
+        "attempt": attempts[order].astype(np.uint32), "step_limit": step_limits[order].astype(np.int32),
+    }
     results: dict[str, np.ndarray] = {}
-    with tqdm(total=n, desc=desc, unit="target", disable=not progress or n <= slots) as bar:
-        while (slot_request >= 0).any():
-            pool = solver.advance(pool, settings, SEGMENT_STEPS)
-            finished = np.flatnonzero(np.asarray(pool["done"]) & (slot_request >= 0))
-            if not len(finished):
-                continue
-            requests = slot_request[finished]
-            rows = _finish(
-                {name: np.asarray(pool[name])[finished] for name in ("z", "outlier_ids", "steps", "entropy")},
-                entropies[requests], vocab_size, n_outliers, options.tolerance,
-            )
-            for name, values in rows.items():
-                if name not in results:
-                    results[name] = np.empty((n,) + values.shape[1:], values.dtype)
-                results[name][requests] = values
-            bar.update(len(finished))
-            slot_request[finished] = -1
-            if len(queue):
-                replace, inputs = requests_for(finished)
-                pool = solver.refill(pool, replace, *inputs, settings)
 
+    def finish(rows: np.ndarray, reports: dict[str, np.ndarray]):
+        requests = order[rows]
+        for name, values in _finish(reports, entropies[requests], vocab_size, n_outliers, options.tolerance).items():
+            results.setdefault(name, np.empty((n,) + values.shape[1:], values.dtype))[requests] = values
+
+    # A segment is one driver step of SEGMENT_STEPS optimizer steps: see EntropyProblem.optimizer_steps.
+    problem = EntropyProblem(vocab_size=vocab_size, n_outliers=n_outliers, optimizer=options.optimizer,
+                             stop_at_tolerance=options.stop_at_tolerance, optimizer_steps=SEGMENT_STEPS)
+    mesh = parallel.local_mesh(devices)
+    size = slot_count(n, default_slots(vocab_size) if slots is None else slots, mesh.size)
+    driver_options = DriverOptions(slots=size, segment_steps=1, desc=desc, progress=progress and n > size)
+    settings = EntropySettings.of(options.learning_rate, alpha, beta, options.tolerance)
+    Driver(problem, settings, driver_options, mesh).run(inputs, on_finished=finish)
     return results
 
 

@@ -3,16 +3,19 @@
 Contexts are either sampled from a model (seeded) or read from a text file. Sampling has no KV cache: a
 context lives in a fixed-length token buffer and each step runs the whole buffer through the model,
 reading the logits at the last filled position — causal attention makes the unfilled tail irrelevant,
-and one compiled program serves every step and every chunk. The targets of a context are then read off
-one more forward pass at the chosen positions.
+and one compiled program serves every step and every context. The targets of a context are then read off
+one more forward pass at the chosen positions. Both are per-row functions run on the solver driver
+(`batching.map_rows`), which batches the rows and splits them over the devices.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,22 +23,22 @@ import numpy as np
 import pandas as pd
 
 from distprompt_jax.lm import abstract_language_model
-from distprompt_jax.targets.batching import map_chunks
+from distprompt_jax.targets.batching import map_rows
 from distprompt_jax.targets.controlled import target_seeds
 from distprompt_jax.targets.io import TargetError, TargetSet, entropy_nats
 from distprompt_jax.targets.mapping import TokenMapping, build_token_mapping, map_distribution
 from distprompt_jax.tokens import ordinary_token_mask
 
-# Contexts per compiled chunk when not given: a forward pass holds [chunk, L, d] activations and [chunk, V]
+# Contexts computed at once when not given: a forward pass holds [slots, L, d] activations and [slots, V]
 # logits, small next to the model for short contexts.
-DEFAULT_CONTEXT_CHUNK = 32
+DEFAULT_CONTEXT_SLOTS = 32
 
 
 @functools.lru_cache(maxsize=16)
 def _architecture(config, dtype_name: str):
-    """A parameterless stand-in for every model of this config and dtype: the static argument of the jitted
-    functions below, so models that share an architecture share compiled code (and the compile cache holds
-    no weights)."""
+    """A parameterless stand-in for every model of this config and dtype: what the row functions below
+    hold, so models that share an architecture share compiled code (and the compile cache holds no
+    weights)."""
     return abstract_language_model(config, dtype_name)
 
 
@@ -43,32 +46,41 @@ def _forward_of(lm):
     return _architecture(lm.config, jnp.dtype(lm.dtype).name)
 
 
-def _next_token_logits(lm, params, ids, positions):
-    """Logits [B, V] of the token after position positions[b] of each token buffer ids [B, L]."""
+def _next_token_logits(lm, params, ids, position):
+    """Logits [V] of the token after `position` of the token buffer ids [L]."""
     h = lm.run_layers(params, lm.input_stream(params, lm.embed(params, ids)), 0, lm.n_layers)
-    return lm.unembed(params, lm.final_norm(params, h[jnp.arange(len(ids)), positions]))
+    return lm.unembed(params, lm.final_norm(params, h[position]))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _sample_contexts(lm, params, ids, keys, temperature, banned, start):
-    """Fill buffers ids [B, L] from position `start` on: token t ~ softmax(logits / temperature) over the
-    tokens not `banned` [V], keyed by fold_in(keys[b], t)."""
+@dataclasses.dataclass(frozen=True)
+class _SampledContext:
+    """Row function: fill a buffer row["ids"] [L] from position shared["start"] on, token t drawn from
+    softmax(logits / shared["temperature"]) over the tokens not shared["banned"] [V], with key
+    fold_in(key(row["seed"]), t)."""
 
-    def step(t, ids):
-        logits = _next_token_logits(lm, params, ids, jnp.full((len(ids),), t - 1))
-        logits = jnp.where(banned, -jnp.inf, logits)
-        step_keys = jax.vmap(lambda key: jax.random.fold_in(key, t))(keys)
-        tokens = jax.vmap(jax.random.categorical)(step_keys, logits / temperature)
-        return ids.at[:, t].set(tokens.astype(ids.dtype))
+    lm: Any  # the architecture (_forward_of)
 
-    return jax.lax.fori_loop(start, ids.shape[1], step, ids)
+    def __call__(self, shared, row):
+        key = jax.random.key(row["seed"])
+
+        def step(t, ids):
+            logits = jnp.where(shared["banned"], -jnp.inf, _next_token_logits(self.lm, shared["lm"], ids, t - 1))
+            token = jax.random.categorical(jax.random.fold_in(key, t), logits / shared["temperature"])
+            return ids.at[t].set(token.astype(ids.dtype))
+
+        return {"ids": jax.lax.fori_loop(shared["start"], row["ids"].shape[0], step, row["ids"])}
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _distributions(lm, params, ids, positions, target_temperature):
-    """softmax(logits / target_temperature) [B, V] of the token after position positions[b] of ids[b]."""
-    logits = _next_token_logits(lm, params, ids, positions)
-    return jax.nn.softmax(logits / target_temperature, axis=-1)
+@dataclasses.dataclass(frozen=True)
+class _NextTokenDistribution:
+    """Row function: softmax(logits / shared["temperature"]) [V] of the token after position row["read_at"]
+    of the buffer row["ids"]."""
+
+    lm: Any  # the architecture (_forward_of)
+
+    def __call__(self, shared, row):
+        logits = _next_token_logits(self.lm, shared["lm"], row["ids"], row["read_at"])
+        return {"probs": jax.nn.softmax(logits / shared["temperature"])}
 
 
 def _check_positive(name: str, value) -> float:
@@ -84,11 +96,10 @@ def _check_count(name: str, value) -> int:
 
 
 def _generate(lm, n, seed, *, context_len, temperature, target_temperature, seed_text, contexts_file,
-              positions, chunk_size, params, progress):
+              positions, slots, params, progress):
     """Contexts and their next-token distributions: (probs float32 [n, V], metadata columns)."""
     n = _check_count("n", n)
-    if chunk_size is not None:
-        _check_count("chunk_size", chunk_size)
+    slots = DEFAULT_CONTEXT_SLOTS if slots is None else _check_count("slots", slots)
     temperature = _check_positive("temperature", temperature)
     target_temperature = _check_positive("target_temperature", target_temperature)
     params = lm.params if params is None else params
@@ -113,7 +124,7 @@ def _generate(lm, n, seed, *, context_len, temperature, target_temperature, seed
         prefix = _prefix(lm, seed_text)
         n_contexts = -(-n // len(positions))
         seeds = target_seeds(seed, n_contexts)
-        buffers = _sampled_buffers(lm, params, prefix, seeds, context_len, temperature, chunk_size, progress)
+        buffers = _sampled_buffers(lm, params, prefix, seeds, context_len, temperature, slots, progress)
         # Context c contributes targets after prefix + p generated tokens, p in positions, in that order.
         context_of = np.repeat(np.arange(n_contexts), len(positions))[:n]
         lengths = len(prefix) + np.tile(np.asarray(positions), n_contexts)[:n]
@@ -121,16 +132,10 @@ def _generate(lm, n, seed, *, context_len, temperature, target_temperature, seed
         buffers, read_at = buffers[context_of], (lengths - 1).astype(np.int32)
         columns = {"seed": seeds[context_of], "context_index": context_of, "position": lengths - len(prefix)}
 
-    def compute(chunk, sharding):
-        dists = _distributions(
-            _forward_of(lm), params, jax.device_put(chunk["ids"], sharding),
-            jax.device_put(chunk["read_at"], sharding), jnp.float32(target_temperature),
-        )
-        return {"probs": np.asarray(dists)}
-
-    probs = map_chunks(
-        compute, {"ids": buffers, "read_at": read_at}, chunk_size=chunk_size or DEFAULT_CONTEXT_CHUNK,
-        vocab_size=lm.vocab_size, desc=f"{lm.name} next-token targets", progress=progress,
+    probs = map_rows(
+        _NextTokenDistribution(_forward_of(lm)), {"ids": buffers, "read_at": read_at},
+        shared={"lm": params, "temperature": np.float32(target_temperature)}, slots=slots,
+        desc=f"{lm.name} next-token targets", progress=progress,
     )["probs"]
     columns.update({
         "context_ids": [c.tolist() for c in contexts],
@@ -153,7 +158,7 @@ def _prefix(lm, seed_text) -> np.ndarray:
     return np.array([lm.config.bos_token_id], np.int32)
 
 
-def _sampled_buffers(lm, params, prefix, seeds, context_len, temperature, chunk_size, progress) -> np.ndarray:
+def _sampled_buffers(lm, params, prefix, seeds, context_len, temperature, slots, progress) -> np.ndarray:
     """Token buffers [n_contexts, len(prefix) + context_len]: prefix, then sampled tokens.
 
     Special tokens (BOS, EOS, pad, markers such as Gemma's <start_of_image>) are never sampled: contexts
@@ -162,17 +167,11 @@ def _sampled_buffers(lm, params, prefix, seeds, context_len, temperature, chunk_
     """
     buffers = np.zeros((len(seeds), len(prefix) + context_len), np.int32)
     buffers[:, : len(prefix)] = prefix
-    banned = ~ordinary_token_mask(lm)
-
-    def compute(chunk, sharding):
-        keys = jax.vmap(jax.random.key)(jax.device_put(chunk["seed"].astype(np.uint32), sharding))
-        ids = _sample_contexts(_forward_of(lm), params, jax.device_put(chunk["ids"], sharding), keys,
-                               jnp.float32(temperature), banned, jnp.int32(len(prefix)))
-        return {"ids": np.asarray(ids)}
-
-    return map_chunks(
-        compute, {"ids": buffers, "seed": seeds}, chunk_size=chunk_size or DEFAULT_CONTEXT_CHUNK,
-        vocab_size=lm.vocab_size, desc=f"sampling {lm.name} contexts", progress=progress,
+    shared = {"lm": params, "temperature": np.float32(temperature), "start": np.int32(len(prefix)),
+              "banned": ~ordinary_token_mask(lm)}
+    return map_rows(
+        _SampledContext(_forward_of(lm)), {"ids": buffers, "seed": seeds.astype(np.uint32)}, shared=shared,
+        slots=slots, desc=f"sampling {lm.name} contexts", progress=progress,
     )["ids"]
 
 
@@ -199,7 +198,7 @@ def _decode(lm, ids) -> str | None:
 def model_targets(
     lm, n: int, seed=0, *, context_len: int = 16, temperature: float = 1.0, target_temperature: float = 1.0,
     seed_text: str | None = None, contexts_file: str | os.PathLike | None = None,
-    positions=None, chunk_size: int | None = None, params=None, progress: bool = True,
+    positions=None, slots: int | None = None, params=None, progress: bool = True,
 ) -> TargetSet:
     """n targets: lm's own next-token distributions on contexts it sampled, or on lines of a text file.
 
@@ -214,7 +213,7 @@ def model_targets(
       contexts_file: a UTF-8 text file; each non-blank line is one context (no sampling), in file order.
       positions: for sampled contexts, after how many sampled tokens targets are read (default: the end,
         (context_len,)); several positions give several targets per context, context-major.
-      chunk_size: contexts per compiled chunk (default 32).
+      slots: contexts computed at once (default 32), split over this process's devices.
       params: parameters to use instead of lm.params (e.g. sharded or bfloat16 copies).
     Returns:
       TargetSet of kind "model", target i = softmax(lm.logits(params, lm.embed(params, context_ids[i])) /
@@ -226,7 +225,7 @@ def model_targets(
     """
     probs, columns = _generate(
         lm, n, seed, context_len=context_len, temperature=temperature, target_temperature=target_temperature,
-        seed_text=seed_text, contexts_file=contexts_file, positions=positions, chunk_size=chunk_size,
+        seed_text=seed_text, contexts_file=contexts_file, positions=positions, slots=slots,
         params=params, progress=progress,
     )
     return _target_set(probs, "model", lm.name, columns)
@@ -235,7 +234,7 @@ def model_targets(
 def cross_model_targets(
     source_lm, lm, n: int, seed=0, *, mapping: TokenMapping | None = None, context_len: int = 16,
     temperature: float = 1.0, target_temperature: float = 1.0, seed_text: str | None = None,
-    contexts_file: str | os.PathLike | None = None, positions=None, chunk_size: int | None = None,
+    contexts_file: str | os.PathLike | None = None, positions=None, slots: int | None = None,
     source_params=None, progress: bool = True,
 ) -> TargetSet:
     """n targets over lm's vocabulary: source_lm's next-token distributions, mapped through token strings.
@@ -259,7 +258,7 @@ def cross_model_targets(
     source_probs, columns = _generate(
         source_lm, n, seed, context_len=context_len, temperature=temperature,
         target_temperature=target_temperature, seed_text=seed_text, contexts_file=contexts_file,
-        positions=positions, chunk_size=chunk_size, params=source_params, progress=progress,
+        positions=positions, slots=slots, params=source_params, progress=progress,
     )
     probs, mapped_mass = map_distribution(source_probs, mapping)
     columns["mapped_mass"] = mapped_mass

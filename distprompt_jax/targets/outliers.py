@@ -60,7 +60,7 @@ def _check_k(k, vocab_size: int) -> int:
 def outlier_targets(
     vocab_size: int, entropies, k: int = 10, seed=0, *, alpha: float = 1.0, beta: float = 100.0,
     delta: float = 0.05, tolerance: float = 1e-4, max_retries: int = 3, optimizer: str = "adam",
-    learning_rate: float = 0.1, max_steps: int = 500, chunk_size: int | None = None, devices=None,
+    learning_rate: float = 0.1, max_steps: int = 500, slots: int | None = None, devices=None,
     progress: bool = True,
 ) -> TargetSet:
     """One target per requested entropy h whose k random outlier tokens hold nearly the most mass possible.
@@ -78,7 +78,7 @@ def outlier_targets(
     50 — came within 0.025 of the bound.
 
     Args:
-      vocab_size, entropies, seed, optimizer, learning_rate, chunk_size, devices: as for `vanilla_targets`.
+      vocab_size, entropies, seed, optimizer, learning_rate, slots, devices: as for `vanilla_targets`.
       k: number of outlier tokens, 1 ≤ k < |V|, chosen at random per target (and per attempt).
       alpha, beta: weights of the entropy term and the outlier-mass reward.
       delta: accepted when outlier mass ≥ m − delta.
@@ -111,7 +111,7 @@ def outlier_targets(
     for round_ in range(max_retries + 1):
         solved = solve_requests(
             vocab_size, h[pending], seeds[pending], np.full(len(pending), round_), options, n_outliers=k,
-            alpha=alpha, beta=beta, chunk_size=chunk_size, devices=devices, progress=progress,
+            alpha=alpha, beta=beta, slots=slots, devices=devices, progress=progress,
             desc=f"outlier targets (attempt {round_ + 1})",
         )
         accepted = (solved["outlier_mass"] >= bound[pending] - delta) & (

@@ -22,7 +22,7 @@ def entropy_grid(vocab_size: int, step: float = 0.5) -> np.ndarray:
 
 def vanilla_targets(
     vocab_size: int, entropies, seed=0, *, optimizer: str = "adam", learning_rate: float = 0.1,
-    tolerance: float = 1e-4, max_steps: int = 1000, chunk_size: int | None = None, devices=None,
+    tolerance: float = 1e-4, max_steps: int = 1000, slots: int | None = None, devices=None,
     progress: bool = True,
 ) -> TargetSet:
     """One target per requested entropy h: logits z ~ N(0, 1) over the vocabulary, optimized on (H − h)².
@@ -37,8 +37,9 @@ def vanilla_targets(
       tolerance: |H − h| allowed, in nats, on the returned float32 probabilities.
       max_steps: optimizer steps per target at most; a target not within tolerance by then is finished
         by the exact temperature step (see targets/entropy.py; its `optimizer_matched` is False).
-      chunk_size: targets per compiled chunk (default: sized to the vocabulary, 256 for 49152).
-      devices: devices to split each chunk over (default: this process's).
+      slots: targets optimized at once (default `targets.batching.default_slots`: 16 of |V| = 49152 on
+        a CPU, 1024 on an accelerator); a finished target's slot is refilled with the next request.
+      devices: devices to split the slots over (default: this process's).
     Returns:
       TargetSet with kind "vanilla" and metadata target_id, kind, target_entropy (requested), entropy
       (achieved), seed, steps, optimizer_matched, temperature, optimizer, learning_rate, tolerance, max_steps.
@@ -50,7 +51,7 @@ def vanilla_targets(
                             max_steps=max_steps)
     options.validate()
     solved = solve_requests(
-        vocab_size, h, seeds, np.zeros(len(h), np.int64), options, chunk_size=chunk_size, devices=devices,
+        vocab_size, h, seeds, np.zeros(len(h), np.int64), options, slots=slots, devices=devices,
         progress=progress, desc="vanilla targets",
     )
     missed = np.flatnonzero(np.abs(solved["entropy"] - h) > tolerance)
