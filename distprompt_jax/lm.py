@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from distprompt_jax.models import DecoderLM, ModelConfig
+from distprompt_jax.models.kv_cache import KVCache
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -52,14 +53,41 @@ class LanguageModel:
             raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
         return self._module(params).embed_tokens(ids)
 
-    def logits(self, params, x):
+    def logits(self, params, x, cache: KVCache | None = None):
         """Next-token logits after the last position: embeddings [L, d] -> float32 [V].
 
+        With a `cache` of P positions (from `prefix_cache` or `extend_cache`, or a free pytree of that shape
+        being optimized), x holds positions P..P+L-1 and attends to the cached positions and to itself,
+        causally: `logits(params, x[i:], prefix_cache(params, x[:i]))` equals `logits(params, x)` up to
+        float rounding, and gradients flow to the cache's arrays as to x.
+
         Leading batch axes ([..., L, d] -> [..., V]) are mapped over; for many prompts in one compiled
-        call use `jax.jit(jax.vmap(lm.logits, in_axes=(None, 0)))`.
+        call use `jax.jit(jax.vmap(lm.logits, in_axes=(None, 0)))`. A cache has either no leading axes
+        (one prefix shared by every prompt: `in_axes=(None, 0, None)`) or the same ones as x.
         """
-        self._check_embeddings(x)
-        return _map_leading(lambda xi: self._module(params).logits(xi), x, 2)
+        self._check_embeddings(x, past=cache)
+        if cache is None:
+            return _map_leading(lambda xi: self._module(params).logits(xi), x, 2)
+        return _map_with_cache(lambda xi, ci: self._module(params).logits(xi, ci), x, cache)
+
+    def prefix_cache(self, params, x_prefix) -> KVCache:
+        """The keys and values of a prefix of input embeddings x_prefix [P, d] (P >= 0) at every layer.
+
+        Returns a KVCache with keys/values [n_layers, P, n_kv_heads, head_dim] in the parameter dtype,
+        keys rotated at positions 0..P-1 (transformers' past_key_values, transposed: see KVCache).
+        Leading batch axes are mapped over ([..., P, d] -> [..., n_layers, P, n_kv_heads, head_dim]).
+        """
+        self._check_embeddings(x_prefix, min_length=0)
+        return _map_leading(lambda xi: self._module(params).keys_values(xi), x_prefix, 2)
+
+    def extend_cache(self, params, cache: KVCache, x) -> KVCache:
+        """The cache of the cached positions followed by x [L, d]: `prefix_cache` of the whole prefix, up to
+        rounding, without recomputing the cached part (L >= 0). Leading axes pair as in `logits`."""
+        self._check_embeddings(x, min_length=0, past=cache)
+        new = _map_with_cache(lambda xi, ci: self._module(params).keys_values(xi, ci), x, cache)
+        if jnp.ndim(cache.keys) < jnp.ndim(new.keys):  # one cache extended by a batch of continuations
+            cache = jax.tree.map(lambda a: jnp.broadcast_to(a, new.keys.shape[:-3] + a.shape[-3:]), cache)
+        return cache.concatenate(new)
 
     def input_stream(self, params, x):
         """The residual stream entering layer 0 for embeddings x [L, d] (adds learned positions, if any)."""
@@ -103,18 +131,41 @@ class LanguageModel:
             raise ValueError(f"model {self.name!r} was loaded without a tokenizer")
         return np.asarray(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"], np.int32)
 
-    def _check_embeddings(self, x):
+    def _check_embeddings(self, x, *, min_length: int = 1, past: KVCache | None = None):
         shape = jnp.shape(x)
         if len(shape) < 2:
-            raise ValueError(f"prompt embeddings must be [..., L, d] with L >= 1; got shape {tuple(shape)}")
+            raise ValueError(f"prompt embeddings must be [..., L, d] with L >= {min_length}; got shape {tuple(shape)}")
         if shape[-1] != self.d_model:
             raise ValueError(
                 f"prompt embeddings have width {shape[-1]}, but {self.name} has d_model {self.d_model}"
             )
-        if shape[-2] < 1:
-            raise ValueError("prompt embeddings are empty: L must be at least 1")
-        if not self.config.rope and shape[-2] > self.config.max_positions:
-            raise ValueError(f"prompt of {shape[-2]} positions exceeds {self.name}'s {self.config.max_positions}")
+        if shape[-2] < min_length:
+            raise ValueError(f"prompt embeddings are empty: L must be at least {min_length}")
+        past_length = 0
+        if past is not None:
+            self._check_cache(past, shape[:-2])
+            past_length = past.length
+        if not self.config.rope and past_length + shape[-2] > self.config.max_positions:
+            raise ValueError(
+                f"prompt of {past_length + shape[-2]} positions exceeds {self.name}'s {self.config.max_positions}"
+            )
+
+    def _check_cache(self, cache, batch_shape: tuple[int, ...]):
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache (from prefix_cache), got {type(cache).__name__}")
+        cfg = self.config
+        want = (cfg.n_layers, cache.length, cfg.n_kv_heads, cfg.head_dim)
+        keys, values = jnp.shape(cache.keys), jnp.shape(cache.values)
+        if len(keys) < 4 or keys[-4:] != want or values != keys:
+            raise ValueError(
+                f"cache keys {keys} / values {values} do not fit {self.name}: each must be "
+                f"[..., n_layers={cfg.n_layers}, P, n_kv_heads={cfg.n_kv_heads}, head_dim={cfg.head_dim}]"
+            )
+        if keys[:-4] not in ((), batch_shape):
+            raise ValueError(
+                f"cache leading axes {keys[:-4]} must be none (one prefix for every prompt) or the prompts' "
+                f"{batch_shape}; vmap explicitly for other pairings"
+            )
 
 
 def _map_leading(fn, x, core_ndim: int):
@@ -122,6 +173,14 @@ def _map_leading(fn, x, core_ndim: int):
     for _ in range(jnp.ndim(x) - core_ndim):
         fn = jax.vmap(fn)
     return fn(x)
+
+
+def _map_with_cache(fn, x, cache: KVCache):
+    """fn(x [L, d], cache) mapped over x's leading axes, and over the cache's when it has them too."""
+    cache_axes = 0 if jnp.ndim(cache.keys) > 4 else None
+    for _ in range(jnp.ndim(x) - 2):
+        fn = jax.vmap(fn, in_axes=(0, cache_axes))
+    return fn(x, cache)
 
 
 def build_language_model(name: str, config: ModelConfig, params_np: dict, tokenizer, dtype: str = "float32"):

@@ -11,9 +11,10 @@ from flax import nnx
 from distprompt_jax.models.config import ModelConfig, RopeSpec, UnsupportedConfigError
 from distprompt_jax.models.decoder import FAMILY_MODULES, DecoderLM
 from distprompt_jax.models.hf_config import TensorSource
+from distprompt_jax.models.kv_cache import KVCache
 
 __all__ = [
-    "DecoderLM", "ModelConfig", "RopeSpec", "UnsupportedConfigError", "config_from_hf", "params_from_hf",
+    "DecoderLM", "KVCache", "ModelConfig", "RopeSpec", "UnsupportedConfigError", "config_from_hf", "params_from_hf",
     "abstract_params", "supported_model_types",
 ]
 

@@ -8,6 +8,7 @@ from flax import nnx
 
 from distprompt_jax.models import gemma3, gpt2, llama
 from distprompt_jax.models.config import ModelConfig
+from distprompt_jax.models.kv_cache import KVCache
 from distprompt_jax.models.layers import Linear
 
 FAMILY_MODULES = {"llama": llama, "gemma3": gemma3, "gpt2": gpt2}
@@ -28,28 +29,35 @@ class DecoderLM(nnx.Module):
         table = self.embed.embedding[...]
         return jnp.take(table, ids, axis=0) * jnp.asarray(self.cfg.embed_scale, table.dtype)
 
-    def input_stream(self, x):
-        """The residual stream entering layer 0 for input embeddings x [L, d]."""
+    def input_stream(self, x, start: int = 0):
+        """The residual stream entering layer 0 for input embeddings x [L, d] at positions start..start+L-1."""
         x = x.astype(self.dtype)
         if self.pos_embed is not None:
-            x = x + self.pos_embed.embedding[: x.shape[0]]
+            x = x + self.pos_embed.embedding[start : start + x.shape[0]]
         return x
 
     def run_layers(self, h, start: int, stop: int):
         """Apply layers [start, stop) to a residual stream h [L, d]."""
+        return self._scan_layers(h, start, stop)[0]
+
+    def _scan_layers(self, h, start: int, stop: int, past: KVCache | None = None, collect: bool = False):
+        """Layers [start, stop) on h [L, d] at positions P..P+L-1, attending to `past` (P positions; every
+        layer's, so only with the whole stack). Returns (h, KVCache of h's positions if `collect`, else None)."""
         if start == stop:
-            return h
+            return h, None
         block_def, stacked = nnx.split(self.layers)
         stacked = jax.tree.map(lambda a: a[start:stop], stacked)
         windows = jnp.asarray(self.cfg.layer_windows()[start:stop])
         inv_freqs = jnp.asarray(self.cfg.layer_inv_freqs()[start:stop]) if self.cfg.rope else None
+        past_per_layer = None if past is None else (past.keys, past.values)
 
         def layer(h, per_layer):
-            state, window, inv_freq = per_layer
-            return nnx.merge(block_def, state)(h, inv_freq=inv_freq, window=window), None
+            state, window, inv_freq, past_kv = per_layer
+            h, kv = nnx.merge(block_def, state)(h, inv_freq=inv_freq, window=window, past=past_kv)
+            return h, kv if collect else None
 
-        h, _ = jax.lax.scan(layer, h, (stacked, windows, inv_freqs))
-        return h
+        h, kvs = jax.lax.scan(layer, h, (stacked, windows, inv_freqs, past_per_layer))
+        return h, None if kvs is None else KVCache(*kvs)
 
     def unembedding(self):
         """(W [V, d], b [V]) of the output layer, float32: logits = W @ final_norm(h) + b."""
@@ -74,8 +82,17 @@ class DecoderLM(nnx.Module):
         h = self.run_layers(h, start, self.cfg.n_layers)
         return self.unembed(self.final_norm(h[-1]))
 
-    def logits(self, x):
-        return self.logits_from_layer(self.input_stream(x), 0)
+    def logits(self, x, cache: KVCache | None = None):
+        """Next-token logits [V] after x [L, d], which follows the cached positions (if any)."""
+        past_length = 0 if cache is None else cache.length
+        h, _ = self._scan_layers(self.input_stream(x, past_length), 0, self.cfg.n_layers, past=cache)
+        return self.unembed(self.final_norm(h[-1]))
+
+    def keys_values(self, x, cache: KVCache | None = None) -> KVCache:
+        """The cache of x's positions [L], which follow the cached ones (if any)."""
+        past_length = 0 if cache is None else cache.length
+        _, kv = self._scan_layers(self.input_stream(x, past_length), 0, self.cfg.n_layers, past=cache, collect=True)
+        return kv
 
 
 class _Embedding(nnx.Module):

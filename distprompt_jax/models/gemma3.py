@@ -28,9 +28,10 @@ class Block(nnx.Module):
         self.mlp = GatedMLP(cfg, dtype=dtype, stack=stack)
         self.post_mlp_norm = RMSNorm(cfg.d_model, **norm)
 
-    def __call__(self, x, *, inv_freq, window):
-        x = x + self.post_attn_norm(self.attn(self.attn_norm(x), inv_freq=inv_freq, window=window))
-        return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
+    def __call__(self, x, *, inv_freq, window, past=None):
+        attn, kv = self.attn(self.attn_norm(x), inv_freq=inv_freq, window=window, past=past)
+        x = x + self.post_attn_norm(attn)
+        return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x))), kv
 
 
 def final_norm(cfg: ModelConfig, dtype) -> nnx.Module:

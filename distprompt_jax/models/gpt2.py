@@ -23,9 +23,10 @@ class Block(nnx.Module):
         self.mlp_norm = LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, stack=stack)
         self.mlp = MLP(cfg, dtype=dtype, stack=stack)
 
-    def __call__(self, x, *, inv_freq, window):
-        x = x + self.attn(self.attn_norm(x), inv_freq=inv_freq, window=window)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x, *, inv_freq, window, past=None):
+        attn, kv = self.attn(self.attn_norm(x), inv_freq=inv_freq, window=window, past=past)
+        x = x + attn
+        return x + self.mlp(self.mlp_norm(x)), kv
 
 
 def final_norm(cfg: ModelConfig, dtype) -> nnx.Module:

@@ -77,9 +77,9 @@ def activation(name: str, x):
     return jax.nn.relu(x)
 
 
-def apply_rope(x, inv_freq):
-    """Rotate [L, heads, head_dim] by position, HF's rotate-half layout; cos/sin computed in float32."""
-    positions = jnp.arange(x.shape[0], dtype=jnp.float32)
+def apply_rope(x, inv_freq, start: int = 0):
+    """Rotate [L, heads, head_dim] at positions start..start+L-1, HF's rotate-half layout; cos/sin in float32."""
+    positions = start + jnp.arange(x.shape[0], dtype=jnp.float32)
     angles = positions[:, None] * inv_freq[None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, None, :]
     cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
@@ -88,11 +88,12 @@ def apply_rope(x, inv_freq):
     return x * cos + rotated * sin
 
 
-def causal_attention(q, k, v, *, scale: float, window, softcap: float | None):
+def causal_attention(q, k, v, *, scale: float, window, softcap: float | None, query_start: int = 0):
     """Grouped-query causal attention of one sequence.
 
-    q [L, H, hd], k/v [L, Kv, hd] -> [L, H * hd]. `window` (a traced int) limits each query to the
-    `window` most recent keys, itself included, as transformers' sliding-window mask does.
+    q [L, H, hd] at positions query_start..query_start+L-1, k/v [T, Kv, hd] at positions 0..T-1 -> [L, H * hd].
+    Each query sees the keys at or before its position; `window` (a traced int) limits it to the `window`
+    most recent ones, itself included, as transformers' sliding-window mask does.
     """
     length, n_heads, head_dim = q.shape
     n_kv = k.shape[1]
@@ -101,8 +102,8 @@ def causal_attention(q, k, v, *, scale: float, window, softcap: float | None):
     scores = scores.astype(jnp.float32)
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
-    query_pos = jnp.arange(length)[:, None]
-    key_pos = jnp.arange(length)[None, :]
+    query_pos = query_start + jnp.arange(length)[:, None]
+    key_pos = jnp.arange(k.shape[0])[None, :]
     allowed = (key_pos <= query_pos) & (query_pos - key_pos < window)
     scores = jnp.where(allowed, scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -127,20 +128,32 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.cfg = cfg
 
-    def __call__(self, x, *, inv_freq, window):
+    def __call__(self, x, *, inv_freq, window, past=None):
+        """Attention of x [L, d] at positions P..P+L-1 over `past` = (keys, values) [P, Kv, hd] of positions
+        0..P-1 (None: P = 0) and over x's own positions, causally.
+
+        Returns (output [L, d], (keys, values) [L, Kv, hd] of x's positions, keys after the rotation).
+        """
         cfg = self.cfg
         length = x.shape[0]
+        start = 0 if past is None else past[0].shape[0]
         q = self.q(x).reshape(length, cfg.n_heads, cfg.head_dim)
         k = self.k(x).reshape(length, cfg.n_kv_heads, cfg.head_dim)
         v = self.v(x).reshape(length, cfg.n_kv_heads, cfg.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if inv_freq is not None:
-            q, k = apply_rope(q, inv_freq), apply_rope(k, inv_freq)
+            q, k = apply_rope(q, inv_freq, start), apply_rope(k, inv_freq, start)
+        keys, values = k, v
+        if past is not None:
+            # A cache given in another dtype (a float32 one optimized beside bfloat16 weights) joins in ours.
+            keys = jnp.concatenate([past[0].astype(k.dtype), k])
+            values = jnp.concatenate([past[1].astype(v.dtype), v])
         out = causal_attention(
-            q, k, v, scale=cfg.attention_scale, window=window, softcap=cfg.attn_logit_softcap
+            q, keys, values, scale=cfg.attention_scale, window=window, softcap=cfg.attn_logit_softcap,
+            query_start=start,
         )
-        return self.o(out)
+        return self.o(out), (k, v)
 
 
 class GatedMLP(nnx.Module):
