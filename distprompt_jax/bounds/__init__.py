@@ -16,6 +16,7 @@ By concern:
   lbfgs.py        the one-trial-point-per-step L-BFGS those problems step
   certificate.py  the float64 dual certificate of the unconstrained bound (and its Newton refinement)
   geometry.py     the final norm's image and the Frank–Wolfe lower bound over it
+  host.py         the host's thread pool for that float64 work (BLAS kept to one thread)
   methods.py      BoundConfig, the two methods on the solver driver, and the functions users call
 
 Scope. The bounds are for the model's arithmetic taken exactly with its float32 weights: with bfloat16

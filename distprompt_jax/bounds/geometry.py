@@ -32,19 +32,12 @@ class NormImage:
 
     @classmethod
     def build(cls, lm) -> NormImage:
-        cfg = lm.config
-        norm = lm.params.get("final_norm") if isinstance(lm.params, dict) else None
-        if norm is None or "scale" not in norm:
-            raise ValueError(f"{lm.name}: no final norm scale found; the norm image is unknown")
-        scale = np.asarray(norm["scale"], np.float64)
-        d = scale.shape[0]
-        if cfg.family == "llama":
-            return cls("rms", scale, np.zeros(d), float(cfg.norm_eps))
-        if cfg.family == "gemma3":
-            return cls("rms", 1.0 + scale, np.zeros(d), float(cfg.norm_eps))
-        if cfg.family == "gpt2":
-            return cls("layer", scale, np.asarray(norm["bias"], np.float64), float(cfg.norm_eps))
-        raise ValueError(f"the final norm of family {cfg.family!r} is not described in bounds.py")
+        """From the model's own description of its final norm (`LanguageModel.final_norm_parameters`)."""
+        spec = lm.final_norm_parameters(lm.params)
+        if spec.kind not in ("rms", "layer"):
+            raise ValueError(f"{lm.name}: a final norm of kind {spec.kind!r} has no known image")
+        scale = spec.offset + np.asarray(spec.scale, np.float64)  # Gemma's (1 + w): offset 1
+        return cls(spec.kind, scale, np.asarray(spec.bias, np.float64), float(spec.eps))
 
     @property
     def d(self) -> int:

@@ -8,21 +8,16 @@ segment on the device.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import math
-import os
-import threading
-import time
-from collections.abc import Callable
 
 import jax
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from distprompt_jax import parallel
 from distprompt_jax.bounds.certificate import Unembedding, certify_and_refine
 from distprompt_jax.bounds.geometry import NormImage, certify_norm
+from distprompt_jax.bounds.host import HostJobs
 from distprompt_jax.bounds.problems import INITS, BoundProblem, LeastSquaresInit, NormProblem
 from distprompt_jax.prompting.engine import check_slots, run_method
 from distprompt_jax.results import PromptResults
@@ -153,7 +148,7 @@ def norm_bound_estimate(
 class BoundMethod:
     """The certified unembedding bound as a method (engine.Method): what `unembedding_bound` and the sweep run.
 
-    A method runs one target set at a time: `inputs(probs)` starts a run (the host keeps the rows to
+    A method runs one target set at a time: `inputs(probs, rows)` starts a run (the host keeps the rows to
     certify), `finished(rows, reports)` certifies targets on host threads as the driver reports them done
     (while the device runs the next segment), and `columns(reports)` waits for those certificates and
     computes any the driver did not report (so it is complete on its own).
@@ -170,7 +165,7 @@ class BoundMethod:
         w, b = lm.unembedding(lm.params)
         self._unembedding = Unembedding.build(np.asarray(w), np.asarray(b))
         self._lstsq = LeastSquaresInit(w, b) if config.init != "zeros" else None
-        self._run: _HostJobs | None = None
+        self._run: HostJobs | None = None
         self.host_seconds = 0.0  # the last run's certificate time, summed over host threads
 
     def problem(self) -> BoundProblem:
@@ -190,7 +185,7 @@ class BoundMethod:
             return certify_and_refine(self._unembedding, probs[row], h, support=c.support,
                                       refine_steps=c.refine_steps, gap_tolerance=c.gap_tolerance, max_gap=c.max_gap)
 
-        self._run = _HostJobs(certify, c.host_threads)
+        self._run = HostJobs(certify, c.host_threads)
         inputs = {"p": probs}
         if self._lstsq is not None:
             inputs["h0"] = self._lstsq(probs)
@@ -211,7 +206,7 @@ class BoundMethod:
         h = np.stack([row["h"] for row in rows]) if rows else np.zeros((0, self.lm.d_model))
         return columns, {"h": h}
 
-    def _running(self) -> _HostJobs:
+    def _running(self) -> HostJobs:
         if self._run is None:
             raise RuntimeError("BoundMethod: no run in progress (`inputs` starts one)")
         return self._run
@@ -274,7 +269,7 @@ class NormMethod:
         x = self._geometry.output(u.astype(np.float64))
         for i in range(n):
             self._geometry.check(x[i], reports["x_model"][rows[i]])
-        run = _HostJobs(lambda i, x_i: certify_norm(self._unembedding, self._geometry, probs[i], x_i),
+        run = HostJobs(lambda i, x_i: certify_norm(self._unembedding, self._geometry, probs[i], x_i),
                         self.config.host_threads)
         certified = run.results(x)
         if self.prior_lower is not None:
@@ -299,71 +294,3 @@ def _normal_rows(seed: int, restart: int, index: np.ndarray, d: int) -> np.ndarr
     key = jax.random.fold_in(jax.random.key(seed), restart)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
     return np.asarray(jax.vmap(lambda k: jax.random.normal(k, (d,), np.float32))(keys))
-
-
-class _HostJobs:
-    """Per-target host work on a thread pool: jobs submitted as targets finish, results in row order."""
-
-    def __init__(self, job: Callable[[int, np.ndarray], dict], threads: int | None):
-        self.job = job
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1))
-        self.futures: dict[int, tuple[np.ndarray, concurrent.futures.Future]] = {}
-        self.seconds = 0.0
-        self._lock = threading.Lock()
-
-    def submit(self, rows, points: np.ndarray) -> None:
-        for row, point in zip(rows, points):
-            self.futures[int(row)] = (np.array(point), self.executor.submit(self._timed, int(row), point))
-
-    def results(self, points: np.ndarray) -> list[dict]:
-        """Every row's result for `points` [N, ...] (computing those not submitted with these very points)."""
-        try:
-            for row, point in enumerate(points):
-                held = self.futures.get(row)
-                if held is None or not np.array_equal(held[0], point):
-                    self.submit([row], [point])
-            return [self.futures[row][1].result() for row in range(len(points))]
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
-
-    def _timed(self, row: int, point: np.ndarray) -> dict:
-        start = time.perf_counter()
-        with _ONE_BLAS_THREAD:
-            out = self.job(row, np.asarray(point, np.float64))
-        with self._lock:
-            self.seconds += time.perf_counter() - start
-        return out
-
-
-class _OneBlasThread:
-    """BLAS limited to one thread while any host job runs (the setting is process-wide, so users are counted).
-
-    numpy's OpenBLAS spins its threads while it waits; on a busy or oversubscribed CPU (XLA's own threads
-    run the next segment meanwhile) two-thread calls on (d+1)² matrices ran 10-100× slower than one-thread
-    calls here. Parallelism comes from certifying several targets at once instead.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._users = 0
-        self._controller: ThreadpoolController | None = None
-        self._limits = None
-
-    def __enter__(self):
-        with self._lock:
-            if self._users == 0:
-                self._controller = self._controller or ThreadpoolController()
-                self._limits = self._controller.limit(limits=1, user_api="blas")
-            self._users += 1
-
-    def __exit__(self, *exc):
-        with self._lock:
-            self._users -= 1
-            if self._users == 0:
-                self._limits.restore_original_limits()
-
-
-_ONE_BLAS_THREAD = _OneBlasThread()

@@ -25,6 +25,7 @@ import numpy as np
 
 from distprompt_jax import parallel
 from distprompt_jax.bounds import lbfgs
+from distprompt_jax.bounds.host import one_blas_thread
 from distprompt_jax.prompting.engine import model_structure
 from distprompt_jax.prompting.objective import kl_from_logits, safe_log
 
@@ -149,7 +150,9 @@ class LeastSquaresInit:
         gram[:-1, -1] = gram[-1, :-1] = np.asarray(jnp.sum(w, axis=0), np.float64)
         gram[-1, -1] = w.shape[0]
         self.w, self.b = w, b
-        self.pinv = jnp.asarray(np.linalg.pinv(gram, rcond=1e-7, hermitian=True).astype(np.float32))
+        with one_blas_thread:
+            pinv = np.linalg.pinv(gram, rcond=1e-7, hermitian=True)
+        self.pinv = jnp.asarray(pinv.astype(np.float32))
 
     def __call__(self, probs: np.ndarray) -> np.ndarray:
         """float32 [N, d] for targets [N, V]."""
