@@ -178,7 +178,8 @@ def test_map_rows_computes_every_row_once_and_in_order():
         np.testing.assert_allclose(out["y"], expected, rtol=1e-6)
         np.testing.assert_array_equal(out["x"], inputs["x"])
     # One step per row, whatever the slots: 11 rows in 4 slots take three refills of the pool, not more steps.
-    driver = Driver(RowProblem(affine), {"scale": np.float32(2)}, DriverOptions(slots=4, progress=False), local_mesh())
+    shared = {"scale": np.float32(2)}
+    driver = Driver(RowProblem.of(affine, shared, inputs), shared, DriverOptions(slots=4, progress=False), local_mesh())
     driver.run(inputs)
     assert driver.stats.target_steps == 11
 

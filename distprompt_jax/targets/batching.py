@@ -64,13 +64,22 @@ class RowProblem:
     """
 
     function: Callable[[object, dict], dict]
+    outputs: tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape, dtype) of one row's outputs
+
+    @classmethod
+    def of(cls, function, shared, inputs: dict[str, np.ndarray]) -> RowProblem:
+        """The problem of `function` on rows like those of `inputs` (its outputs' shapes are found once here
+        rather than by tracing the function again in every program that starts a row)."""
+        row = {name: jax.ShapeDtypeStruct(np.shape(values)[1:], np.asarray(values).dtype)
+               for name, values in inputs.items()}
+        shapes = jax.eval_shape(function, shared, row)
+        return cls(function, tuple((name, a.shape, np.dtype(a.dtype).name) for name, a in shapes.items()))
 
     def prepare(self, inputs: dict) -> dict:
         return inputs
 
     def init(self, shared, row, index, key) -> RowState:
-        shapes = jax.eval_shape(self.function, shared, row)
-        return RowState(Progress.start(), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes))
+        return RowState(Progress.start(), {name: jnp.zeros(shape, dtype) for name, shape, dtype in self.outputs})
 
     def step(self, shared, row, state: RowState) -> RowState:
         done = Progress(steps=state.progress.steps + 1, best=jnp.float32(0), active=jnp.asarray(False))
@@ -94,4 +103,4 @@ def map_rows(
     mesh = parallel.local_mesh(devices)
     size = slot_count(n, slots, mesh.size)
     options = DriverOptions(slots=size, segment_steps=1, desc=desc, progress=progress and n > size)
-    return Driver(RowProblem(function), shared, options, mesh).run(inputs)
+    return Driver(RowProblem.of(function, shared, inputs), shared, options, mesh).run(inputs)
