@@ -166,7 +166,7 @@ class HardState(NamedTuple):
     initial_kl: jax.Array
     path: jax.Array  # [max_steps] best KL after each iteration
     since_change: jax.Array  # iterations in a row that left the beam as it was
-    key: jax.Array  # the search's random stream (gcg)
+    key: jax.Array  # uint32 key data of the search's random stream (gcg): plain data, as checkpoints want
 
 
 # Hard prompts on a CPU: a candidate search is ~k forwards per iteration, compute-bound from a few dozen
@@ -324,12 +324,13 @@ class HardProblem:
             patience=Patience.start(),
             ids=jnp.broadcast_to(ids, (self.beam_width, self.prompt_len)),
             best_ids=ids, best_step=jnp.int32(0), initial_kl=initial_kl,
-            path=jnp.zeros((self.max_steps,), jnp.float32), since_change=jnp.int32(0), key=key_search,
+            path=jnp.zeros((self.max_steps,), jnp.float32), since_change=jnp.int32(0),
+            key=jax.random.key_data(key_search),
         )
 
     def step(self, params, target, s: HardState) -> HardState:
         p, log_p, _ = target
-        ids, beam_kl, found = self._iterate(params, p, log_p, s.ids, s.progress.steps, s.key)
+        ids, beam_kl, found = self._iterate(params, p, log_p, s.ids, s.progress.steps, jax.random.wrap_key_data(s.key))
         new_kl = beam_kl[0]
         # Only a new prompt can improve: the gradient pass's KL of a known prompt may differ from the
         # candidate pass's in the last float32 bits, which is no progress.

@@ -26,8 +26,10 @@ class PoolCheckpoint:
             max_to_keep=keep,
             enable_async_checkpointing=False,
             enable_per_process_directory_creation=jax.process_count() > 1,
+            # Every process is the primary of its own directory, and waits on no other process.
             multiprocessing_options=ocp.options.MultiprocessingOptions(
-                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process{me}",
+                primary_host=None if jax.process_count() > 1 else 0, active_processes={me},
+                barrier_sync_key_prefix=f"process{me}",
             ),
             # Half-written steps a kill left behind are removed when the manager opens.
             cleanup_tmp_directories=True,

@@ -330,7 +330,9 @@ class _Pool:
 
     def save(self, checkpoint: PoolCheckpoint):
         d = self.driver
-        arrays = {"states": self.states, "results": self.results, "best": self.best,
+        # On the host: orbax cannot write process-local device arrays in a multi-host run, and the pool's
+        # states are small beside the model.
+        arrays = {"states": jax.device_get(self.states), "results": self.results, "best": self.best,
                   "attempts_done": self.attempts_done}
         meta = {
             "slots": d.slots, "n": self.n, "first_index": self.first_index, "attempts": d.options.attempts,
@@ -349,7 +351,7 @@ class _Pool:
         inputs, seed, index, attempt, _, occupied = self._slot_data(np.ones(d.slots, bool))
         _, abstract = jax.eval_shape(d.functions.start, d.params, inputs, seed, index, attempt, occupied)
         template = {
-            "states": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=d.sharding), abstract),
+            "states": jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract),
             "results": self.results, "best": self.best, "attempts_done": self.attempts_done,
         }
         expected = {"slots": d.slots, "n": self.n, "first_index": self.first_index, "attempts": d.options.attempts}
@@ -374,5 +376,5 @@ class _Pool:
         occupied = self.slot_target >= 0
         rows = np.where(occupied, self.slot_target, 0)
         self.targets = d.functions.prepare(self._slot_inputs(rows))
-        self.states = arrays["states"]
+        self.states = jax.device_put(arrays["states"], d.sharding)
         return True
