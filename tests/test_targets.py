@@ -88,8 +88,8 @@ def test_vanilla_depends_only_on_seed_and_entropy():
     one_device = vanilla_targets(vocab, h, seeds, slots=4, devices=jax.devices()[:1], progress=False)
     again = vanilla_targets(vocab, h, seeds, slots=3, progress=False)
 
-    np.testing.assert_array_equal(again.probs, by3.probs)  # bitwise for the same chunking
-    # Other chunkings compile reductions over different shapes: equal up to float32 rounding.
+    np.testing.assert_array_equal(again.probs, by3.probs)  # bitwise for the same slot count
+    # Other slot counts compile reductions over different shapes: equal up to float32 rounding.
     for other, order in ((by8, slice(None)), (reversed_, slice(None, None, -1)), (one_device, slice(None))):
         np.testing.assert_allclose(other.probs[order], by3.probs, rtol=0, atol=1e-5)
         np.testing.assert_array_equal(other.metadata.seed.to_numpy()[order], seeds)
@@ -177,7 +177,7 @@ def test_map_rows_computes_every_row_once_and_in_order():
         out = map_rows(affine, inputs, shared={"scale": np.float32(2)}, slots=4, devices=devices, progress=False)
         np.testing.assert_allclose(out["y"], expected, rtol=1e-6)
         np.testing.assert_array_equal(out["x"], inputs["x"])
-    # One step per row, whatever the slots: 11 rows in 4 slots take three refills of the pool, not more steps.
+    # One step per row: 11 rows fill 4 slots three times, each row computed once.
     shared = {"scale": np.float32(2)}
     driver = Driver(RowProblem.of(affine, shared, inputs), shared, DriverOptions(slots=4, progress=False), local_mesh())
     driver.run(inputs)
