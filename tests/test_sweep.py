@@ -126,6 +126,32 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(experiment, tmp_path):
         np.testing.assert_array_equal(a["prompt"], b["prompt"])
 
 
+def test_a_bound_run_killed_mid_pool_resumes_to_the_same_results(experiment, tmp_path):
+    config = experiment()
+    args = ["--config.methods=('bound',)", "--config.targets.vanilla.n=24", "--config.bound.slots=4",
+            "--config.bound.segment_steps=2"]
+    code, _, err = finish(distprompt(f"--config={config}", f"--workdir={tmp_path / 'straight'}", *args))
+    assert code == 0, err[-3000:]
+    killed = tmp_path / "killed"
+    process = distprompt(f"--config={config}", f"--workdir={killed}", *args, start_new_session=True)
+    checkpoints = killed / "checkpoints" / "bound" / "p0"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(
+        p.name.isdigit() and int(p.name) >= 3 for p in (checkpoints.iterdir() if checkpoints.is_dir() else ())
+    ):
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    logged_before_kill = len((killed / "log.jsonl").read_text().splitlines())
+    code, _, err = finish(distprompt(f"--config={config}", f"--workdir={killed}", *args))
+    assert code == 0, err[-3000:]
+    after = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()[logged_before_kill:]]
+    assert after[0]["segment"] > 3
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "straight" / "results.parquet"),
+                                  pd.read_parquet(killed / "results.parquet"))
+
+
 def test_a_second_run_on_a_busy_workdir_is_refused(experiment, tmp_path):
     import fcntl
 
