@@ -75,7 +75,7 @@ def jax_segment(lm, n: int, steps: int):
     pool = [states]  # the segment takes its states over (donated), so each call continues from the last
 
     def run():
-        pool[0], _ = functions.segment(lm.params, targets, pool[0], num_steps=steps)
+        pool[0], _ = functions.segment(lm.params, targets, pool[0], np.int32(n + 1), num_steps=steps)
         jax.block_until_ready(pool[0])
 
     return run

@@ -7,7 +7,7 @@ time to a rerun's first step with and without the persistent compilation cache.
 Throughput: soft prompts for `n` vanilla targets over entropy 0..ln|V| with the given early stopping, so
 targets stop at different steps. "Useful" target·steps are steps of targets still running; "computed" are
 slots × steps of the compiled segments. The whole-run useful rate is useful target·steps per second over
-the run; the all-active rate is the rate of segments in which every slot was running. Each measured run
+the run; the all-active rate is measured on a pool of `slots` targets that all run 40 steps. Each measured run
 follows a warm-up run of the same problem in the same process (nothing compiles while it is timed).
 `--before REV` runs the chunked engine of that git revision on the same targets (chunk size = slots, its
 default segment of 25 steps) in a subprocess, timed the same way.
@@ -80,25 +80,31 @@ def measure_after(lm, probs: np.ndarray, args) -> dict:
     from distprompt_jax.prompting.soft import SoftMethod, SoftPromptConfig
 
     config = SoftPromptConfig(max_steps=args.max_steps, patience=args.patience, min_delta=args.min_delta,
-                              slots=args.slots, segment_steps=args.segment_steps)
+                              slots=args.slots, segment_steps=args.segment_steps, refill_at=args.refill_at)
     run_method(SoftMethod(lm, config), lm, probs[: args.slots + 1], progress=False)  # warm-up: compiles
     infos = []
     start = time.perf_counter()
     result = run_method(SoftMethod(lm, config), lm, probs, on_segment=infos.append, progress=False)
     seconds = time.perf_counter() - start
-    # All-active segments: every slot running from the segment's start to its end.
-    full, previous = [], None
-    for info in infos:
-        if previous is not None and info.active == args.slots and info.finished == previous.finished:
-            full.append((info.slot_steps - previous.slot_steps, info.seconds - previous.seconds))
-        previous = info
     last = infos[-1]
-    all_active_rate = sum(s for s, _ in full) / sum(t for _, t in full) if full else float("nan")
     return {
         "seconds": seconds, "target_steps": last.target_steps, "slot_steps": last.slot_steps,
-        "useful_rate": last.target_steps / seconds, "all_active_rate": all_active_rate,
-        "segments": len(infos), "all_active_segments": len(full), "mean_kl": float(result.columns["kl"].mean()),
+        "useful_rate": last.target_steps / seconds, "segments": len(infos),
+        "mean_kl": float(result.columns["kl"].mean()),
     }
+
+
+def measure_all_active(lm, probs: np.ndarray, args, steps: int = 40) -> float:
+    """target·steps/s of a pool whose every slot runs the whole time: `slots` targets, no early stopping,
+    all stopping together after `steps` (compiled beforehand)."""
+    from distprompt_jax.prompting.engine import run_method
+    from distprompt_jax.prompting.soft import SoftMethod, SoftPromptConfig
+
+    config = SoftPromptConfig(max_steps=steps, patience=10**6, slots=args.slots, segment_steps=args.segment_steps)
+    run_method(SoftMethod(lm, config), lm, probs[: args.slots], progress=False)
+    start = time.perf_counter()
+    run_method(SoftMethod(lm, config), lm, probs[: args.slots], progress=False)
+    return args.slots * steps / (time.perf_counter() - start)
 
 
 def measure_spread(lm, probs: np.ndarray, args) -> dict:
@@ -158,6 +164,7 @@ def main():
     parser.add_argument("--patience", type=int, default=50)
     parser.add_argument("--min_delta", type=float, default=0.0)
     parser.add_argument("--segment_steps", type=int, default=10)
+    parser.add_argument("--refill_at", type=int, default=None, help="slots freed that end a segment early")
     parser.add_argument("--before", default=None, help="git revision of the chunked engine to compare with")
     parser.add_argument("--cache", action="store_true", help="also time a rerun's first segment with/without cache")
     parser.add_argument("--spread", action="store_true",
@@ -169,13 +176,14 @@ def main():
     lm = load_model(args.model)
     targets_path = Path(tempfile.mkdtemp()) / "targets.npy"
     probs = make_targets(lm.vocab_size, args.n, targets_path)
-    report = {"args": vars(args), "after": measure_after(lm, probs, args)}
+    all_active = measure_all_active(lm, probs, args)
+    report = {"args": vars(args), "all_active_rate": all_active, "after": measure_after(lm, probs, args)}
     after = report["after"]
-    after["useful_share_of_all_active"] = after["useful_rate"] / after["all_active_rate"]
+    after["useful_share_of_all_active"] = after["useful_rate"] / all_active
     after["useful_share_of_computed"] = after["target_steps"] / after["slot_steps"]
     if args.before:
         report["before"] = measure_before(targets_path, args)
-        report["before"]["useful_share_of_all_active"] = report["before"]["useful_rate"] / after["all_active_rate"]
+        report["before"]["useful_share_of_all_active"] = report["before"]["useful_rate"] / all_active
         report["speedup_wall"] = report["before"]["seconds"] / after["seconds"]
     if args.cache:
         report["first_segment"] = measure_first_step(targets_path, args)

@@ -73,6 +73,16 @@ def test_every_target_runs_to_its_own_end_and_refilling_wastes_little():
     assert driver.stats.slot_steps - driver.stats.target_steps <= 11 * 5 + 4 * 5
 
 
+def test_a_segment_ends_early_to_refill_freed_slots():
+    fixed, _ = run(n=11, slots=4, segment_steps=20, refill_at=5)  # never early: slots + 1
+    early, out = run(n=11, slots=4, segment_steps=20, refill_at=1)
+    assert early.stats.target_steps == fixed.stats.target_steps == out["steps"].sum()
+    waste = lambda d: d.stats.slot_steps - d.stats.target_steps
+    assert waste(early) < waste(fixed)
+    # Refilling at each finish leaves idle only the tail, once no target is left to take a slot.
+    assert waste(early) <= 3 * int(inputs(11)["limit"].max())
+
+
 def test_results_do_not_depend_on_slots_or_devices_for_an_exact_problem():
     _, a = run(slots=4)
     _, b = run(slots=8, devices=jax.devices()[:1])

@@ -93,6 +93,9 @@ def check_finite_floats(config) -> None:
 
 
 def check_slots(config) -> None:
+    refill_at = config.refill_at
+    if refill_at is not None and (isinstance(refill_at, bool) or not isinstance(refill_at, int) or refill_at < 1):
+        raise ValueError(f"{type(config).__name__}: refill_at must be a positive integer or None, got {refill_at!r}")
     slots = config.slots
     if slots is None or slots == "auto":
         return
@@ -133,7 +136,7 @@ def auto_slots(problem: Problem, params, mesh, example_inputs: dict, n_targets: 
                                          abstract((), bool))
         placed = lambda a: abstract(a.shape[1:], a.dtype)
         return functions.segment.lower(params, jax.tree.map(placed, targets), jax.tree.map(placed, states),
-                                       num_steps=1)
+                                       np.int32(1), num_steps=1)
 
     fixed = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(params))
     return parallel.auto_chunk_size(lower, n_targets=n_targets, n_devices=mesh.size, fixed_bytes=fixed)

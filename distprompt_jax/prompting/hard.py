@@ -74,6 +74,7 @@ class HardPromptConfig:
     #                                 "auto": sized from XLA's memory analysis to half the free memory
     candidate_block: int | None = 32  # candidate forwards per target per compiled block; None: all at once
     segment_steps: int = 5  # iterations per compiled call: finished targets' slots are refilled between calls
+    refill_at: int | None = None  # end a segment early once this many slots are free (None: slots // 16, ≥ 1)
     top_k: int = 10  # for the top-k overlap figure
     shard_params: bool = False  # split the weights over the devices (models too large for one device)
 
@@ -421,7 +422,8 @@ class HardMethod:
 
     def options(self, slots: int) -> DriverOptions:
         c = self.config
-        return DriverOptions(slots=slots, segment_steps=c.segment_steps, seed=c.seed, desc="hard prompts")
+        return DriverOptions(slots=slots, segment_steps=c.segment_steps, refill_at=c.refill_at, seed=c.seed,
+                             desc="hard prompts")
 
     def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
         inputs = {"p": np.asarray(probs, np.float32)}

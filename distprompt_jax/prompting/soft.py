@@ -52,6 +52,7 @@ class SoftPromptConfig:
     slots: int | str | None = None  # targets optimized at once; None: 64 on a CPU, 1024 on an accelerator;
     #                                 "auto": sized from XLA's memory analysis to half the free memory
     segment_steps: int = 10  # steps per compiled call: finished targets' slots are refilled between calls
+    refill_at: int | None = None  # end a segment early once this many slots are free (None: slots // 16, ≥ 1)
     intervention_layer: int | str | None = None  # None: input embeddings; k: residual entering layer k; "final_norm"
     intervention_mode: str = "add"
     top_k: int = 10  # for the top-k overlap figure
@@ -268,8 +269,8 @@ class SoftMethod:
 
     def options(self, slots: int) -> DriverOptions:
         c = self.config
-        return DriverOptions(slots=slots, segment_steps=c.segment_steps, attempts=c.restarts, seed=c.seed,
-                             desc="soft prompts")
+        return DriverOptions(slots=slots, segment_steps=c.segment_steps, refill_at=c.refill_at, attempts=c.restarts,
+                             seed=c.seed, desc="soft prompts")
 
     def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
         return {"p": np.asarray(probs, np.float32)}

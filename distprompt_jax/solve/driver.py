@@ -42,7 +42,10 @@ class DriverOptions:
     """How a pool runs. None of these enters tracing: they are data or host-side choices."""
 
     slots: int = 32  # per-target states computed together (a multiple of the device count is used)
-    segment_steps: int = 10  # steps per compiled call: refill granularity
+    segment_steps: int = 10  # most steps per compiled call (progress and checkpoint granularity)
+    # A segment ends early, so that finished targets' slots are refilled at once, when this many slots have
+    # finished in it while work is waiting (None: a sixteenth of the slots, at least one).
+    refill_at: int | None = None
     attempts: int = 1  # independent attempts (restarts) per target; the best is kept
     seed: int = 0
     checkpoint_every: int = 4  # segments between checkpoints (when a checkpoint directory is given)
@@ -50,6 +53,8 @@ class DriverOptions:
     progress: bool = True
 
     def validate(self) -> None:
+        if self.refill_at is not None and (isinstance(self.refill_at, bool) or self.refill_at < 1):
+            raise ValueError(f"DriverOptions: refill_at must be a positive integer or None, got {self.refill_at!r}")
         for name in ("slots", "segment_steps", "attempts", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -111,8 +116,10 @@ def compiled(problem: Problem) -> Compiled:
         targets, states = select(take, new_targets, targets), select(take, new_states, states)
         return targets, _with_active(states, states.progress.active & occupied)
 
-    def segment(params, targets, states, num_steps):
+    def segment(params, targets, states, stop_after, num_steps):
+        """Up to num_steps steps; stops early once `stop_after` slots have finished (data, not traced in)."""
         step = jax.vmap(problem.step, in_axes=(None, 0, 0))
+        running_at_start = states.progress.active
 
         def body(carry):
             i, s = carry
@@ -120,7 +127,8 @@ def compiled(problem: Problem) -> Compiled:
 
         def more(carry):
             i, s = carry
-            return (i < num_steps) & jnp.any(s.progress.active)
+            freed = jnp.sum(running_at_start & ~s.progress.active)
+            return (i < num_steps) & jnp.any(s.progress.active) & (freed < stop_after)
 
         ran, states = jax.lax.while_loop(more, body, (jnp.int32(0), states))
         return states, ran
@@ -151,6 +159,7 @@ class Driver:
         options.validate()
         self.problem, self.params, self.options, self.mesh = problem, params, options, mesh
         self.slots = parallel.round_up(options.slots, mesh.size)
+        self.refill_at = options.refill_at or max(1, self.slots // 16)
         self.sharding = parallel.target_sharding(mesh)
         self.functions = compiled(problem)
         self.stats = RunStats()
@@ -267,7 +276,9 @@ class _Pool:
     def advance(self) -> int:
         d = self.driver
         before = np.asarray(self.states.progress.steps)  # the states are donated to the segment
-        self.states, ran = d.functions.segment(d.params, self.targets, self.states,
+        # With nothing left to give freed slots, the segment runs its full length.
+        stop_after = np.int32(d.refill_at if self.queue else d.slots + 1)
+        self.states, ran = d.functions.segment(d.params, self.targets, self.states, stop_after,
                                               num_steps=d.options.segment_steps)
         self.announce_pending()  # host work overlaps the segment, which runs asynchronously
         ran = int(ran)
