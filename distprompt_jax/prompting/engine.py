@@ -19,8 +19,10 @@ import jax
 import numpy as np
 
 from distprompt_jax import parallel
+from distprompt_jax.lm import LanguageModel
 from distprompt_jax.results import PromptResults
 from distprompt_jax.solve import Driver, DriverOptions, PoolCheckpoint, Problem, SegmentInfo, compiled
+
 from distprompt_jax.targets import as_target_set
 
 # Slot counts by platform when a config leaves them to us: deterministic, so a rerun (or a resume) on the
@@ -31,7 +33,7 @@ DEFAULT_SLOTS = {"cpu": 64, "accelerator": 1024}
 _STRUCTURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def model_structure(lm):
+def model_structure(lm: LanguageModel):
     """lm without its weights, one object per model: problems hold it (and are compared by it), take the
     parameters as an argument, and never keep them (closed-over weights are folded into the program)."""
     if lm not in _STRUCTURES:
@@ -103,7 +105,7 @@ def check_slots(config) -> None:
         raise ValueError(f"{type(config).__name__}: slots must be a positive integer, 'auto' or None, got {slots!r}")
 
 
-def place_params(lm, mesh, shard: bool):
+def place_params(lm: LanguageModel, mesh, shard: bool):
     """The weights on the mesh: replicated, or split over the devices for models too large for one."""
     if shard:
         return parallel.sharded_params(lm.params, mesh)

@@ -34,10 +34,12 @@ import pandas as pd
 from distprompt_jax.prompting import context as context_lib
 from distprompt_jax.prompting.engine import check_shared_fields, model_structure, run_method
 from distprompt_jax.prompting.objective import distribution_report, kl_from_logits, safe_log
+from distprompt_jax.lm import LanguageModel
 from distprompt_jax.results import PromptResults
 from distprompt_jax.solve import DriverOptions, Patience, Progress
 from distprompt_jax.targets import as_target_set
 from distprompt_jax.tokens import ordinary_token_mask
+
 
 MODES = ("hotflip", "gcg")
 POSITIONS = ("cycle", "best")
@@ -78,7 +80,7 @@ class HardPromptConfig:
     top_k: int = 10  # for the top-k overlap figure
     shard_params: bool = False  # split the weights over the devices (models too large for one device)
 
-    def validate(self, lm) -> None:
+    def validate(self, lm: LanguageModel) -> None:
         def fail(message):
             raise ValueError(f"HardPromptConfig: {message}")
 
@@ -114,7 +116,7 @@ class HardPromptConfig:
 # -- Which tokens may appear -------------------------------------------------------------------------------
 
 
-def candidate_mask(lm, config: HardPromptConfig | None = None) -> np.ndarray:
+def candidate_mask(lm: LanguageModel, config: HardPromptConfig | None = None) -> np.ndarray:
     """bool [V]: the tokens the search may place in a prompt under `config`'s filters."""
     config = config or HardPromptConfig()
     allowed = ordinary_token_mask(lm)
@@ -199,7 +201,7 @@ class HardProblem:
     allowed: np.ndarray = dataclasses.field(compare=False, repr=False)  # bool [V]: a function of lm and filters
 
     @classmethod
-    def build(cls, lm, config: HardPromptConfig, *, given_init: bool = False) -> HardProblem:
+    def build(cls, lm: LanguageModel, config: HardPromptConfig, *, given_init: bool = False) -> HardProblem:
         context = context_lib.FixedContext.build(lm, config.prefix, config.suffix, config.bos)
         allowed = candidate_mask(lm, config)
         n_allowed = int(allowed.sum())
@@ -363,7 +365,7 @@ class HardProblem:
                     **figures, token_ids=s.best_ids, kl_path=path)
 
 
-def _init_token(lm, config: HardPromptConfig, allowed: np.ndarray) -> int:
+def _init_token(lm: LanguageModel, config: HardPromptConfig, allowed: np.ndarray) -> int:
     """The token init="repeat" repeats: config.init_token, else " the", else the median-norm token."""
     token = config.init_token
     if isinstance(token, str):
@@ -409,7 +411,7 @@ class HardMethod:
     name = "hard"
     slot_defaults = HARD_SLOTS
 
-    def __init__(self, lm, config: HardPromptConfig, *, init_ids: np.ndarray | None = None):
+    def __init__(self, lm: LanguageModel, config: HardPromptConfig, *, init_ids: np.ndarray | None = None):
         """`init_ids` [N, L]: the caller's initial prompts, one per target of the whole target set."""
         config.validate(lm)
         self.lm, self.config, self.init_ids = lm, config, init_ids
@@ -511,7 +513,7 @@ class _Evaluation(HardMethod):
 
     name = "token_prompt_kl"
 
-    def __init__(self, lm, config: HardPromptConfig, token_ids: np.ndarray):
+    def __init__(self, lm: LanguageModel, config: HardPromptConfig, token_ids: np.ndarray):
         config.validate(lm)
         self.lm, self.config, self.init_ids = lm, config, token_ids
         self._problem = dataclasses.replace(HardProblem.build(lm, config, given_init=True), max_steps=0)
@@ -520,7 +522,9 @@ class _Evaluation(HardMethod):
         return {"kl": reports["kl"]}, {}
 
 
-def project_soft_prompts(lm, soft_result: PromptResults, config: HardPromptConfig | None = None) -> np.ndarray:
+def project_soft_prompts(
+    lm: LanguageModel, soft_result: PromptResults, config: HardPromptConfig | None = None
+) -> np.ndarray:
     """Each soft prompt vector's nearest (L2) token among those `config` allows: int32 [N, L].
 
     Unlike the soft result's `nearest_tokens` (any token), this never picks a special or filtered token,
@@ -541,7 +545,9 @@ def project_soft_prompts(lm, soft_result: PromptResults, config: HardPromptConfi
     return allowed_ids[found].astype(np.int32).reshape(prompts.shape[:2])
 
 
-def projection_loss(lm, targets, soft_result: PromptResults, config: HardPromptConfig | None = None) -> pd.DataFrame:
+def projection_loss(
+    lm: LanguageModel, targets, soft_result: PromptResults, config: HardPromptConfig | None = None
+) -> pd.DataFrame:
     """How much KL projecting each soft prompt onto its nearest allowed tokens loses, before any search.
 
     Returns one row per target: target_id, soft_kl, projected_kl, projection_loss (= projected − soft).

@@ -21,8 +21,10 @@ import optax
 from distprompt_jax.prompting import context as context_lib
 from distprompt_jax.prompting.engine import DEFAULT_SLOTS, check_shared_fields, model_structure, run_method
 from distprompt_jax.prompting.objective import distribution_report, kl_from_logits, safe_log
+from distprompt_jax.lm import LanguageModel
 from distprompt_jax.results import PromptResults
 from distprompt_jax.solve import DriverOptions, Patience, Progress, track
+
 from distprompt_jax.tokens import ordinary_token_mask
 
 INITS = ("embedding_std", "normal", "vocab", "text")
@@ -58,7 +60,7 @@ class SoftPromptConfig:
     top_k: int = 10  # for the top-k overlap figure
     shard_params: bool = False  # split the weights over the devices (models too large for one device)
 
-    def validate(self, lm) -> None:
+    def validate(self, lm: LanguageModel) -> None:
         def fail(message):
             raise ValueError(f"SoftPromptConfig: {message}")
 
@@ -96,7 +98,9 @@ class SoftState(NamedTuple):
     diverged: jax.Array  # the KL became non-finite (the target stopped; its best finite point is kept)
 
 
-def soft_prompt(lm, targets, config: SoftPromptConfig | None = None, *, devices=None) -> PromptResults:
+def soft_prompt(
+    lm: LanguageModel, targets, config: SoftPromptConfig | None = None, *, devices=None
+) -> PromptResults:
     """Optimize a soft prompt (or intervention vector) for each target.
 
     Args:
@@ -137,7 +141,7 @@ class SoftProblem:
     candidate_ids: np.ndarray = dataclasses.field(compare=False, repr=False)
 
     @classmethod
-    def build(cls, lm, config: SoftPromptConfig) -> SoftProblem:
+    def build(cls, lm: LanguageModel, config: SoftPromptConfig) -> SoftProblem:
         context = context_lib.FixedContext.build(lm, config.prefix, config.suffix, config.bos)
         if config.intervention_layer is not None and context.is_empty:
             raise ValueError("an intervention needs fixed input tokens: set prefix (and/or bos=True)")
@@ -238,11 +242,11 @@ class SoftProblem:
         return out
 
 
-def _embedding_std(lm) -> float:
+def _embedding_std(lm: LanguageModel) -> float:
     return float(jnp.std(lm.embedding_matrix(lm.params)))
 
 
-def nearest_tokens(lm, params, vectors):
+def nearest_tokens(lm: LanguageModel, params, vectors):
     """The vocabulary token whose input embedding is nearest (L2) to each vector: [..., d] -> [...] int32."""
     table = lm.embedding_matrix(params).astype(jnp.float32)
     flat = vectors.reshape(-1, vectors.shape[-1]).astype(jnp.float32)
@@ -259,7 +263,7 @@ class SoftMethod:
     name = "soft"
     slot_defaults = DEFAULT_SLOTS
 
-    def __init__(self, lm, config: SoftPromptConfig):
+    def __init__(self, lm: LanguageModel, config: SoftPromptConfig):
         config.validate(lm)
         self.lm, self.config = lm, config
         self._problem = SoftProblem.build(lm, config)

@@ -241,7 +241,8 @@ class _Pool:
         return {name: np.zeros((self.n,) + a.shape[1:], a.dtype) for name, a in abstract.items() if name != _OBJECTIVE}
 
     def _slot_inputs(self, rows: np.ndarray) -> dict:
-        return {name: jax.device_put(np.asarray(values[rows]), self.driver.sharding) for name, values in self.inputs.items()}
+        return {name: jax.device_put(np.asarray(values[rows]), self.driver.sharding)
+                for name, values in self.inputs.items()}
 
     def _slot_data(self, take: np.ndarray):
         occupied = self.slot_target >= 0
@@ -265,7 +266,8 @@ class _Pool:
     def begin(self):
         self._assign(np.arange(self.driver.slots))
         inputs, seed, index, attempt, _, occupied = self._slot_data(np.ones(self.driver.slots, bool))
-        self.targets, self.states = self.driver.functions.start(self.driver.params, inputs, seed, index, attempt, occupied)
+        self.targets, self.states = self.driver.functions.start(
+            self.driver.params, inputs, seed, index, attempt, occupied)
 
     def has_work(self) -> bool:
         return bool((self.slot_target >= 0).any() or self.queue)
