@@ -216,3 +216,26 @@ def test_smollm2_tokens_specials_filters_and_round_trips():
     hel_lo = [*lm.encode("Hel", False), *lm.encode("lo", False)]
     hello_world = lm.encode("Hello world", False).tolist()
     np.testing.assert_array_equal(round_trips(lm.tokenizer, [hel_lo, hello_world, [the[0]] * 2]), [False, True, True])
+
+
+def test_prompts_inside_the_chat_template(peaked_lm):
+    # The template's own text around the user's message, and the start of the assistant's turn, become fixed
+    # tokens: the same search as with those tokens given as prefix and suffix by hand.
+    tokenizer = tiny_tokenizer(296)
+    tokenizer.chat_template = (
+        "{% for m in messages %}w20 {{ m['content'] }} w21{% endfor %}{% if add_generation_prompt %} w22{% endif %}"
+    )
+    lm = dataclasses.replace(peaked_lm("llama"), tokenizer=tokenizer)
+    targets = random_targets(2, lm.vocab_size, seed=4)
+    base = dict(prompt_len=2, k=16, max_steps=4, slots=2)
+    chat = hard_prompt(lm, targets, HardPromptConfig(**base, template="chat", prefix="w30"))
+    by_hand = hard_prompt(lm, targets, HardPromptConfig(**base, prefix=(20, 30), suffix=(21, 22)))
+    np.testing.assert_array_equal(chat.arrays["token_ids"], by_hand.arrays["token_ids"])
+    np.testing.assert_array_equal(chat.columns["kl"], by_hand.columns["kl"])
+    assert (chat.columns["template"] == "chat").all() and (by_hand.columns["template"] == "none").all()
+    soft = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=2, max_steps=2, slots=2, template="chat"))
+    assert (soft.to_pandas().template == "chat").all()
+    with pytest.raises(ValueError, match="has no chat template"):
+        hard_prompt(peaked_lm("llama"), targets, HardPromptConfig(**base, template="chat"))
+    with pytest.raises(ValueError, match="template must be one of"):
+        soft_prompt(lm, targets, SoftPromptConfig(template="chatml"))

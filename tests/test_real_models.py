@@ -90,6 +90,15 @@ def test_smollm2_knows_paris():
     assert -np.sum(np.exp(log_q) * log_q) == pytest.approx(1.4812, abs=2e-3)
 
 
+def test_smollm2_chat_template_frames_the_user_turn():
+    from distprompt_jax.prompting.context import chat_turn_ids
+
+    lm = load_model("smollm2-135m")
+    before, after = chat_turn_ids(lm)
+    assert lm.tokenizer.decode(list(before)).endswith("<|im_end|>\n<|im_start|>user\n")
+    assert lm.tokenizer.decode(list(after)) == "<|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_gemma3_adds_bos_and_uses_its_windows():
     lm = load_model("gemma3-270m")
     assert (lm.n_layers, lm.d_model, lm.vocab_size) == (18, 640, 262144)

@@ -1,10 +1,20 @@
-"""Fixed tokens around an optimized prompt."""
+"""Fixed tokens around an optimized prompt, optionally inside the model's chat template.
+
+With `template="chat"` the prompt (with any fixed prefix/suffix) is the user turn of the tokenizer's own
+chat template and the next-token distribution is read where the assistant's reply begins: the template is
+rendered (`apply_chat_template`, generation prompt added) around a marker, and the text before and after the
+marker, tokenized on its own, becomes fixed tokens around the user's part.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
 import jax.numpy as jnp
+
+TEMPLATES = ("none", "chat")
+# Stands for the user's part while the chat template is rendered; templates copy message content verbatim.
+_MARKER = "<<distprompt-user-turn>>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,13 +25,19 @@ class FixedContext:
     suffix_ids: tuple[int, ...]
 
     @classmethod
-    def build(cls, lm, prefix: str | tuple[int, ...], suffix: str | tuple[int, ...], bos: bool) -> FixedContext:
-        prefix_ids = _ids(lm, prefix, "prefix")
+    def build(cls, lm, prefix: str | tuple[int, ...], suffix: str | tuple[int, ...], bos: bool,
+              template: str = "none") -> FixedContext:
+        prefix_ids, suffix_ids = _ids(lm, prefix, "prefix"), _ids(lm, suffix, "suffix")
+        if template == "chat":
+            before, after = chat_turn_ids(lm)
+            prefix_ids, suffix_ids = before + prefix_ids, suffix_ids + after
+        elif template != "none":
+            raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
         if bos:
             if lm.config.bos_token_id is None:
                 raise ValueError(f"bos=True, but {lm.name} has no BOS token")
             prefix_ids = (lm.config.bos_token_id, *prefix_ids)
-        return cls(prefix_ids, _ids(lm, suffix, "suffix"))
+        return cls(prefix_ids, suffix_ids)
 
     @property
     def is_empty(self) -> bool:
@@ -47,3 +63,21 @@ def _ids(lm, tokens: str | tuple[int, ...], what: str) -> tuple[int, ...]:
     if bad:
         raise ValueError(f"{what} token ids {bad} are outside the vocabulary [0, {lm.vocab_size})")
     return ids
+
+
+def chat_turn_ids(lm) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(ids before, ids after) the user's content in the model's chat template, up to where the assistant's
+    reply starts."""
+    tokenizer = lm.tokenizer
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"template='chat', but {lm.name} has no chat template (its tokenizer has none)")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _MARKER}], tokenize=False,
+                                         add_generation_prompt=True)
+    if text.count(_MARKER) != 1:
+        raise ValueError(f"{lm.name}'s chat template does not place the user's message verbatim once")
+    before, after = text.split(_MARKER)
+
+    def encode(part):
+        return tuple(int(i) for i in lm.encode(part, add_special_tokens=False)) if part else ()
+
+    return encode(before), encode(after)

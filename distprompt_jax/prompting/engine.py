@@ -20,6 +20,7 @@ import numpy as np
 
 from distprompt_jax import parallel
 from distprompt_jax.lm import LanguageModel
+from distprompt_jax.prompting.context import TEMPLATES
 from distprompt_jax.results import PromptResults
 from distprompt_jax.solve import Driver, DriverOptions, PoolCheckpoint, Problem, SegmentInfo, compiled
 
@@ -72,6 +73,10 @@ def check_shared_fields(config, lm, inits: tuple[str, ...], at_least_one: tuple[
     check_finite_floats(config)
     if config.prompt_len < 1:
         fail(f"prompt_len must be at least 1, got {config.prompt_len}")
+    if config.template not in TEMPLATES:
+        fail(f"template must be one of {TEMPLATES}, got {config.template!r}")
+    if config.template == "chat" and (lm.tokenizer is None or not getattr(lm.tokenizer, "chat_template", None)):
+        fail(f"template='chat', but {lm.name} has no chat template (its tokenizer has none)")
     if config.init not in inits:
         fail(f"init must be one of {inits}, got {config.init!r}")
     if (config.init == "text") != (config.init_text is not None):

@@ -67,6 +67,7 @@ class HardPromptConfig:
     prefix: str | tuple[int, ...] = ""  # fixed tokens before the prompt: text, or token ids
     suffix: str | tuple[int, ...] = ""  # fixed tokens after the prompt
     bos: bool = False  # put the model's BOS token first
+    template: str = "none"  # "chat": the prompt is the user turn of the model's chat template (see context.py)
     ascii_only: bool = False  # candidates: tokens whose text is ASCII
     printable_only: bool = False  # candidates: no control characters (but space, tab, newline), no partial UTF-8
     no_whitespace_only: bool = False  # candidates: tokens with some non-whitespace text
@@ -202,7 +203,7 @@ class HardProblem:
 
     @classmethod
     def build(cls, lm: LanguageModel, config: HardPromptConfig, *, given_init: bool = False) -> HardProblem:
-        context = context_lib.FixedContext.build(lm, config.prefix, config.suffix, config.bos)
+        context = context_lib.FixedContext.build(lm, config.prefix, config.suffix, config.bos, config.template)
         allowed = candidate_mask(lm, config)
         n_allowed = int(allowed.sum())
         if config.k > n_allowed:
@@ -436,6 +437,7 @@ class HardMethod:
     def columns(self, reports: dict[str, np.ndarray]) -> tuple[dict, dict]:
         # kl first: the figure every table is read for.
         columns = {"kl": reports["kl"]} | {k: v for k, v in reports.items() if k not in ARRAY_RESULTS}
+        columns["template"] = np.full(len(columns["kl"]), self.config.template)
         arrays = {k: v for k, v in reports.items() if k in ARRAY_RESULTS}
         columns["prompt_len"] = np.full(len(columns["kl"]), self.config.prompt_len)
         if self.lm.tokenizer is not None:

@@ -43,6 +43,7 @@ class SoftPromptConfig:
     prefix: str | tuple[int, ...] = ""  # fixed tokens before the prompt: text, or token ids
     suffix: str | tuple[int, ...] = ""  # fixed tokens after the prompt
     bos: bool = False  # put the model's BOS token first
+    template: str = "none"  # "chat": the prompt is the user turn of the model's chat template (see context.py)
     learning_rate: float = 0.1
     schedule: str = "constant"  # "cosine" / "linear" decay to 0 over max_steps
     clip_norm: float | None = None  # clip each target's gradient to this L2 norm
@@ -142,7 +143,7 @@ class SoftProblem:
 
     @classmethod
     def build(cls, lm: LanguageModel, config: SoftPromptConfig) -> SoftProblem:
-        context = context_lib.FixedContext.build(lm, config.prefix, config.suffix, config.bos)
+        context = context_lib.FixedContext.build(lm, config.prefix, config.suffix, config.bos, config.template)
         if config.intervention_layer is not None and context.is_empty:
             raise ValueError("an intervention needs fixed input tokens: set prefix (and/or bos=True)")
         init_ids = None
@@ -282,6 +283,7 @@ class SoftMethod:
     def columns(self, reports: dict[str, np.ndarray]) -> tuple[dict, dict]:
         # kl first: the figure every table is read for.
         columns = {"kl": reports["kl"]} | {k: v for k, v in reports.items() if k not in ARRAY_RESULTS}
+        columns["template"] = np.full(len(columns["kl"]), self.config.template)
         arrays = {k: v for k, v in reports.items() if k in ARRAY_RESULTS}
         columns["prompt_len"] = np.full(len(columns["kl"]), 0 if self._problem.intervening else self.config.prompt_len)
         if "nearest_tokens" in arrays and self.lm.tokenizer is not None:
