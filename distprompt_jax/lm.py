@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distprompt_jax.models import DecoderLM, ModelConfig
+from distprompt_jax.models import DecoderLM, ModelConfig, NormSpec
 from distprompt_jax.models.kv_cache import KVCache
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -112,6 +112,11 @@ class LanguageModel:
     def final_norm(self, params, h):
         """The final norm applied to hidden vectors [..., d]."""
         return self._module(params).final_norm(h)
+
+    def final_norm_parameters(self, params) -> NormSpec:
+        """What the final norm computes, as data: `bias + (offset + scale) * n(h)` with n the RMS or
+        layer normalization of kind `kind` and epsilon `eps` (see NormSpec); scale/bias [d] as stored."""
+        return self._module(params).final_norm.spec()
 
     def unembed(self, params, h_normed):
         """Float32 logits [..., V] of final-normed hidden vectors [..., d] (with any logit softcap)."""

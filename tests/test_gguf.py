@@ -231,7 +231,7 @@ def test_unsupported_architecture_is_named_with_the_supported_ones(tmp_path):
     writer.close()
 
     assert gguf_architecture(path) == "mamba"
-    with pytest.raises(GGUFError, match=r"unsupported GGUF architecture 'mamba'; supported: llama, qwen2"):
+    with pytest.raises(GGUFError, match=r"unsupported GGUF architecture 'mamba'; supported: gemma3, gpt2, llama, qwen2, qwen3"):
         read_gguf(path)
 
 

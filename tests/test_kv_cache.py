@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import FAMILIES, TINY_VOCAB, kl_rows
+
 from distprompt_jax import load_model
 from distprompt_jax.lm import KVCache
 
@@ -138,8 +138,8 @@ def test_gradient_with_respect_to_a_free_cache_matches_finite_differences(family
     for _ in range(3):
         direction = KVCache(*(jnp.asarray(rng.standard_normal(a.shape), jnp.float32) for a in cache))
         eps = 1e-2
-        shifted = lambda sign: jax.tree.map(lambda a, d: a + sign * eps * d, cache, direction)
-        numeric = (float(loss(shifted(1))) - float(loss(shifted(-1)))) / (2 * eps)
+        plus, minus = (jax.tree.map(lambda a, d, s=sign * eps: a + s * d, cache, direction) for sign in (1, -1))
+        numeric = (float(loss(plus)) - float(loss(minus))) / (2 * eps)
         analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(grad, direction))
         assert abs(numeric - analytic) <= 2e-2 * abs(analytic) + 1e-3, (numeric, analytic)
 

@@ -12,6 +12,10 @@ llama.cpp's converter changes more than names, and each change is undone here:
   * every Gemma RMSNorm multiplier stored as `1 + w`;
   * quantized blocks, dequantized with the `gguf` package.
 
+What is particular to an architecture -- its config fields, its tensors and how each was changed -- is
+registered by the model family that reads it (`GGUFArchitecture` in `models/<family>.py`, in the vocabulary
+of `checkpoints.gguf_mapping`); this module reads the file and applies that mapping.
+
 The reader is strict: metadata under the architecture's own namespace that it does not understand
 (rope scaling, softcapping, experts, partial rotary, ...) and tensors it cannot place raise `GGUFError`
 naming the key or tensor, rather than yielding a model that silently computes something else.
@@ -22,58 +26,50 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
+from distprompt_jax.checkpoints.gguf_mapping import (
+    GGUFError,
+    GGUFMetadata,
+    TensorSpec,
+    TensorTable,
+)
+from distprompt_jax.models.family import GGUFArchitecture, gguf_architectures
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "gpt2")
-
-_HF_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "gpt2": "gpt2"}
-_HF_ARCHITECTURE = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "gemma3": "Gemma3ForCausalLM",
-    "gpt2": "GPT2LMHeadModel",
-}
-
-# llama.cpp hard-codes Gemma 3's layer pattern (5 sliding-window layers, then 1 global) and the rotary
-# base of its sliding-window layers; newer files may state the latter as `rope.freq_base_swa`.
-_GEMMA3_SLIDING_WINDOW_PERIOD = 6
-_GEMMA3_SLIDING_ROPE_THETA = 10000.0
-# ... and scales Gemma 3 27B's queries by 1/sqrt(hidden/heads) instead of 1/sqrt(head_dim). It knows
-# that model by its layer count.
-_GEMMA3_27B_LAYERS = 62
+__all__ = ["GGUFError", "gguf_architecture", "read_gguf", "supported_architectures"]
 
 _GGUF_VERSIONS = (2, 3)
 
 
-class GGUFError(ValueError):
-    """A GGUF file that cannot be read, or cannot be turned into an equivalent HF checkpoint."""
+def supported_architectures() -> tuple[str, ...]:
+    """The GGUF `general.architecture` names some registered model family reads."""
+    return tuple(gguf_architectures())
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], PreTrainedTokenizerFast]:
     """`(hf_config, tensors, tokenizer)` equivalent to the GGUF file at `path`. See the module docstring."""
     path = Path(path)
-    architecture = gguf_architecture(path)
-    if architecture not in SUPPORTED_ARCHITECTURES:
+    name = gguf_architecture(path)
+    architectures = gguf_architectures()
+    if name not in architectures:
         raise GGUFError(
-            f"{path}: unsupported GGUF architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{path}: unsupported GGUF architecture {name!r}; supported: {', '.join(architectures)}"
         )
+    architecture = architectures[name]
     reader = _open_reader(path)
-    metadata = _Metadata(path, architecture, _read_fields(reader))
+    metadata = GGUFMetadata(path, name, _read_fields(reader))
     gguf_tensors = {tensor.name: tensor for tensor in reader.tensors}
     _refuse_unsupported_layouts(metadata, gguf_tensors)
 
-    hf_config = _CONFIG_BUILDERS[architecture](metadata, gguf_tensors)
+    hf_config = _common_config(architecture, metadata, gguf_tensors) | architecture.config(metadata, gguf_tensors)
     metadata.check_all_read()
-    tensors = _convert_tensors(path, gguf_tensors, _expected_tensors(architecture, hf_config))
+    tensors = _convert_tensors(path, gguf_tensors, architecture.tensors(hf_config))
     return hf_config, tensors, _build_tokenizer(metadata)
 
 
@@ -166,52 +162,7 @@ def _read_fields(reader) -> dict[str, Any]:
     return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
 
 
-@dataclass
-class _Metadata:
-    """The file's metadata; remembers which `{architecture}.*` keys the config builder has looked at,
-    so that any it has not -- keys that may change the math -- can be refused by name."""
-
-    path: Path
-    architecture: str
-    values: dict[str, Any]
-    _read: set[str] = field(default_factory=set)
-
-    def require(self, key: str):
-        """`{architecture}.{key}`, which the file must state."""
-        name = f"{self.architecture}.{key}"
-        if name not in self.values:
-            raise GGUFError(f"{self.path}: the GGUF metadata has no {name}")
-        self._read.add(name)
-        return self.values[name]
-
-    def get(self, key: str, default=None):
-        """`{architecture}.{key}`, or `default` when the file does not state it."""
-        name = f"{self.architecture}.{key}"
-        self._read.add(name)
-        return self.values.get(name, default)
-
-    def expect(self, key: str, allowed: tuple, why: str):
-        """`{architecture}.{key}` must be absent or one of `allowed` (what HF's model computes)."""
-        value = self.get(key)
-        if value is not None and value not in allowed:
-            raise GGUFError(f"{self.path}: unsupported GGUF metadata {self.architecture}.{key}={value!r}: {why}")
-
-    def other(self, key: str, default=None):
-        """A key outside the architecture's namespace (`general.*`, `tokenizer.*`, ...)."""
-        return self.values.get(key, default)
-
-    def check_all_read(self):
-        prefix = f"{self.architecture}."
-        unread = sorted(key for key in self.values if key.startswith(prefix) and key not in self._read)
-        if unread:
-            stated = ", ".join(f"{key}={self.values[key]!r}" for key in unread)
-            raise GGUFError(
-                f"{self.path}: unsupported GGUF metadata {stated}; this reader does not map it to the HF "
-                "model, and refuses rather than produce a model that computes something else"
-            )
-
-
-def _refuse_unsupported_layouts(meta: _Metadata, gguf_tensors: dict):
+def _refuse_unsupported_layouts(meta: GGUFMetadata, gguf_tensors: TensorTable):
     path = meta.path
     if int(meta.other("split.count", 1)) > 1:
         raise GGUFError(
@@ -229,17 +180,16 @@ def _refuse_unsupported_layouts(meta: _Metadata, gguf_tensors: dict):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Config, one builder per architecture
+# Config: what every architecture states alike; the rest is the family's (`GGUFArchitecture.config`)
 
 
-def _common_config(meta: _Metadata, gguf_tensors: dict) -> dict:
+def _common_config(architecture: GGUFArchitecture, meta: GGUFMetadata, gguf_tensors: TensorTable) -> dict:
     tokens = meta.other("tokenizer.ggml.tokens")
     if tokens is None:
         raise GGUFError(f"{meta.path}: the GGUF has no tokenizer.ggml.tokens (no vocabulary)")
-    architecture = meta.architecture
     return {
-        "model_type": _HF_MODEL_TYPE[architecture],
-        "architectures": [_HF_ARCHITECTURE[architecture]],
+        "model_type": architecture.model_type,
+        "architectures": [architecture.hf_architecture],
         # llama.cpp pads the token list to the embedding's size, so the two agree; the shape check on
         # token_embd catches a file where they do not.
         "vocab_size": int(meta.get("vocab_size", len(tokens))),
@@ -255,255 +205,11 @@ def _optional_int(value) -> int | None:
     return None if value is None else int(value)
 
 
-def _float32(value) -> float:
-    """A float GGUF stored in 32 bits, as the shortest decimal that rounds to it: the value the HF
-    config most likely said (1e-06 rather than 9.999999974752427e-07)."""
-    return float(str(np.float32(value)))
-
-
-def _attention_sizes(meta: _Metadata) -> dict:
-    """Head counts and head_dim, refusing a rotary embedding over part of the head or a value width
-    different from the key width (HF's models have one head_dim for both)."""
-    hidden_size = int(meta.require("embedding_length"))
-    n_heads = int(meta.require("attention.head_count"))
-    head_dim = int(meta.get("attention.key_length", hidden_size // n_heads))
-    meta.expect("attention.value_length", (head_dim,), f"a value head width other than head_dim={head_dim}")
-    meta.expect("rope.dimension_count", (head_dim,), f"partial rotary embedding (head_dim={head_dim})")
-    return {
-        "hidden_size": hidden_size,
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": int(meta.get("attention.head_count_kv", n_heads)),
-        "head_dim": head_dim,
-    }
-
-
-def _refuse_rope_scaling_and_experts(meta: _Metadata):
-    meta.expect("rope.scaling.type", ("none",), "rope scaling is not mapped to HF rope_parameters")
-    meta.expect("expert_count", (0,), "mixture-of-experts is not supported")
-    meta.expect("expert_used_count", (0,), "mixture-of-experts is not supported")
-
-
-def _has_bias(gguf_tensors: dict, leaf: str) -> bool:
-    return any(name.startswith("blk.") and name.endswith(f".{leaf}.bias") for name in gguf_tensors)
-
-
-def _decoder_config(meta: _Metadata, gguf_tensors: dict) -> dict:
-    """llama, qwen2, qwen3: pre-norm decoders with SwiGLU MLPs and a NeoX-style rotary embedding in HF."""
-    _refuse_rope_scaling_and_experts(meta)
-    config = _common_config(meta, gguf_tensors) | _attention_sizes(meta)
-    config |= {
-        "intermediate_size": int(meta.require("feed_forward_length")),
-        "num_hidden_layers": int(meta.require("block_count")),
-        "max_position_embeddings": int(meta.require("context_length")),
-        "rms_norm_eps": _float32(meta.require("attention.layer_norm_rms_epsilon")),
-        "hidden_act": "silu",
-        "rope_parameters": {"rope_type": "default", "rope_theta": _float32(meta.get("rope.freq_base", 10000.0))},
-    }
-    if meta.architecture == "llama":
-        config["attention_bias"] = _has_bias(gguf_tensors, "attn_q")
-        config["mlp_bias"] = _has_bias(gguf_tensors, "ffn_up")
-    elif meta.architecture == "qwen3":
-        config["attention_bias"] = _has_bias(gguf_tensors, "attn_q")
-    # qwen2 always has q/k/v biases and no flag for them.
-    return config
-
-
-def _gemma3_config(meta: _Metadata, gguf_tensors: dict) -> dict:
-    _refuse_rope_scaling_and_experts(meta)
-    config = _common_config(meta, gguf_tensors) | _attention_sizes(meta)
-    n_layers = int(meta.require("block_count"))
-    sliding_theta = _float32(meta.get("rope.freq_base_swa", _GEMMA3_SLIDING_ROPE_THETA))
-    query_scalar = config["hidden_size"] // config["num_attention_heads"]
-    config |= {
-        "intermediate_size": int(meta.require("feed_forward_length")),
-        "num_hidden_layers": n_layers,
-        "max_position_embeddings": int(meta.require("context_length")),
-        "rms_norm_eps": _float32(meta.require("attention.layer_norm_rms_epsilon")),
-        "hidden_activation": "gelu_pytorch_tanh",
-        "query_pre_attn_scalar": query_scalar if n_layers == _GEMMA3_27B_LAYERS else config["head_dim"],
-        "sliding_window": int(meta.require("attention.sliding_window")),
-        "layer_types": [
-            "full_attention" if (i + 1) % _GEMMA3_SLIDING_WINDOW_PERIOD == 0 else "sliding_attention"
-            for i in range(n_layers)
-        ],
-        "rope_parameters": {
-            "full_attention": {"rope_type": "default", "rope_theta": _float32(meta.require("rope.freq_base"))},
-            "sliding_attention": {"rope_type": "default", "rope_theta": sliding_theta},
-        },
-        "attention_bias": _has_bias(gguf_tensors, "attn_q"),
-        # Stated, since a config class default is one checkpoint's value; the file would carry
-        # `{arch}.attn_logit_softcapping` / `final_logit_softcapping` otherwise, which are refused.
-        "attn_logit_softcapping": None,
-        "final_logit_softcapping": None,
-    }
-    return config
-
-
-def _gpt2_config(meta: _Metadata, gguf_tensors: dict) -> dict:
-    n_embd = int(meta.require("embedding_length"))
-    n_head = int(meta.require("attention.head_count"))
-    meta.expect("attention.head_count_kv", (n_head,), "GPT-2 has no grouped-query attention")
-    return _common_config(meta, gguf_tensors) | {
-        "n_embd": n_embd,
-        "n_layer": int(meta.require("block_count")),
-        "n_head": n_head,
-        "n_positions": int(meta.require("context_length")),
-        "n_inner": int(meta.get("feed_forward_length", 4 * n_embd)),
-        "layer_norm_epsilon": _float32(meta.require("attention.layer_norm_epsilon")),
-        # llama.cpp's GELU is the tanh approximation, which HF's GPT-2 calls gelu_new.
-        "activation_function": "gelu_new",
-    }
-
-
-_CONFIG_BUILDERS: dict[str, Callable[[_Metadata, dict], dict]] = {
-    "llama": _decoder_config,
-    "qwen2": _decoder_config,
-    "qwen3": _decoder_config,
-    "gemma3": _gemma3_config,
-    "gpt2": _gpt2_config,
-}
-
-
 # ---------------------------------------------------------------------------------------------------
-# Tensors: what the config says the HF model holds, where each lives in the GGUF, and how it was changed
+# Tensors: the family lists them (`GGUFArchitecture.tensors`); here they are checked and dequantized
 
 
-def _identity(array: np.ndarray) -> np.ndarray:
-    return array
-
-
-def _transpose(array: np.ndarray) -> np.ndarray:
-    return array.T
-
-
-def _subtract_one(array: np.ndarray) -> np.ndarray:
-    return array - np.float32(1.0)
-
-
-def _unpermute_rows(n_heads: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Undo llama.cpp's per-head row order for q/k (weights and biases).
-
-    HF rotates the two halves of each head together, llama.cpp adjacent pairs; its converter reorders
-    each head's rows from `[2, head_dim/2]` to `[head_dim/2, 2]`, and this reorders them back.
-    """
-
-    def unpermute(array: np.ndarray) -> np.ndarray:
-        rows, rest = array.shape[0], array.shape[1:]
-        per_head = array.reshape(n_heads, rows // n_heads // 2, 2, *rest)
-        return per_head.swapaxes(1, 2).reshape(array.shape)
-
-    return unpermute
-
-
-@dataclass(frozen=True)
-class _TensorSpec:
-    gguf_name: str
-    hf_name: str
-    hf_shape: tuple[int, ...]
-    convert: Callable[[np.ndarray], np.ndarray] = _identity
-    transposed: bool = False  # stored `[out, in]` for a HF Conv1D's `[in, out]`
-
-    @property
-    def stored_shape(self) -> tuple[int, ...]:
-        return self.hf_shape[::-1] if self.transposed else self.hf_shape
-
-
-def _expected_tensors(architecture: str, config: dict) -> list[_TensorSpec]:
-    if architecture == "gpt2":
-        return _gpt2_tensors(config)
-    return _decoder_tensors(architecture, config)
-
-
-def _decoder_tensors(architecture: str, c: dict) -> list[_TensorSpec]:
-    hidden, ff, vocab, head_dim = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["head_dim"]
-    q_rows, kv_rows = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
-    gemma = architecture == "gemma3"
-    norm = _subtract_one if gemma else _identity  # Gemma's RMSNorm scales by (1 + w); llama.cpp stores 1 + w
-    if architecture == "llama":
-        q_order, k_order = _unpermute_rows(c["num_attention_heads"]), _unpermute_rows(c["num_key_value_heads"])
-    else:
-        q_order = k_order = _identity
-    attention_bias = architecture == "qwen2" or c.get("attention_bias", False)
-
-    specs = [
-        _TensorSpec("token_embd.weight", "model.embed_tokens.weight", (vocab, hidden)),
-        _TensorSpec("output_norm.weight", "model.norm.weight", (hidden,), norm),
-    ]
-    if not c["tie_word_embeddings"]:
-        specs.append(_TensorSpec("output.weight", "lm_head.weight", (vocab, hidden)))
-    for i in range(c["num_hidden_layers"]):
-        blk, layer = f"blk.{i}", f"model.layers.{i}"
-        specs += [
-            _TensorSpec(f"{blk}.attn_norm.weight", f"{layer}.input_layernorm.weight", (hidden,), norm),
-            _TensorSpec(f"{blk}.attn_q.weight", f"{layer}.self_attn.q_proj.weight", (q_rows, hidden), q_order),
-            _TensorSpec(f"{blk}.attn_k.weight", f"{layer}.self_attn.k_proj.weight", (kv_rows, hidden), k_order),
-            _TensorSpec(f"{blk}.attn_v.weight", f"{layer}.self_attn.v_proj.weight", (kv_rows, hidden)),
-            _TensorSpec(f"{blk}.attn_output.weight", f"{layer}.self_attn.o_proj.weight", (hidden, q_rows)),
-            _TensorSpec(f"{blk}.ffn_gate.weight", f"{layer}.mlp.gate_proj.weight", (ff, hidden)),
-            _TensorSpec(f"{blk}.ffn_up.weight", f"{layer}.mlp.up_proj.weight", (ff, hidden)),
-            _TensorSpec(f"{blk}.ffn_down.weight", f"{layer}.mlp.down_proj.weight", (hidden, ff)),
-        ]
-        if attention_bias:
-            specs += [
-                _TensorSpec(f"{blk}.attn_q.bias", f"{layer}.self_attn.q_proj.bias", (q_rows,), q_order),
-                _TensorSpec(f"{blk}.attn_k.bias", f"{layer}.self_attn.k_proj.bias", (kv_rows,), k_order),
-                _TensorSpec(f"{blk}.attn_v.bias", f"{layer}.self_attn.v_proj.bias", (kv_rows,)),
-            ]
-            if architecture != "qwen2":  # the HF flag covers the output projection too, except in Qwen2
-                specs.append(_TensorSpec(f"{blk}.attn_output.bias", f"{layer}.self_attn.o_proj.bias", (hidden,)))
-        if c.get("mlp_bias", False):
-            specs += [
-                _TensorSpec(f"{blk}.ffn_gate.bias", f"{layer}.mlp.gate_proj.bias", (ff,)),
-                _TensorSpec(f"{blk}.ffn_up.bias", f"{layer}.mlp.up_proj.bias", (ff,)),
-                _TensorSpec(f"{blk}.ffn_down.bias", f"{layer}.mlp.down_proj.bias", (hidden,)),
-            ]
-        if architecture in ("qwen3", "gemma3"):
-            specs += [
-                _TensorSpec(f"{blk}.attn_q_norm.weight", f"{layer}.self_attn.q_norm.weight", (head_dim,), norm),
-                _TensorSpec(f"{blk}.attn_k_norm.weight", f"{layer}.self_attn.k_norm.weight", (head_dim,), norm),
-            ]
-        if gemma:  # a sandwich: norms before and after both the attention and the MLP
-            specs += [
-                _TensorSpec(f"{blk}.post_attention_norm.weight", f"{layer}.post_attention_layernorm.weight",
-                            (hidden,), norm),
-                _TensorSpec(f"{blk}.ffn_norm.weight", f"{layer}.pre_feedforward_layernorm.weight", (hidden,), norm),
-                _TensorSpec(f"{blk}.post_ffw_norm.weight", f"{layer}.post_feedforward_layernorm.weight",
-                            (hidden,), norm),
-            ]
-        else:
-            specs.append(_TensorSpec(f"{blk}.ffn_norm.weight", f"{layer}.post_attention_layernorm.weight", (hidden,)))
-    return specs
-
-
-def _gpt2_tensors(c: dict) -> list[_TensorSpec]:
-    d, ff, vocab = c["n_embd"], c["n_inner"], c["vocab_size"]
-    specs = [
-        _TensorSpec("token_embd.weight", "transformer.wte.weight", (vocab, d)),
-        _TensorSpec("position_embd.weight", "transformer.wpe.weight", (c["n_positions"], d)),
-        _TensorSpec("output_norm.weight", "transformer.ln_f.weight", (d,)),
-        _TensorSpec("output_norm.bias", "transformer.ln_f.bias", (d,)),
-    ]
-    if not c["tie_word_embeddings"]:
-        specs.append(_TensorSpec("output.weight", "lm_head.weight", (vocab, d)))
-    for i in range(c["n_layer"]):
-        blk, layer = f"blk.{i}", f"transformer.h.{i}"
-        # HF's c_attn is fused like llama.cpp's attn_qkv: q, k, v stacked along the output features.
-        conv1d = [("attn_qkv", "attn.c_attn", d, 3 * d), ("attn_output", "attn.c_proj", d, d),
-                  ("ffn_up", "mlp.c_fc", d, ff), ("ffn_down", "mlp.c_proj", ff, d)]
-        for leaf, hf_leaf, n_in, n_out in conv1d:
-            specs += [
-                _TensorSpec(f"{blk}.{leaf}.weight", f"{layer}.{hf_leaf}.weight", (n_in, n_out), _transpose, True),
-                _TensorSpec(f"{blk}.{leaf}.bias", f"{layer}.{hf_leaf}.bias", (n_out,)),
-            ]
-        for leaf, hf_leaf in (("attn_norm", "ln_1"), ("ffn_norm", "ln_2")):
-            specs += [
-                _TensorSpec(f"{blk}.{leaf}.weight", f"{layer}.{hf_leaf}.weight", (d,)),
-                _TensorSpec(f"{blk}.{leaf}.bias", f"{layer}.{hf_leaf}.bias", (d,)),
-            ]
-    return specs
-
-
-def _convert_tensors(path: Path, gguf_tensors: dict, specs: list[_TensorSpec]) -> dict[str, np.ndarray]:
+def _convert_tensors(path: Path, gguf_tensors: TensorTable, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
     expected = {spec.gguf_name: spec for spec in specs}
     unknown = sorted(set(gguf_tensors) - set(expected))
     if unknown:
@@ -526,7 +232,7 @@ def _stored_shape(tensor) -> tuple[int, ...]:
     return tuple(int(n) for n in reversed(tensor.shape))
 
 
-def _dequantized(path: Path, tensor, spec: _TensorSpec) -> np.ndarray:
+def _dequantized(path: Path, tensor, spec: TensorSpec) -> np.ndarray:
     from gguf.quants import dequantize
 
     try:
@@ -545,7 +251,7 @@ def _dequantized(path: Path, tensor, spec: _TensorSpec) -> np.ndarray:
 # Tokenizer
 
 
-def _build_tokenizer(meta: _Metadata) -> PreTrainedTokenizerFast:
+def _build_tokenizer(meta: GGUFMetadata) -> PreTrainedTokenizerFast:
     """A `PreTrainedTokenizerFast` equal to the one transformers builds from a GGUF.
 
     transformers' own `from_pretrained(..., gguf_file=...)` imports torch, so we feed its torch-free

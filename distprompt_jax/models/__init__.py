@@ -8,35 +8,44 @@ import jax
 import numpy as np
 from flax import nnx
 
+# Each family module registers its Family when imported.
+from distprompt_jax.models import gemma3, gpt2, llama  # noqa: F401
 from distprompt_jax.models.config import ModelConfig, RopeSpec, UnsupportedConfigError
-from distprompt_jax.models.decoder import FAMILY_MODULES, DecoderLM
+from distprompt_jax.models.decoder import DecoderLM
+from distprompt_jax.models.family import (
+    Family,
+    families,
+    family_for_model_type,
+    get_family,
+    supported_model_types,
+)
 from distprompt_jax.models.hf_config import TensorSource
 from distprompt_jax.models.kv_cache import KVCache
+from distprompt_jax.models.layers import NormSpec
 
 __all__ = [
-    "DecoderLM", "KVCache", "ModelConfig", "RopeSpec", "UnsupportedConfigError", "config_from_hf", "params_from_hf",
-    "abstract_params", "supported_model_types",
+    "DecoderLM",
+    "Family",
+    "KVCache",
+    "ModelConfig",
+    "NormSpec",
+    "RopeSpec",
+    "UnsupportedConfigError",
+    "abstract_params",
+    "config_from_hf",
+    "families",
+    "get_family",
+    "params_from_hf",
+    "supported_model_types",
 ]
 
 # Buffers some HF checkpoints save that are not parameters (GPT-2's causal-mask buffers, rotary caches).
 _NON_PARAMETER_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 
-def supported_model_types() -> list[str]:
-    return sorted(t for module in FAMILY_MODULES.values() for t in module.MODEL_TYPES)
-
-
 def config_from_hf(raw: Mapping) -> ModelConfig:
     """Our ModelConfig for a HF `config.json` dict; refuses what we do not implement, by name."""
-    model_type = raw.get("model_type")
-    for module in FAMILY_MODULES.values():
-        if model_type in module.MODEL_TYPES:
-            return module.config_from_hf(dict(raw))
-    if model_type == "gemma3":
-        return FAMILY_MODULES["gemma3"].config_from_hf(dict(raw))  # refuses with a pointer to gemma3_text
-    raise UnsupportedConfigError(
-        f"unsupported model_type {model_type!r}; supported: {supported_model_types()}"
-    )
+    return family_for_model_type(raw.get("model_type")).config_from_hf(dict(raw))
 
 
 def abstract_params(cfg: ModelConfig, dtype=np.float32):
@@ -49,7 +58,7 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict:
     """Our parameter pytree (numpy, float32) from HF-named tensors, checked against the model's shapes."""
     source = TensorSource(tensors, ignored=_NON_PARAMETER_SUFFIXES)
     try:
-        params = FAMILY_MODULES[cfg.family].params_from_hf(cfg, source)
+        params = get_family(cfg.family).params_from_hf(cfg, source)
     except KeyError as err:
         raise ValueError(f"checkpoint does not match its config: {err.args[0]}") from None
     unused = source.unused()

@@ -1,4 +1,4 @@
-"""The decoder every family shares: embeddings, a scanned stack of family blocks, final norm, unembedding."""
+"""The decoder every family shares: embeddings, a scanned stack of the family's blocks, final norm, unembedding."""
 
 from __future__ import annotations
 
@@ -6,22 +6,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distprompt_jax.models import gemma3, gpt2, llama
 from distprompt_jax.models.config import ModelConfig
+from distprompt_jax.models.family import get_family
 from distprompt_jax.models.kv_cache import KVCache
 from distprompt_jax.models.layers import Linear
-
-FAMILY_MODULES = {"llama": llama, "gemma3": gemma3, "gpt2": gpt2}
 
 
 class DecoderLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32):
-        family = FAMILY_MODULES[cfg.family]
+        family = get_family(cfg.family)
         self.cfg = cfg
         self.dtype = dtype
         self.embed = _Embedding(cfg.vocab_size, cfg.d_model, dtype)
         self.pos_embed = None if cfg.rope else _Embedding(cfg.max_positions, cfg.d_model, dtype)
-        self.layers = family.Block(cfg, dtype=dtype, stack=cfg.n_layers)
+        self.layers = family.block(cfg, dtype=dtype, stack=cfg.n_layers)
         self.final_norm = family.final_norm(cfg, dtype)
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False, dtype=dtype)
 

@@ -8,8 +8,15 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
+from distprompt_jax.checkpoints import gguf_mapping
+from distprompt_jax.checkpoints.gguf_mapping import (
+    GGUFMetadata,
+    TensorSpec,
+    TensorTable,
+)
 from distprompt_jax.models import hf_config
 from distprompt_jax.models.config import ModelConfig
+from distprompt_jax.models.family import Family, GGUFArchitecture, register
 from distprompt_jax.models.layers import MLP, Attention, LayerNorm
 
 MODEL_TYPES = ("gpt2",)
@@ -103,3 +110,63 @@ def params_from_hf(cfg: ModelConfig, tensors: hf_config.TensorSource) -> dict:
     if not cfg.tie_embeddings:
         params["lm_head"] = tensors.linear("lm_head")
     return params
+
+
+# --- GGUF: llama.cpp's `gpt2` architecture -----------------------------------------------------------
+
+
+def _gguf_config(meta: GGUFMetadata, gguf_tensors: TensorTable) -> dict:
+    n_embd = int(meta.require("embedding_length"))
+    n_head = int(meta.require("attention.head_count"))
+    meta.expect("attention.head_count_kv", (n_head,), "GPT-2 has no grouped-query attention")
+    return {
+        "n_embd": n_embd,
+        "n_layer": int(meta.require("block_count")),
+        "n_head": n_head,
+        "n_positions": int(meta.require("context_length")),
+        "n_inner": int(meta.get("feed_forward_length", 4 * n_embd)),
+        "layer_norm_epsilon": gguf_mapping.float32(meta.require("attention.layer_norm_epsilon")),
+        # llama.cpp's GELU is the tanh approximation, which HF's GPT-2 calls gelu_new.
+        "activation_function": "gelu_new",
+    }
+
+
+def _gguf_tensors(c: dict) -> list[TensorSpec]:
+    d, ff, vocab = c["n_embd"], c["n_inner"], c["vocab_size"]
+    specs = [
+        TensorSpec("token_embd.weight", "transformer.wte.weight", (vocab, d)),
+        TensorSpec("position_embd.weight", "transformer.wpe.weight", (c["n_positions"], d)),
+        TensorSpec("output_norm.weight", "transformer.ln_f.weight", (d,)),
+        TensorSpec("output_norm.bias", "transformer.ln_f.bias", (d,)),
+    ]
+    if not c["tie_word_embeddings"]:
+        specs.append(TensorSpec("output.weight", "lm_head.weight", (vocab, d)))
+    for i in range(c["n_layer"]):
+        blk, layer = f"blk.{i}", f"transformer.h.{i}"
+        # HF's c_attn is fused like llama.cpp's attn_qkv: q, k, v stacked along the output features.
+        # llama.cpp stores every matrix [out, in]; HF's Conv1D holds [in, out].
+        conv1d = [("attn_qkv", "attn.c_attn", d, 3 * d), ("attn_output", "attn.c_proj", d, d),
+                  ("ffn_up", "mlp.c_fc", d, ff), ("ffn_down", "mlp.c_proj", ff, d)]
+        for leaf, hf_leaf, n_in, n_out in conv1d:
+            specs += [
+                TensorSpec(f"{blk}.{leaf}.weight", f"{layer}.{hf_leaf}.weight", (n_in, n_out),
+                           gguf_mapping.transpose, transposed=True),
+                TensorSpec(f"{blk}.{leaf}.bias", f"{layer}.{hf_leaf}.bias", (n_out,)),
+            ]
+        for leaf, hf_leaf in (("attn_norm", "ln_1"), ("ffn_norm", "ln_2")):
+            specs += [
+                TensorSpec(f"{blk}.{leaf}.weight", f"{layer}.{hf_leaf}.weight", (d,)),
+                TensorSpec(f"{blk}.{leaf}.bias", f"{layer}.{hf_leaf}.bias", (d,)),
+            ]
+    return specs
+
+
+FAMILY = register(Family(
+    name="gpt2",
+    model_types=MODEL_TYPES,
+    block=Block,
+    final_norm=final_norm,
+    config_from_hf=config_from_hf,
+    params_from_hf=params_from_hf,
+    gguf=(GGUFArchitecture("gpt2", "gpt2", "GPT2LMHeadModel", _gguf_config, _gguf_tensors),),
+))

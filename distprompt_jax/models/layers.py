@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from distprompt_jax.models.config import ModelConfig
 
@@ -33,6 +33,22 @@ class Linear(nnx.Module):
         return y if self.bias is None else y + self.bias[...]
 
 
+@struct.dataclass
+class NormSpec:
+    """What a norm computes, stated publicly: `bias + (offset + scale) * n(x)` over the last axis, where
+    n(x) = x / sqrt(mean(x^2) + eps) for kind "rms" and (x - mean(x)) / sqrt(var(x) + eps) for "layer".
+
+    scale, bias: [d] parameter arrays as stored (bias is zeros for an RMSNorm); kind, eps and offset are
+    static. A pytree, so it can be read inside jit too.
+    """
+
+    scale: jax.Array
+    bias: jax.Array
+    kind: str = struct.field(pytree_node=False)  # "rms" | "layer"
+    eps: float = struct.field(pytree_node=False)
+    offset: float = struct.field(pytree_node=False)
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm over the last axis, computed in float32.
 
@@ -52,6 +68,10 @@ class RMSNorm(nnx.Module):
             return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return self.scale[...] * normed.astype(x.dtype)
 
+    def spec(self) -> NormSpec:
+        scale = self.scale[...]
+        return NormSpec(scale, jnp.zeros_like(scale), kind="rms", eps=self.eps, offset=self.offset)
+
 
 class LayerNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float, dtype, stack: int | None = None):
@@ -65,6 +85,9 @@ class LayerNorm(nnx.Module):
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         return (normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+    def spec(self) -> NormSpec:
+        return NormSpec(self.scale[...], self.bias[...], kind="layer", eps=self.eps, offset=0.0)
 
 
 def activation(name: str, x):
