@@ -138,15 +138,21 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_results(tmp_
         np.testing.assert_array_equal(straight[name], resumed[name])
 
 
-def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
-    checkpoint = PoolCheckpoint(tmp_path / "pool")
+def interrupted_at(segment: int, directory) -> PoolCheckpoint:
+    """A pool of 13 targets in 4 slots, checkpointed every 2 segments and stopped after `segment`."""
+    checkpoint = PoolCheckpoint(directory)
 
     def stop(info):
-        if info.segment == 4:
+        if info.segment == segment:
             raise Interrupt
 
     with pytest.raises(Interrupt):
         run(n=13, slots=4, segment_steps=3, checkpoint=checkpoint, on_segment=stop, checkpoint_every=2)
+    return checkpoint
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
+    checkpoint = interrupted_at(4, tmp_path / "pool")
     assert sorted(checkpoint.manager.all_steps()) == [2, 4]  # the newest two are kept
     for file in (tmp_path / "pool" / "4").rglob("*"):
         if file.is_file() and file.stat().st_size > 0:
@@ -162,14 +168,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
 
 
 def test_a_checkpoint_of_another_pool_is_refused(tmp_path):
-    checkpoint = PoolCheckpoint(tmp_path / "pool")
-
-    def stop(info):
-        if info.segment == 2:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        run(n=13, slots=4, segment_steps=3, checkpoint=checkpoint, on_segment=stop, checkpoint_every=2)
+    interrupted_at(2, tmp_path / "pool")
     with pytest.raises(ValueError, match="another run"):
         run(n=13, slots=8, segment_steps=3, checkpoint=PoolCheckpoint(tmp_path / "pool"))
 

@@ -93,26 +93,31 @@ def test_run_writes_results_prompts_logs_and_report(experiment, tmp_path):
     assert code != 0 and "different config" in err and "soft.max_steps" in err
 
 
+def kill_at_checkpoint(process, workdir: Path, method: str, segment: int) -> int:
+    """SIGKILL `process` once its pool checkpoint of `segment` (or later) is complete; the log lines so far."""
+    checkpoints = workdir / "checkpoints" / method / "p0"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(
+        p.name.isdigit() and int(p.name) >= segment for p in (checkpoints.iterdir() if checkpoints.is_dir() else ())
+    ):
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return len((workdir / "log.jsonl").read_text().splitlines())
+
+
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(experiment, tmp_path):
     config = experiment(max_steps=60)
     code, _, err = finish(distprompt(f"--config={config}", f"--workdir={tmp_path / 'straight'}"))
     assert code == 0, err[-3000:]
 
     killed = tmp_path / "killed"
-    process = distprompt(f"--config={config}", f"--workdir={killed}", start_new_session=True)
-    checkpoints = killed / "checkpoints" / "soft" / "p0"
-    deadline = time.time() + 300
     # 7 targets in 4 slots, 60 steps in segments of 5: the first four finish at segment 12 and their slots
     # take the last three. Kill once a checkpoint after that refill is complete.
-    while time.time() < deadline and not any(
-        p.name.isdigit() and int(p.name) >= 14 for p in (checkpoints.iterdir() if checkpoints.is_dir() else ())
-    ):
-        assert process.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    logged_before_kill = kill_at_checkpoint(
+        distprompt(f"--config={config}", f"--workdir={killed}", start_new_session=True), killed, "soft", 14)
     assert not (killed / "results.parquet").exists()
-    logged_before_kill = len((killed / "log.jsonl").read_text().splitlines())
 
     code, _, err = finish(distprompt(f"--config={config}", f"--workdir={killed}"))
     assert code == 0, err[-3000:]
@@ -133,17 +138,8 @@ def test_a_bound_run_killed_mid_pool_resumes_to_the_same_results(experiment, tmp
     code, _, err = finish(distprompt(f"--config={config}", f"--workdir={tmp_path / 'straight'}", *args))
     assert code == 0, err[-3000:]
     killed = tmp_path / "killed"
-    process = distprompt(f"--config={config}", f"--workdir={killed}", *args, start_new_session=True)
-    checkpoints = killed / "checkpoints" / "bound" / "p0"
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(
-        p.name.isdigit() and int(p.name) >= 3 for p in (checkpoints.iterdir() if checkpoints.is_dir() else ())
-    ):
-        assert process.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    logged_before_kill = len((killed / "log.jsonl").read_text().splitlines())
+    logged_before_kill = kill_at_checkpoint(
+        distprompt(f"--config={config}", f"--workdir={killed}", *args, start_new_session=True), killed, "bound", 3)
     code, _, err = finish(distprompt(f"--config={config}", f"--workdir={killed}", *args))
     assert code == 0, err[-3000:]
     after = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()[logged_before_kill:]]
