@@ -1,4 +1,4 @@
-"""Host-side float64 work: per-target jobs on a thread pool, with BLAS limited to one thread while they run."""
+"""Host-side float64 work: per-target jobs on a thread pool, with BLAS kept to one thread while they run."""
 
 from __future__ import annotations
 
@@ -12,8 +12,56 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 
+class _OneBlasThread:
+    """BLAS limited to one thread while held (`with one_blas_thread:`, or acquire/release). The setting is
+    process-wide, so holders are counted and the original limits come back when the last one releases.
+
+    Take and release it on the main thread: OpenBLAS (0.3.30/0.3.31 here) ignores a thread count set from
+    a worker thread — measured: set there, neither the worker nor the main thread saw it change.
+
+    Why one thread: numpy's OpenBLAS spins its threads while it waits; on a busy or oversubscribed CPU
+    (XLA's own threads run the next segment meanwhile) two-thread calls on (d+1)² matrices ran 10-100×
+    slower than one-thread calls here (SmolLM2's 577² pseudo-inverse: 1-9 s vs 0.2-0.3 s under load, a
+    certificate 2-12 s vs 0.12 s). Parallelism comes from certifying several targets at once instead. One
+    thread also makes results independent of the machine's thread count (threaded LAPACK rounds otherwise).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._controller: ThreadpoolController | None = None
+        self._limits = None
+
+    def acquire(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                self._controller = self._controller or ThreadpoolController()
+                self._limits = self._controller.limit(limits=1, user_api="blas")
+            self._holders += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0:
+                self._limits.restore_original_limits()
+
+    def __enter__(self):
+        self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+one_blas_thread = _OneBlasThread()
+
+
 class HostJobs:
-    """Per-target host work on a thread pool: jobs submitted as targets finish, results in row order."""
+    """Per-target host work on a thread pool: jobs submitted as targets finish, results in row order.
+
+    Created, fed and closed on the main thread (as the driver's `on_finished` and a method's `columns`
+    run); it holds `one_blas_thread` from creation to `close`. A run interrupted before `close` keeps BLAS
+    at one thread until its owner closes it (a method's next run does).
+    """
 
     def __init__(self, job: Callable[[int, np.ndarray], dict], threads: int | None):
         """`job(row, point)`: one target's work at its float64 point; `threads` None: min(8, CPU count)."""
@@ -22,6 +70,8 @@ class HostJobs:
         self.futures: dict[int, tuple[np.ndarray, concurrent.futures.Future]] = {}
         self.seconds = 0.0
         self._lock = threading.Lock()
+        one_blas_thread.acquire()
+        self._open = True
 
     def submit(self, rows, points: np.ndarray) -> None:
         for row, point in zip(rows, points):
@@ -39,46 +89,14 @@ class HostJobs:
             self.close()
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        if self._open:
+            self._open = False
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            one_blas_thread.release()
 
     def _timed(self, row: int, point: np.ndarray) -> dict:
         start = time.perf_counter()
-        with one_blas_thread:
-            out = self.job(row, np.asarray(point, np.float64))
+        out = self.job(row, np.asarray(point, np.float64))
         with self._lock:
             self.seconds += time.perf_counter() - start
         return out
-
-
-class _OneBlasThread:
-    """BLAS limited to one thread inside `with one_blas_thread:` (the setting is process-wide, so its users
-    are counted and the original limits come back when the last one leaves).
-
-    numpy's OpenBLAS spins its threads while it waits; on a busy or oversubscribed CPU (XLA's own threads
-    run the next segment meanwhile) two-thread calls on (d+1)² matrices ran 10-100× slower than one-thread
-    calls here (SmolLM2's 577² pseudo-inverse: 1-9 s vs 0.2-0.3 s under load). Parallelism comes from
-    certifying several targets at once instead. One thread also makes the results independent of the
-    machine's thread count (a multithreaded LAPACK call rounds differently).
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._users = 0
-        self._controller: ThreadpoolController | None = None
-        self._limits = None
-
-    def __enter__(self):
-        with self._lock:
-            if self._users == 0:
-                self._controller = self._controller or ThreadpoolController()
-                self._limits = self._controller.limit(limits=1, user_api="blas")
-            self._users += 1
-
-    def __exit__(self, *exc):
-        with self._lock:
-            self._users -= 1
-            if self._users == 0:
-                self._limits.restore_original_limits()
-
-
-one_blas_thread = _OneBlasThread()

@@ -48,7 +48,8 @@ class BoundConfig:
     seed: int = 0  # random restarts of the norm-constrained estimate
     slots: int | str | None = None  # targets solved at once; None: 64 on a CPU, 256 on an accelerator;
     #                                 "auto": sized from XLA's memory analysis to half the free memory
-    segment_steps: int = 50  # iterations between refills of the slots whose targets finished
+    segment_steps: int = 50  # most iterations per compiled call (progress and checkpoint granularity)
+    refill_at: int | None = None  # end a segment early once this many slots are free (None: slots // 16, ≥ 1)
     host_threads: int | None = None  # threads certifying targets on the host (None: min(8, CPU count))
 
     def validate(self, lm=None) -> None:
@@ -173,7 +174,8 @@ class BoundMethod:
 
     def options(self, slots: int) -> DriverOptions:
         c = self.config
-        return DriverOptions(slots=slots, segment_steps=c.segment_steps, seed=c.seed, desc="unembedding bound")
+        return DriverOptions(slots=slots, segment_steps=c.segment_steps, refill_at=c.refill_at, seed=c.seed,
+                             desc="unembedding bound")
 
     def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
         probs = np.asarray(probs, np.float32)
@@ -245,7 +247,8 @@ class NormMethod:
 
     def options(self, slots: int) -> DriverOptions:
         c = self.config
-        return DriverOptions(slots=slots, segment_steps=c.segment_steps, seed=c.seed, desc="norm-constrained bound")
+        return DriverOptions(slots=slots, segment_steps=c.segment_steps, refill_at=c.refill_at, seed=c.seed,
+                             desc="norm-constrained bound")
 
     def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
         probs = np.asarray(probs, np.float32)
