@@ -132,7 +132,7 @@ def test_soft_prompts_on_smollm2():
     random_targets = np.exp(logits - logits.max(-1, keepdims=True))
     random_targets /= random_targets.sum(-1, keepdims=True)
     targets = np.concatenate([text_target[None], random_targets])
-    result = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=5, max_steps=150, chunk_size=4))
+    result = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=5, max_steps=150, slots=4))
     kl, initial = result.columns["kl"], result.columns["initial_kl"]
     # A distribution a real 5-token text produces is reachable by a 5-vector soft prompt.
     assert kl[0] < 0.05, kl
@@ -142,6 +142,6 @@ def test_soft_prompts_on_smollm2():
 
     # A text init starts from exactly that text's prompt.
     paris = soft_prompt(lm, text_target, SoftPromptConfig(
-        prompt_len=5, init="text", init_text="The capital of France is", max_steps=1, chunk_size=4,
+        prompt_len=5, init="text", init_text="The capital of France is", max_steps=1, slots=4,
     ))
     assert paris.columns["initial_kl"][0] < 1e-5
