@@ -187,3 +187,24 @@ def test_on_finished_hears_of_every_target_once_with_its_best_report():
     assert sorted(r for r, _ in heard) == list(range(9))
     for row, best in heard:
         assert best == out["best"][row]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (needs root, as on the development machines and CI); skipped where it cannot mount."""
+    import subprocess
+
+    path = tmp_path / "small"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield path
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def test_a_full_disk_is_named_in_one_message(small_disk, capfd):
+    checkpoint = PoolCheckpoint(small_disk / "pool")
+    incompressible = np.random.default_rng(0).random(2_000_000).astype(np.float32)  # 8 MB
+    with pytest.raises(OSError, match="no space left on the disk of .*pool.*rerun the same command"):
+        checkpoint.save(1, {"a": incompressible}, {})
+    assert "Traceback" not in capfd.readouterr().err

@@ -65,6 +65,7 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy.linalg import solve_triangular
+from scipy.special import entr
 
 U = 2.0**-53  # unit roundoff of IEEE double
 
@@ -394,6 +395,5 @@ def dual_value(W, b, p, q) -> float:
     b = np.asarray(b, np.float64)
     mass = p.sum()
     p_bar = p / mass
-    entropy = lambda x: -float(np.sum(np.where(x > 0, x * np.log(np.where(x > 0, x, 1.0)), 0.0)))
-    value = entropy(q) + float((q - p_bar) @ b) - entropy(p_bar)
+    value = float(entr(q).sum()) + float((q - p_bar) @ b) - float(entr(p_bar).sum())  # entr: 0 log 0 = 0
     return mass * value + mass * math.log(mass)

@@ -63,6 +63,8 @@ class Method(Protocol):
 
     def columns(self, reports: dict[str, np.ndarray]) -> tuple[dict, dict]: ...
 
+    # Optional: `finished(rows, reports)`, told of targets as they finish (see Driver.run's on_finished).
+
 
 def check_shared_fields(config, lm, inits: tuple[str, ...], at_least_one: tuple[str, ...]) -> None:
     """The checks both prompt configs share; a ValueError names the config class and the field."""
@@ -177,6 +179,8 @@ def run_method(
     if checkpoint_every is not None:
         options = dataclasses.replace(options, checkpoint_every=checkpoint_every)
     driver = Driver(method.problem(), params, options, mesh)
+    # A method with host work per finished target (the bound's certificates) does it while the device runs on.
+    on_finished = on_finished or getattr(method, "finished", None)
     reports = driver.run(inputs, first_index=share.start if take_share else first_index, checkpoint=checkpoint,
                          on_segment=on_segment, on_finished=on_finished)
     columns, arrays = method.columns(reports)

@@ -8,6 +8,8 @@ a kill at any moment leaves the last complete checkpoint in place.
 
 from __future__ import annotations
 
+import errno
+import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -42,11 +44,26 @@ class PoolCheckpoint:
         return self.manager.latest_step()
 
     def save(self, step: int, arrays, meta: dict) -> None:
-        """Arrays (a pytree of numpy/jax arrays) and JSON-able host bookkeeping, as checkpoint `step`."""
-        self.manager.save(step, args=ocp.args.Composite(
-            arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta),
-        ), force=True)
-        self.manager.wait_until_finished()
+        """Arrays (a pytree of numpy/jax arrays) and JSON-able host bookkeeping, as checkpoint `step`.
+
+        A full disk raises OSError(ENOSPC) naming the directory (orbax raises a ValueError from its writer
+        thread and logs ~100 lines of traceback, which are kept quiet here: the error says it all)."""
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.CRITICAL)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta),
+            ), force=True)
+            self.manager.wait_until_finished()
+        except Exception as err:
+            if "No space left on device" in str(err) or getattr(err, "errno", None) == errno.ENOSPC:
+                raise OSError(errno.ENOSPC, f"no space left on the disk of {self.directory} while saving a checkpoint; "
+                              "free some space and rerun the same command: the run resumes from its last complete "
+                              "checkpoint") from None
+            raise
+        finally:
+            absl_logger.setLevel(level)
 
     def restore(self, template, check: Callable[[dict], None]) -> tuple[object, dict] | None:
         """(arrays restored into the structure, dtypes and shardings of `template`, meta) of the newest step
