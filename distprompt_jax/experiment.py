@@ -42,8 +42,8 @@ TOP_LEVEL_FIELDS = ("model", "dtype", "seed", "targets", "methods", "soft", "har
 RECIPE_FIELDS = {
     "vanilla": ("n", "entropy_min", "entropy_max", "entropies_from", "seed_offset"),
     "outlier": ("n", "entropy_min", "entropy_max", "entropies_from", "seed_offset", "k"),
-    "model": ("n", "seed_offset"),
-    "cross_model": ("source", "n", "seed_offset"),
+    "model": ("n", "seed_offset", "template"),
+    "cross_model": ("source", "n", "seed_offset", "template"),
     "file": ("path",),
 }
 # Building targets holds each recipe's rows and then their concatenation: twice the float32 probabilities.
@@ -280,11 +280,12 @@ def build_targets(config, lm) -> TargetSet:
         elif kind == "outlier":
             part = targets_lib.outlier_targets(lm.vocab_size, entropies, k=recipe.k, seed=seed)
         elif kind == "model":
-            part = targets_lib.model_targets(lm, recipe.n, seed=seed)
+            part = targets_lib.model_targets(lm, recipe.n, seed=seed, template=recipe.get("template", "none"))
         elif kind == "cross_model":
             from distprompt_jax import load_model
 
-            part = targets_lib.cross_model_targets(load_model(recipe.source), lm, recipe.n, seed=seed)
+            part = targets_lib.cross_model_targets(load_model(recipe.source), lm, recipe.n, seed=seed,
+                                                   template=recipe.get("template", "none"))
         elif kind == "file":
             part = targets_lib.load_targets(recipe.path, lm.vocab_size)
         else:
@@ -418,6 +419,8 @@ def _check_recipes(recipes, vocab_size: int | None) -> None:
             raise ConfigError(f"{where}.source: name the model whose distributions are mapped (kind='cross_model')")
         if kind == "file":
             _check_target_file(recipe.get("path"), where)
+        if recipe.get("template", "none") not in ("none", "chat"):
+            raise ConfigError(f"{where}.template = {recipe.template!r}: must be 'none' or 'chat'")
     _recipe_order(recipes)
 
 

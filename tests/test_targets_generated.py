@@ -111,6 +111,27 @@ def test_contexts_from_a_file(tiny_lm, tmp_path):
         model_targets(tiny_lm, 1, contexts_file=tmp_path / "missing.txt", progress=False)
 
 
+def test_contexts_inside_the_chat_template(tiny_lm, tmp_path):
+    tokenizer = word_tokenizer(WORDS)
+    tokenizer.chat_template = (
+        "{% for m in messages %}w20 {{ m['content'] }} w21{% endfor %}{% if add_generation_prompt %} w22{% endif %}"
+    )
+    lm = dataclasses.replace(tiny_lm, tokenizer=tokenizer)
+    w = lambda *names: [int(lm.encode(n, add_special_tokens=False)[0]) for n in names]
+    path = tmp_path / "contexts.txt"
+    path.write_text("w1 w2\nw3\n", encoding="utf-8")
+    from_file = model_targets(lm, 2, contexts_file=path, template="chat", progress=False)
+    assert from_file.metadata.context_ids.tolist() == [w("w20", "w1", "w2", "w21", "w22"), w("w20", "w3", "w21", "w22")]
+    sampled = model_targets(lm, 2, seed=3, context_len=3, template="chat", progress=False)
+    for targets in (from_file, sampled):
+        assert (targets.metadata.template == "chat").all()
+        for row, context in enumerate(targets.metadata.context_ids):
+            assert context[:1] == w("w20") and context[-2:] == w("w21", "w22")
+            np.testing.assert_allclose(targets.probs[row], reference(lm, context), rtol=0, atol=2e-6)
+    with pytest.raises(ValueError, match="has no chat template"):
+        model_targets(tiny_lm, 1, template="chat", progress=False)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(n=0), "n must be"), (dict(temperature=0.0), "temperature"),
     (dict(target_temperature=-1), "target_temperature"),

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from distprompt_jax.lm import abstract_language_model
+from distprompt_jax.prompting.context import TEMPLATES, chat_turn_ids
 from distprompt_jax.targets.batching import map_rows
 from distprompt_jax.targets.controlled import target_seeds
 from distprompt_jax.targets.io import TargetError, TargetSet, entropy_nats
@@ -96,9 +97,15 @@ def _check_count(name: str, value) -> int:
 
 
 def _generate(lm, n, seed, *, context_len, temperature, target_temperature, seed_text, contexts_file,
-              positions, slots, params, progress):
-    """Contexts and their next-token distributions: (probs float32 [n, V], metadata columns)."""
+              positions, slots, params, progress, template="none"):
+    """Contexts and their next-token distributions: (probs float32 [n, V], metadata columns).
+
+    With template="chat" each context is the user turn of lm's chat template and the target is read where
+    the assistant's reply starts (sampling starts after the template's opening)."""
     n = _check_count("n", n)
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    chat = chat_turn_ids(lm) if template == "chat" else None
     slots = DEFAULT_CONTEXT_SLOTS if slots is None else _check_count("slots", slots)
     temperature = _check_positive("temperature", temperature)
     target_temperature = _check_positive("target_temperature", target_temperature)
@@ -107,12 +114,8 @@ def _generate(lm, n, seed, *, context_len, temperature, target_temperature, seed
         if seed_text is not None or positions is not None:
             raise ValueError("seed_text and positions apply to sampled contexts; with contexts_file each "
                              "line is one context, its target the next token after the whole line")
-        contexts, columns = _file_contexts(lm, n, contexts_file)
-        ends = np.array([len(c) for c in contexts])
-        buffers = np.zeros((n, ends.max()), np.int32)  # right-padded: causal attention ignores the tail
-        for row, context in enumerate(contexts):
-            buffers[row, : len(context)] = context
-        read_at = (ends - 1).astype(np.int32)  # one target per line, after its last token
+        contexts, columns = _file_contexts(lm, n, contexts_file, chat)
+        buffers, read_at = _right_padded(contexts)  # one target per line, after its last token
     else:
         context_len = _check_count("context_len", context_len)
         positions = (context_len,) if positions is None else tuple(positions)
@@ -121,7 +124,10 @@ def _generate(lm, n, seed, *, context_len, temperature, target_temperature, seed
         ):
             raise ValueError(f"positions must be generated-token counts in [0, context_len={context_len}], "
                              f"got {positions!r}")
-        prefix = _prefix(lm, seed_text)
+        prefix = _prefix(lm, seed_text) if chat is None else np.concatenate([
+            np.asarray(chat[0], np.int32),
+            lm.encode(seed_text, add_special_tokens=False) if seed_text is not None else np.zeros(0, np.int32),
+        ]).astype(np.int32)
         n_contexts = -(-n // len(positions))
         seeds = target_seeds(seed, n_contexts)
         buffers = _sampled_buffers(lm, params, prefix, seeds, context_len, temperature, slots, progress)
@@ -129,7 +135,11 @@ def _generate(lm, n, seed, *, context_len, temperature, target_temperature, seed
         context_of = np.repeat(np.arange(n_contexts), len(positions))[:n]
         lengths = len(prefix) + np.tile(np.asarray(positions), n_contexts)[:n]
         contexts = [buffers[c, :length] for c, length in zip(context_of, lengths)]
-        buffers, read_at = buffers[context_of], (lengths - 1).astype(np.int32)
+        if chat is None:
+            buffers, read_at = buffers[context_of], (lengths - 1).astype(np.int32)
+        else:  # the assistant's turn opens after the sampled user text
+            contexts = [np.concatenate([c, np.asarray(chat[1], np.int32)]) for c in contexts]
+            buffers, read_at = _right_padded(contexts)
         columns = {"seed": seeds[context_of], "context_index": context_of, "position": lengths - len(prefix)}
 
     probs = map_rows(
@@ -143,6 +153,7 @@ def _generate(lm, n, seed, *, context_len, temperature, target_temperature, seed
         "sampling_temperature": temperature if contexts_file is None else np.nan,
         "target_temperature": target_temperature,
         "context_source": "sampled" if contexts_file is None else str(contexts_file),
+        "template": template,
     })
     return probs, columns
 
@@ -175,15 +186,29 @@ def _sampled_buffers(lm, params, prefix, seeds, context_len, temperature, slots,
     )["ids"]
 
 
-def _file_contexts(lm, n: int, path) -> tuple[list[np.ndarray], dict]:
-    """The first n non-blank lines of a UTF-8 text file, encoded as the model's tokenizer does."""
+def _right_padded(contexts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Token buffers [n, longest] right-padded (causal attention ignores the tail), and where each ends."""
+    ends = np.array([len(c) for c in contexts])
+    buffers = np.zeros((len(contexts), ends.max()), np.int32)
+    for row, context in enumerate(contexts):
+        buffers[row, : len(context)] = context
+    return buffers, (ends - 1).astype(np.int32)
+
+
+def _file_contexts(lm, n: int, path, chat=None) -> tuple[list[np.ndarray], dict]:
+    """The first n non-blank lines of a UTF-8 text file, encoded as the model's tokenizer does (or, with
+    `chat` = (ids before, ids after), as the user turn of its chat template)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"contexts file {path} does not exist")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(lines) < n:
         raise ValueError(f"{path} has {len(lines)} non-blank lines (contexts) but {n} targets were asked for")
-    contexts = [lm.encode(line) for line in lines[:n]]
+    if chat is None:
+        contexts = [lm.encode(line) for line in lines[:n]]
+    else:
+        contexts = [np.asarray([*chat[0], *lm.encode(line, add_special_tokens=False), *chat[1]], np.int32)
+                    for line in lines[:n]]
     empty = [i for i, c in enumerate(contexts) if not len(c)]
     if empty:
         raise ValueError(f"lines {empty[:10]} of {path} encode to no tokens")
@@ -198,7 +223,7 @@ def _decode(lm, ids) -> str | None:
 def model_targets(
     lm, n: int, seed=0, *, context_len: int = 16, temperature: float = 1.0, target_temperature: float = 1.0,
     seed_text: str | None = None, contexts_file: str | os.PathLike | None = None,
-    positions=None, slots: int | None = None, params=None, progress: bool = True,
+    positions=None, slots: int | None = None, params=None, progress: bool = True, template: str = "none",
 ) -> TargetSet:
     """n targets: lm's own next-token distributions on contexts it sampled, or on lines of a text file.
 
@@ -215,6 +240,8 @@ def model_targets(
         (context_len,)); several positions give several targets per context, context-major.
       slots: contexts computed at once (default 32), split over this process's devices.
       params: parameters to use instead of lm.params (e.g. sharded or bfloat16 copies).
+      template: "chat" makes each context the user turn of lm's chat template, the target read where the
+        assistant's reply starts (as prompts with template="chat" are); recorded in the metadata.
     Returns:
       TargetSet of kind "model", target i = softmax(lm.logits(params, lm.embed(params, context_ids[i])) /
       target_temperature). Metadata: target_id, kind, target_entropy (= entropy: the one it has), entropy,
@@ -226,7 +253,7 @@ def model_targets(
     probs, columns = _generate(
         lm, n, seed, context_len=context_len, temperature=temperature, target_temperature=target_temperature,
         seed_text=seed_text, contexts_file=contexts_file, positions=positions, slots=slots,
-        params=params, progress=progress,
+        params=params, progress=progress, template=template,
     )
     return _target_set(probs, "model", lm.name, columns)
 
@@ -235,7 +262,7 @@ def cross_model_targets(
     source_lm, lm, n: int, seed=0, *, mapping: TokenMapping | None = None, context_len: int = 16,
     temperature: float = 1.0, target_temperature: float = 1.0, seed_text: str | None = None,
     contexts_file: str | os.PathLike | None = None, positions=None, slots: int | None = None,
-    source_params=None, progress: bool = True,
+    source_params=None, progress: bool = True, template: str = "none",
 ) -> TargetSet:
     """n targets over lm's vocabulary: source_lm's next-token distributions, mapped through token strings.
 
@@ -258,7 +285,7 @@ def cross_model_targets(
     source_probs, columns = _generate(
         source_lm, n, seed, context_len=context_len, temperature=temperature,
         target_temperature=target_temperature, seed_text=seed_text, contexts_file=contexts_file,
-        positions=positions, slots=slots, params=source_params, progress=progress,
+        positions=positions, slots=slots, params=source_params, progress=progress, template=template,
     )
     probs, mapped_mass = map_distribution(source_probs, mapping)
     columns["mapped_mass"] = mapped_mass
