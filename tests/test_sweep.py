@@ -275,7 +275,7 @@ def test_hard_prompts_and_bounds_in_one_run(experiment, tmp_path):
     overrides = [
         "--config.methods=('soft','hard','bound')", "--config.hard.max_steps=4", "--config.hard.prompt_len=3",
         "--config.hard.k=8", "--config.hard.slots=4", "--config.hard.segment_steps=2",
-        "--config.bound.slots=4",
+        "--config.bound.slots=4", "--config.tensorboard=True",
     ]
     code, _, err = finish(distprompt(f"--config={config}", f"--workdir={tmp_path}", *overrides))
     assert code == 0, err[-3000:]
@@ -286,3 +286,11 @@ def test_hard_prompts_and_bounds_in_one_run(experiment, tmp_path):
     assert (kl.bound <= kl.soft + 1e-6).all() and (kl.bound <= kl.hard + 1e-6).all()
     with np.load(tmp_path / "prompts" / "hard.npz") as hard:
         assert hard["token_ids"].shape == (7, 3)
+    # TensorBoard events per method, read back with TensorBoard's own reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for method in ("soft", "hard", "bound"):
+        events = EventAccumulator(str(tmp_path / "tensorboard" / method))
+        events.Reload()
+        assert {"kl/mean_best", "targets/active", "speed/useful_target_steps_per_second"} <= set(
+            events.Tags()["scalars"]), method

@@ -19,6 +19,9 @@ def safe_log(p):
 def kl_from_logits(p, logits, log_p=None):
     """KL(p || softmax(logits)) in nats, float32; pass `log_p = safe_log(p)` to reuse it across steps.
 
+    Ours rather than optax's `kl_divergence`: that one gives NaN where p = 0 and log q = −inf (0 · −inf),
+    which a one-hot target meets wherever the model's logit underflows; here such terms are exactly 0.
+
     Summed term by term, p (log p − log q): near the optimum each term is tiny, so float32 rounding stays
     far below what subtracting the separately summed entropy and cross-entropy (each ~ln|V|) would leave.
     """
