@@ -183,6 +183,11 @@ def test_config_errors_are_named(experiment, tmp_path):
     assert code != 0 and "bogus" in err
     code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path / 'b'}", "--config.soft.max_steps=many"))
     assert code != 0 and "max_steps" in err
+    # A refused config claims nothing: the corrected command then runs in the same workdir.
+    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path / 'b'}",
+                                     "--config.soft.learning_rate=inf"))
+    assert code != 0 and "learning_rate" in err and "finite" in err
+    assert not (tmp_path / "b" / "config.json").exists()
     code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path / 'c'}", "--config.targets.vanilla.kind=weird"))
     assert code != 0 and "known kinds" in err
     code, _, err = finish(distprompt(f"--config={experiment()}"))
