@@ -37,6 +37,7 @@ def get_config():
     c.hard = hard_defaults()
     c.bound = bound_defaults()
     c.checkpoint_every = 1
+    c.tensorboard = False
     return c
 """
 
