@@ -21,6 +21,7 @@ from distprompt_jax.bounds import (
     norm_bound_estimate,
     unembedding_bound,
 )
+from distprompt_jax.bounds.certificate import Unembedding, evaluate_rows
 from distprompt_jax.prompting.engine import run_method
 from distprompt_jax.prompting.objective import kl_from_logits
 from distprompt_jax.results import PromptResults
@@ -320,6 +321,23 @@ def test_softcapped_models_are_refused():
         unembedding_bound(lm, np.full((1, lm.vocab_size), 1 / lm.vocab_size, np.float32), CONFIG)
 
 
+
+
+def test_a_targets_float64_point_does_not_depend_on_the_targets_beside_it():
+    """The host evaluates finished targets together (W read once); a target's point must be bitwise what it is
+    in any other company, or a resumed run (other targets finishing together) would certify differently."""
+    lm = affine_lm(seed=9)
+    targets = np.concatenate([random_targets(lm, 9), random_targets(lm, 10)])[:11]
+    w, b = lm.unembedding(lm.params)
+    unemb = Unembedding.build(np.asarray(w), np.asarray(b))
+    h = np.random.default_rng(9).standard_normal((11, lm.d_model)) * 0.1
+    rows = np.arange(11)
+    together = evaluate_rows(unemb, targets, h, rows)
+    for company in ([3], [3, 4, 5], [10, 3, 7, 0], [0, 8]):  # 0 and 8 share a position: two blocks
+        apart = evaluate_rows(unemb, targets[company], h[company], rows[company])
+        for i, point in zip(company, apart):
+            for name in ("primal", "primal_err", "q", "rho", "r", "r_err", "r_norm_up"):
+                np.testing.assert_array_equal(getattr(point, name), getattr(together[i], name), err_msg=name)
 
 
 class Interrupted(Exception):

@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -63,9 +64,12 @@ class HostJobs:
     at one thread until its owner closes it (a method's next run does).
     """
 
-    def __init__(self, job: Callable[[int, np.ndarray], dict], threads: int | None):
-        """`job(row, point)`: one target's work at its float64 point; `threads` None: min(8, CPU count)."""
-        self.job = job
+    def __init__(self, job: Callable[[int, np.ndarray, Any], dict], threads: int | None, *,
+                 prepare: Callable[[np.ndarray, np.ndarray], list] | None = None):
+        """`job(row, point, prepared)`: one target's work at its float64 point; `prepare(rows, points)`: what
+        the jobs of a batch of targets share, computed at once on the calling thread (one item per row);
+        `threads` None: min(8, CPU count)."""
+        self.job, self.prepare = job, prepare
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1))
         self.futures: dict[int, tuple[np.ndarray, concurrent.futures.Future]] = {}
         self.seconds = 0.0
@@ -73,17 +77,22 @@ class HostJobs:
         one_blas_thread.acquire()
         self._open = True
 
-    def submit(self, rows, points: np.ndarray) -> None:
-        for row, point in zip(rows, points):
-            self.futures[int(row)] = (np.array(point), self.executor.submit(self._timed, int(row), point))
+    def submit(self, rows: np.ndarray, points: np.ndarray) -> None:
+        """Start the jobs of targets `rows` at `points` [len(rows), ...]."""
+        rows, points = np.asarray(rows, np.int64), np.asarray(points, np.float64)
+        start = time.perf_counter()
+        prepared = self.prepare(rows, points) if self.prepare is not None else [None] * len(rows)
+        self._count(time.perf_counter() - start)
+        for row, point, extra in zip(rows, points, prepared):
+            self.futures[int(row)] = (point, self.executor.submit(self._timed, int(row), point, extra))
 
     def results(self, points: np.ndarray) -> list[dict]:
         """Every row's result for `points` [N, ...] (computing those not submitted with these very points)."""
         try:
-            for row, point in enumerate(points):
-                held = self.futures.get(row)
-                if held is None or not np.array_equal(held[0], point):
-                    self.submit([row], [point])
+            missing = [row for row, point in enumerate(np.asarray(points, np.float64))
+                       if row not in self.futures or not np.array_equal(self.futures[row][0], point)]
+            if missing:
+                self.submit(np.asarray(missing), np.asarray(points)[missing])
             return [self.futures[row][1].result() for row in range(len(points))]
         finally:
             self.close()
@@ -94,9 +103,12 @@ class HostJobs:
             self.executor.shutdown(wait=True, cancel_futures=True)
             one_blas_thread.release()
 
-    def _timed(self, row: int, point: np.ndarray) -> dict:
+    def _timed(self, row: int, point: np.ndarray, prepared) -> dict:
         start = time.perf_counter()
-        out = self.job(row, np.asarray(point, np.float64))
-        with self._lock:
-            self.seconds += time.perf_counter() - start
+        out = self.job(row, point, prepared)
+        self._count(time.perf_counter() - start)
         return out
+
+    def _count(self, seconds: float) -> None:
+        with self._lock:
+            self.seconds += seconds

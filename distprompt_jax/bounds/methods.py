@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from distprompt_jax import parallel
-from distprompt_jax.bounds.certificate import Unembedding, certify_and_refine
+from distprompt_jax.bounds.certificate import Unembedding, certify_and_refine, evaluate_rows
 from distprompt_jax.bounds.geometry import NormImage, certify_norm
 from distprompt_jax.bounds.host import HostJobs
 from distprompt_jax.bounds.problems import INITS, BoundProblem, LeastSquaresInit, NormProblem
@@ -183,11 +183,14 @@ class BoundMethod:
             self._run.close()  # a run that never reached `columns` (interrupted)
         c = self.config
 
-        def certify(row: int, h: np.ndarray) -> dict:
-            return certify_and_refine(self._unembedding, probs[row], h, support=c.support,
-                                      refine_steps=c.refine_steps, gap_tolerance=c.gap_tolerance, max_gap=c.max_gap)
+        def evaluate(rows: np.ndarray, h: np.ndarray) -> list:
+            return evaluate_rows(self._unembedding, probs[rows], h, rows)
 
-        self._run = HostJobs(certify, c.host_threads)
+        def certify(row: int, h: np.ndarray, point) -> dict:
+            return certify_and_refine(self._unembedding, probs[row], h, support=c.support, refine_steps=c.refine_steps,
+                                      gap_tolerance=c.gap_tolerance, max_gap=c.max_gap, point=point)
+
+        self._run = HostJobs(certify, c.host_threads, prepare=evaluate)
         inputs = {"p": probs}
         if self._lstsq is not None:
             inputs["h0"] = self._lstsq(probs)
@@ -272,8 +275,8 @@ class NormMethod:
         x = self._geometry.output(u.astype(np.float64))
         for i in range(n):
             self._geometry.check(x[i], reports["x_model"][rows[i]])
-        run = HostJobs(lambda i, x_i: certify_norm(self._unembedding, self._geometry, probs[i], x_i),
-                        self.config.host_threads)
+        run = HostJobs(lambda i, x_i, _: certify_norm(self._unembedding, self._geometry, probs[i], x_i),
+                       self.config.host_threads)
         certified = run.results(x)
         if self.prior_lower is not None:
             for i, row in enumerate(certified):
