@@ -29,7 +29,7 @@ from distprompt_jax.solve import PoolCheckpoint
 from distprompt_jax.targets import TargetSet
 
 FAMILIES = ("llama", "gemma3", "gpt2")
-# One chunk shape (8 targets × the tiny models' V=300, d=64) everywhere, so the solver compiles once.
+# One pool shape (8 slots × the tiny models' V=300, d=64) everywhere, so the solver compiles once.
 CONFIG = BoundConfig(slots=8)
 
 
