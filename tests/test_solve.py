@@ -19,6 +19,7 @@ class QuadraticState(NamedTuple):
     progress: Progress
     x: jax.Array
     start: jax.Array
+    attempt: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +33,9 @@ class Quadratic:
     def prepare(self, inputs):
         return inputs["center"], inputs["limit"]
 
-    def init(self, params, target, index, key):
+    def init(self, params, target, index, attempt, key):
         x = jax.random.normal(key, (3,)) * 4.0
-        return QuadraticState(Progress.start(), x, x)
+        return QuadraticState(Progress.start(), x, x, attempt)
 
     def step(self, params, target, s):
         center, limit = target
@@ -42,10 +43,10 @@ class Quadratic:
         steps = s.progress.steps + 1
         best = jnp.minimum(s.progress.best, value)
         active = (value > self.tolerance) & (steps < limit)
-        return QuadraticState(Progress(steps, best, active), s.x - self.rate * 2 * (s.x - center), s.start)
+        return s._replace(progress=Progress(steps, best, active), x=s.x - self.rate * 2 * (s.x - center))
 
     def report(self, params, target, s):
-        return {"best": s.progress.best, "steps": s.progress.steps, "start": s.start, "x": s.x}
+        return {"best": s.progress.best, "steps": s.progress.steps, "start": s.start, "x": s.x, "attempt": s.attempt}
 
 
 def inputs(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -57,11 +58,11 @@ def inputs(n: int, seed: int = 0) -> dict[str, np.ndarray]:
 PARAMS = {"scale": jnp.float32(1.0)}
 
 
-def run(n=11, slots=4, devices=None, checkpoint=None, on_segment=None, **options):
+def run(n=11, slots=4, devices=None, checkpoint=None, on_segment=None, floors=None, **options):
     mesh = parallel.local_mesh(devices)
     driver = Driver(Quadratic(), jax.device_put(PARAMS, parallel.replicated(mesh)),
                     DriverOptions(slots=slots, progress=False, **options), mesh)
-    return driver, driver.run(inputs(n), checkpoint=checkpoint, on_segment=on_segment)
+    return driver, driver.run(inputs(n), checkpoint=checkpoint, on_segment=on_segment, floors=floors)
 
 
 def test_every_target_runs_to_its_own_end_and_refilling_wastes_little():
@@ -100,6 +101,24 @@ def test_attempts_keep_each_targets_best_and_differ_in_their_start():
     same = thrice["best"] == once["best"]
     np.testing.assert_array_equal(thrice["start"][same], once["start"][same])
     assert not np.all(same)
+
+
+def test_further_attempts_run_only_for_targets_above_their_floor():
+    n = 11
+    at_floor = np.arange(n) % 2 == 0  # a floor above any objective: every best is at it
+    driver, out = run(n, attempts=3, retry_above=0.0, floors=np.where(at_floor, 1e6, -1.0))
+    once_driver, once = run(n, attempts=1)
+    _, thrice = run(n, attempts=3)
+    for name in out:
+        np.testing.assert_array_equal(out[name][at_floor], once[name][at_floor])
+        np.testing.assert_array_equal(out[name][~at_floor], thrice[name][~at_floor])
+    assert driver.stats.target_steps > once_driver.stats.target_steps
+    assert np.any(thrice["attempt"][~at_floor] > 0)  # the attempt a state started as reaches its report
+
+
+def test_floors_must_match_the_targets():
+    with pytest.raises(ValueError, match="floors has shape"):
+        run(5, floors=np.zeros(4))
 
 
 def test_no_targets():

@@ -65,7 +65,7 @@ class BoundProblem:
         p = inputs["p"]
         return BoundTarget(p, safe_log(p), inputs.get("h0"))
 
-    def init(self, params, target: BoundTarget, index, key) -> lbfgs.SolverState:
+    def init(self, params, target: BoundTarget, index, attempt, key) -> lbfgs.SolverState:
         value_and_grad = self.value_and_grad(params, target)
         w, _ = self.lm.unembedding(params)
         zeros = jnp.zeros(w.shape[1], jnp.float32)
@@ -118,7 +118,7 @@ class NormProblem:
         p = inputs["p"]
         return NormTarget(p, safe_log(p), inputs["u0"])
 
-    def init(self, params, target: NormTarget, index, key) -> lbfgs.SolverState:
+    def init(self, params, target: NormTarget, index, attempt, key) -> lbfgs.SolverState:
         return lbfgs.start(self.value_and_grad(params, target), target.u0, self.memory)
 
     def step(self, params, target: NormTarget, state: lbfgs.SolverState) -> lbfgs.SolverState:

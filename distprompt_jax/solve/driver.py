@@ -46,7 +46,10 @@ class DriverOptions:
     # A segment ends early, so that finished targets' slots are refilled at once, when this many slots have
     # finished in it while work is waiting (None: a sixteenth of the slots, at least one).
     refill_at: int | None = None
-    attempts: int = 1  # independent attempts (restarts) per target; the best is kept
+    attempts: int = 1  # attempts (restarts) per target at most; the best is kept
+    # A target's next attempt runs only while its best is more than this above its floor (`Driver.run`'s
+    # `floors`: a proven lower bound, or 0): targets already at their floor stop. None: every attempt runs.
+    retry_above: float | None = None
     seed: int = 0
     checkpoint_every: int = 4  # segments between checkpoints (when a checkpoint directory is given)
     desc: str = "targets"
@@ -55,6 +58,9 @@ class DriverOptions:
     def validate(self) -> None:
         if self.refill_at is not None and (isinstance(self.refill_at, bool) or self.refill_at < 1):
             raise ValueError(f"DriverOptions: refill_at must be a positive integer or None, got {self.refill_at!r}")
+        if self.retry_above is not None and not (np.isfinite(self.retry_above) and self.retry_above >= 0):
+            raise ValueError(
+                f"DriverOptions: retry_above must be a non-negative number or None, got {self.retry_above!r}")
         for name in ("slots", "segment_steps", "attempts", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -104,17 +110,19 @@ def compiled(problem: Problem) -> Compiled:
         targets = jax.vmap(problem.prepare)(inputs)
         base = jax.random.key(seed)
         keys = jax.vmap(lambda a, i: jax.random.fold_in(jax.random.fold_in(base, a), i))(attempt, index)
-        states = jax.vmap(problem.init, in_axes=(None, 0, 0, 0))(params, targets, index, keys)
+        states = jax.vmap(problem.init, in_axes=(None, 0, 0, 0, 0))(params, targets, index, attempt, keys)
         return targets, states
 
     def start(params, inputs, seed, index, attempt, occupied):
         targets, states = fresh(params, inputs, seed, index, attempt)
         return targets, _with_active(states, states.progress.active & occupied)
 
-    def refill(params, targets, states, inputs, seed, index, attempt, take, occupied):
+    def refill(params, targets, states, inputs, seed, index, attempt, slots):
+        """New jobs into `slots` (their inputs, indices and attempts row by row; a repeated slot takes the
+        same job again): only the new jobs are initialized."""
         new_targets, new_states = fresh(params, inputs, seed, index, attempt)
-        targets, states = select(take, new_targets, targets), select(take, new_states, states)
-        return targets, _with_active(states, states.progress.active & occupied)
+        put = lambda old, new: old.at[slots].set(new)
+        return jax.tree.map(put, targets, new_targets), jax.tree.map(put, states, new_states)
 
     def segment(params, targets, states, stop_after, num_steps):
         """Up to num_steps steps; stops early once `stop_after` slots have finished (data, not traced in)."""
@@ -148,6 +156,12 @@ def compiled(problem: Problem) -> Compiled:
     return entry
 
 
+def _bucketed(rows: np.ndarray) -> np.ndarray:
+    """`rows` padded to a power of two by repeating the first (few compiled shapes; a repeat is harmless)."""
+    bucket = 1 << int(len(rows) - 1).bit_length()
+    return np.concatenate([rows, np.repeat(rows[:1], bucket - len(rows))]).astype(np.int32)
+
+
 def _with_active(states, active):
     return states._replace(progress=states.progress._replace(active=active))
 
@@ -168,6 +182,7 @@ class Driver:
         self, inputs: dict[str, np.ndarray], *, first_index: int = 0, checkpoint: PoolCheckpoint | None = None,
         on_segment: Callable[[SegmentInfo], None] | None = None,
         on_finished: Callable[[np.ndarray, dict[str, np.ndarray]], None] | None = None,
+        floors: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """The report of each target's best attempt: {name: array [N, ...]} in input order.
 
@@ -179,13 +194,21 @@ class Driver:
         `on_finished(rows, reports)` is told of targets whose every attempt is done (row indices into
         `inputs`, and their best reports), while the next segment computes — for host work on results such
         as certificates. After a restore it is first told of every target finished before the save.
+
+        `floors` [N]: a proven lower bound on each target's objective (default 0; NaN means unknown, 0). The
+        problem sees it as `inputs["floor"]` (a target may stop once it is close enough), the driver uses it
+        for `retry_above`.
         """
         n = len(next(iter(inputs.values())))
-        pool = _Pool(self, inputs, n, first_index, on_finished)
+        floors = np.zeros(n) if floors is None else np.nan_to_num(np.asarray(floors, np.float64), nan=0.0)
+        if floors.shape != (n,):
+            raise ValueError(f"floors has shape {floors.shape}; expected one per target, ({n},)")
+        inputs = inputs | {"floor": floors.astype(np.float32)}
+        pool = _Pool(self, inputs, n, first_index, on_finished, floors)
         if n == 0:
             return pool.results
         if checkpoint is not None and pool.restore(checkpoint):
-            pool.announce(np.flatnonzero(pool.attempts_done >= self.options.attempts))
+            pool.announce(np.flatnonzero(pool.done))
         else:
             pool.begin()
         bar = tqdm(total=n, initial=pool.targets_done(), desc=self.options.desc, unit="target",
@@ -213,17 +236,18 @@ class Driver:
 class _Pool:
     """The host's view of a run: which job each slot holds, the queue, and the results so far."""
 
-    def __init__(self, driver: Driver, inputs: dict[str, np.ndarray], n: int, first_index: int, on_finished):
+    def __init__(self, driver: Driver, inputs: dict[str, np.ndarray], n: int, first_index: int, on_finished,
+                 floors: np.ndarray):
         self.driver, self.inputs, self.n, self.first_index = driver, inputs, n, first_index
-        self.on_finished = on_finished
+        self.on_finished, self.floors = on_finished, floors
         self.pending = []  # targets finished since on_finished was last told
-        options = driver.options
-        # Jobs in order: every target's first attempt, then the second attempts, ... so a pool of any size
-        # keeps the same order, and restarts do not hold back first results.
-        self.queue = collections.deque((t, a) for a in range(options.attempts) for t in range(n))
+        # Jobs in order: every target's first attempt; a further attempt joins the queue when the previous
+        # one finishes (and the target still needs it), so restarts never hold back first results.
+        self.queue = collections.deque((t, 0) for t in range(n))
         self.slot_target = np.full(driver.slots, -1, np.int64)
         self.slot_attempt = np.zeros(driver.slots, np.int64)
         self.attempts_done = np.zeros(n, np.int64)
+        self.done = np.zeros(n, bool)  # every attempt the target gets is done
         self.best = np.full(n, np.inf, np.float64)
         self.results = self._empty_results()
         self.targets = self.states = None
@@ -244,13 +268,12 @@ class _Pool:
         return {name: jax.device_put(np.asarray(values[rows]), self.driver.sharding)
                 for name, values in self.inputs.items()}
 
-    def _slot_data(self, take: np.ndarray):
+    def _slot_data(self):
         occupied = self.slot_target >= 0
         rows = np.where(occupied, self.slot_target, 0)
         put = lambda x, dtype: jax.device_put(np.asarray(x, dtype), self.driver.sharding)
         return (self._slot_inputs(rows), np.uint32(self.driver.options.seed),
-                put(self.first_index + rows, np.int32), put(self.slot_attempt, np.int32), put(take, bool),
-                put(occupied, bool))
+                put(self.first_index + rows, np.int32), put(self.slot_attempt, np.int32), put(occupied, bool))
 
     def _assign(self, free: np.ndarray) -> np.ndarray:
         """Give waiting jobs to free slots, in order; returns the mask of slots that took one."""
@@ -265,7 +288,7 @@ class _Pool:
 
     def begin(self):
         self._assign(np.arange(self.driver.slots))
-        inputs, seed, index, attempt, _, occupied = self._slot_data(np.ones(self.driver.slots, bool))
+        inputs, seed, index, attempt, occupied = self._slot_data()
         self.targets, self.states = self.driver.functions.start(
             self.driver.params, inputs, seed, index, attempt, occupied)
 
@@ -273,7 +296,13 @@ class _Pool:
         return bool((self.slot_target >= 0).any() or self.queue)
 
     def targets_done(self) -> int:
-        return int(np.sum(self.attempts_done >= self.driver.options.attempts))
+        return int(np.sum(self.done))
+
+    def _wants_another(self, target: int) -> bool:
+        options = self.driver.options
+        if self.attempts_done[target] >= options.attempts:
+            return False
+        return options.retry_above is None or self.best[target] > self.floors[target] + options.retry_above
 
     def advance(self) -> int:
         d = self.driver
@@ -294,10 +323,8 @@ class _Pool:
         finished = np.flatnonzero((self.slot_target >= 0) & ~active)
         if not len(finished):
             return
-        # Reports are computed for the finished rows only, in power-of-two buckets (few compiled shapes).
-        bucket = 1 << int(len(finished) - 1).bit_length()
-        rows = np.concatenate([finished, np.repeat(finished[:1], bucket - len(finished))]).astype(np.int32)
-        out = jax.device_get(self.driver.functions.report(self.driver.params, self.targets, self.states, rows))
+        out = jax.device_get(self.driver.functions.report(self.driver.params, self.targets, self.states,
+                                                          _bucketed(finished)))
         for i, slot in enumerate(finished):
             target = self.slot_target[slot]
             objective = float(out[_OBJECTIVE][i])
@@ -306,7 +333,10 @@ class _Pool:
                 for name, values in self.results.items():
                     values[target] = out[name][i]
             self.attempts_done[target] += 1
-            if self.attempts_done[target] == self.driver.options.attempts:
+            if self._wants_another(target):
+                self.queue.append((target, int(self.attempts_done[target])))
+            else:
+                self.done[target] = True
                 self.pending.append(target)
         self.slot_target[finished] = -1
 
@@ -322,10 +352,13 @@ class _Pool:
         free = np.flatnonzero(self.slot_target < 0)
         if not len(free) or not self.queue:  # slots left without work stay frozen
             return
-        take = self._assign(free)
-        inputs, seed, index, attempt, take, occupied = self._slot_data(take)
+        slots = _bucketed(np.flatnonzero(self._assign(free)))
+        rows = self.slot_target[slots]
+        put = lambda x: jax.device_put(np.asarray(x, np.int32))
+        inputs = {name: jax.device_put(np.asarray(values[rows])) for name, values in self.inputs.items()}
         self.targets, self.states = self.driver.functions.refill(
-            self.driver.params, self.targets, self.states, inputs, seed, index, attempt, take, occupied)
+            self.driver.params, self.targets, self.states, inputs, np.uint32(self.driver.options.seed),
+            put(self.first_index + rows), put(self.slot_attempt[slots]), put(slots))
 
     def info(self, ran: int) -> SegmentInfo:
         d = self.driver
@@ -346,7 +379,7 @@ class _Pool:
         # On the host: orbax cannot write process-local device arrays in a multi-host run, and the pool's
         # states are small beside the model.
         arrays = {"states": jax.device_get(self.states), "results": self.results, "best": self.best,
-                  "attempts_done": self.attempts_done}
+                  "attempts_done": self.attempts_done, "done": self.done}
         meta = {
             "slots": d.slots, "n": self.n, "first_index": self.first_index, "attempts": d.options.attempts,
             "slot_target": self.slot_target.tolist(), "slot_attempt": self.slot_attempt.tolist(),
@@ -361,11 +394,11 @@ class _Pool:
             return False
         d = self.driver
         # The states' structure, from empty slots (only shapes and dtypes are read).
-        inputs, seed, index, attempt, _, occupied = self._slot_data(np.ones(d.slots, bool))
+        inputs, seed, index, attempt, occupied = self._slot_data()
         _, abstract = jax.eval_shape(d.functions.start, d.params, inputs, seed, index, attempt, occupied)
         template = {
             "states": jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract),
-            "results": self.results, "best": self.best, "attempts_done": self.attempts_done,
+            "results": self.results, "best": self.best, "attempts_done": self.attempts_done, "done": self.done,
         }
         expected = {"slots": d.slots, "n": self.n, "first_index": self.first_index, "attempts": d.options.attempts}
 
@@ -385,6 +418,7 @@ class _Pool:
         self.results = {k: np.asarray(v) for k, v in arrays["results"].items()}
         self.best = np.asarray(arrays["best"])
         self.attempts_done = np.asarray(arrays["attempts_done"])
+        self.done = np.asarray(arrays["done"])
         d.stats = RunStats(**meta["stats"])
         occupied = self.slot_target >= 0
         rows = np.where(occupied, self.slot_target, 0)

@@ -33,10 +33,14 @@ class Problem(Protocol):
 
     Per-target functions (the driver maps them over slots):
       prepare(inputs) -> target            device-side per-target data from the inputs the caller gives
-                                           (e.g. p -> (p, log p)); called once when a target takes a slot
-      init(params, target, index, key) -> state
+                                           (e.g. p -> (p, log p)) and the driver's `inputs["floor"]` (a
+                                           proven lower bound on the objective, 0 when none is known);
+                                           called once when a target takes a slot
+      init(params, target, index, attempt, key) -> state
                                            the start of one attempt; `index` is the target's index in the
-                                           whole target set, `key` is folded from (seed, attempt, index)
+                                           whole target set, `attempt` counts from 0 (a problem may start
+                                           later attempts differently), `key` is folded from (seed,
+                                           attempt, index)
       step(params, target, state) -> state one step; sets `state.progress.active` False when it is done
       report(params, target, state) -> dict[str, array]
                                            the per-target results of a finished attempt
@@ -45,7 +49,7 @@ class Problem(Protocol):
 
     def prepare(self, inputs: dict) -> Any: ...
 
-    def init(self, params, target, index, key) -> Any: ...
+    def init(self, params, target, index, attempt, key) -> Any: ...
 
     def step(self, params, target, state) -> Any: ...
 

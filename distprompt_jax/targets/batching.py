@@ -78,7 +78,7 @@ class RowProblem:
     def prepare(self, inputs: dict) -> dict:
         return inputs
 
-    def init(self, shared, row, index, key) -> RowState:
+    def init(self, shared, row, index, attempt, key) -> RowState:
         return RowState(Progress.start(), {name: jnp.zeros(shape, dtype) for name, shape, dtype in self.outputs})
 
     def step(self, shared, row, state: RowState) -> RowState:

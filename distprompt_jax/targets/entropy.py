@@ -113,7 +113,7 @@ class EntropyProblem:
     def prepare(self, inputs: dict) -> dict:
         return inputs
 
-    def init(self, settings: EntropySettings, request: dict, index, key) -> EntropyState:
+    def init(self, settings: EntropySettings, request: dict, index, attempt, key) -> EntropyState:
         logits_key, outliers_key = jax.random.split(jax.random.fold_in(jax.random.key(request["seed"]),
                                                                        request["attempt"]))
         z = jax.random.normal(logits_key, (self.vocab_size,), jnp.float32)
