@@ -15,6 +15,7 @@ from scipy import stats
 from scipy.stats import false_discovery_control, wilcoxon
 
 from distprompt_jax import report
+from distprompt_jax.report import statistics
 
 
 def small_results() -> pd.DataFrame:
@@ -27,9 +28,10 @@ def small_results() -> pd.DataFrame:
             for i in range(n):
                 kl = 0.5 + 0.1 * rng.standard_normal() + (0.3 if recipe == "vanilla" else 0.0)
                 kl += 0.2 if method == "soft-L2" else 0.0
-                rows.append(dict(target_id=offset + i, method=method, model="m", recipe=recipe, kind=recipe,
-                                 target_entropy=entropy[i], kl=kl, pair_target_id=-1 if pair < 0 else i,
-                                 prompt_len=2 if method == "soft-L2" else 10, steps=100))
+                rows.append({"target_id": offset + i, "method": method, "model": "m", "recipe": recipe,
+                             "kind": recipe, "target_entropy": entropy[i], "kl": kl,
+                             "pair_target_id": -1 if pair < 0 else i, "prompt_len": 2 if method == "soft-L2" else 10,
+                             "steps": 100})
     return pd.DataFrame(rows)
 
 
@@ -62,14 +64,120 @@ def test_report_writes_figures_and_statistics(tmp_path):
     assert "Student t where 10 ≤ n < 30" in text and "none where n < 10" in text
 
 
-def test_report_shows_the_bound_band(tmp_path):
-    results = small_results()
-    soft = results[results.method == "soft"]
-    bound = soft.assign(method="bound", kl=soft.kl - 0.3, primal=soft.kl - 0.3, certified=True, prompt_len=0)
-    pd.concat([soft, bound], ignore_index=True).to_parquet(tmp_path / "results.parquet")
+def with_bound(results: pd.DataFrame, gaps) -> pd.DataFrame:
+    """The soft rows of `results` and, as an older sweep wrote it, a certified bound `gaps` below each found KL
+    (a NaN gap: that target's bound is uncertified)."""
+    soft = results[results.method == "soft"].reset_index(drop=True)
+    gaps = np.asarray(gaps, np.float64)
+    bound_kl = soft.kl.to_numpy() - gaps
+    bound = soft.assign(method="bound", kl=bound_kl, primal=soft.kl - np.nan_to_num(gaps, nan=0.5),
+                        certified=np.isfinite(gaps), prompt_len=0)
+    return pd.concat([soft, bound], ignore_index=True)
+
+
+def with_gap_columns(results: pd.DataFrame) -> pd.DataFrame:
+    """`results` as the sweep writes them now: kl_bound and gap_to_bound on every row."""
+    bound = results[results.method == "bound"].set_index("target_id").kl
+    kl_bound = results.target_id.map(bound).to_numpy()
+    return results.assign(kl_bound=kl_bound, gap_to_bound=results.kl - kl_bound)
+
+
+def first_figure(text: str) -> str:
+    return text[text.index("](figures/") + len("](figures/"):].split(")")[0]
+
+
+def test_report_opens_with_found_kl_against_the_bound(tmp_path):
+    gaps = np.r_[0.05, 0.3, 0.7, 2.0, np.nan, np.linspace(0.01, 0.09, 19)]  # 24 soft targets
+    with_gap_columns(with_bound(small_results(), gaps)).to_parquet(tmp_path / "results.parquet")
     text = report.write_report(tmp_path).read_text()
-    assert (tmp_path / "figures" / "bound_band.png").stat().st_size > 5_000
-    assert "| soft | 24 | 24 |" in text and "0.3000 |" in text
+    assert first_figure(text) == "found_vs_bound.png"
+    assert (tmp_path / "figures" / "found_vs_bound.png").stat().st_size > 5_000
+    assert (tmp_path / "figures" / "found_vs_bound.svg").is_file()
+    headings = [line for line in text.splitlines() if line.startswith("#")]
+    assert headings[:5] == ["# Report: m, 24 targets", "## Found KL against the certified bound",
+                            "### Targets by gap to the bound", "### Largest gaps", "## KL against target entropy"]
+    finite = gaps[np.isfinite(gaps)]
+    # 19 small gaps and the 0.05: 20 of 24 targets may speak for the model.
+    assert "Targets with a gap ≤ 0.1: soft 20 of 24 (83%)" in text
+    assert (f"| soft | 24 | 20 | 1 | 1 | 1 | 1 | {np.median(finite):.4f} | {np.percentile(finite, 90):.4f} |"
+            in text)
+    assert "| soft | outlier | 12 | " in text and "| soft | 0–3 | " in text
+    worst = [line for line in text.split("### Largest gaps")[1].split("##")[0].splitlines()
+             if line.startswith("| soft |")]
+    assert len(worst) == 10 and [float(line.split("|")[-2]) for line in worst[:3]] == [2.0, 0.7, 0.3]
+    assert "Warning" not in text
+
+
+def test_old_results_without_gap_columns_get_the_same_report(tmp_path):
+    old = with_bound(small_results(), np.linspace(0.0, 1.5, 24))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old.to_parquet(tmp_path / "old" / "results.parquet")
+    with_gap_columns(old).to_parquet(tmp_path / "new" / "results.parquet")
+    text = report.write_report(tmp_path / "old").read_text()
+    assert first_figure(text) == "found_vs_bound.png" and "### Targets by gap to the bound" in text
+    assert text == report.write_report(tmp_path / "new").read_text()
+
+
+def test_a_found_kl_below_the_proven_floor_is_flagged(tmp_path):
+    with_bound(small_results(), np.r_[-0.01, np.full(23, 0.2)]).to_parquet(tmp_path / "results.parquet")
+    text = report.write_report(tmp_path).read_text()
+    assert "**Warning:** on 1 (target, method) pair(s) the found KL lies more than 0.001 nats below" in text
+    assert "(soft 0)" in text
+
+
+def test_a_run_without_a_bound_has_no_gap_sections(tmp_path):
+    small_results().to_parquet(tmp_path / "results.parquet")
+    text = report.write_report(tmp_path).read_text()
+    assert first_figure(text) == "kl_vs_entropy.png"
+    assert "gap" not in text.lower() and "certified" not in text
+    assert not (tmp_path / "figures" / "found_vs_bound.png").exists()
+    # A sweep that writes the gap columns but ran no bound: all NaN, still no gap sections.
+    results = small_results().assign(kl_bound=np.nan, gap_to_bound=np.nan)
+    results.to_parquet(tmp_path / "results.parquet")
+    assert "gap" not in report.write_report(tmp_path).read_text().lower()
+
+
+def test_gaps_are_counted_once_each_in_their_class():
+    gap = [0.05, 0.3, 0.7, 2.0, np.nan, 0.1, 0.5, 1.0, np.inf, -0.2]
+    assert list(statistics.gap_class(gap)) == ["≤ 0.1", "0.1–0.5", "0.5–1", "> 1", "no gap", "≤ 0.1", "0.1–0.5",
+                                               "0.5–1", "> 1", "≤ 0.1"]
+    gaps = pd.DataFrame({"method": ["soft"] * 5 + ["hard"] * 5, "kind": ["vanilla", "outlier"] * 5,
+                         "gap_to_bound": gap})
+    table = statistics.gap_counts(gaps, ["method"]).set_index("method")
+    assert list(table.columns) == ["targets", "≤ 0.1", "0.1–0.5", "0.5–1", "> 1", "no gap", "median_gap", "p90_gap"]
+    assert table.loc["soft", ["targets", "≤ 0.1", "0.1–0.5", "0.5–1", "> 1", "no gap"]].tolist() == [5, 1, 1, 1, 1, 1]
+    assert table.loc["hard", ["≤ 0.1", "0.1–0.5", "0.5–1", "> 1", "no gap"]].tolist() == [2, 1, 1, 1, 0]
+    assert table.loc["soft", "median_gap"] == pytest.approx(0.5)  # of 0.05, 0.3, 0.7, 2.0
+    assert table.loc["soft", "p90_gap"] == pytest.approx(np.percentile([0.05, 0.3, 0.7, 2.0], 90))
+    by_kind = statistics.gap_counts(gaps, ["method", "kind"])
+    assert by_kind[["method", "kind"]].values.tolist() == [["hard", "outlier"], ["hard", "vanilla"],
+                                                           ["soft", "outlier"], ["soft", "vanilla"]]
+    assert by_kind.targets.sum() == 10 and (by_kind[statistics.gap_classes()].sum(axis=1) == by_kind.targets).all()
+
+
+def test_entropy_bands_are_fixed_and_ordered():
+    entropy = [-1e-9, 0.0, 2.99, 3.0, 8.99, 9.0, 11.9]
+    assert list(statistics.entropy_band(entropy)) == ["0–3", "0–3", "0–3", "3–6", "6–9", "≥ 9", "≥ 9"]
+    gaps = pd.DataFrame({"method": "soft", "gap_to_bound": 0.2,
+                         "entropy_band": statistics.entropy_band([10.0, 1.0, 4.0, 7.0, 1.5])})
+    table = statistics.gap_counts(gaps, ["method", "entropy_band"])
+    assert table.entropy_band.tolist() == ["0–3", "3–6", "6–9", "≥ 9"] and table.targets.tolist() == [2, 1, 1, 1]
+
+
+def test_worst_targets_are_the_largest_gaps_in_order():
+    rng = np.random.default_rng(2)
+    gap = rng.exponential(size=30)
+    gap[[3, 7]] = np.nan
+    gaps = pd.DataFrame({"target_id": np.tile(np.arange(15), 2), "method": ["soft"] * 15 + ["hard"] * 15,
+                         "gap_to_bound": gap})
+    worst = statistics.worst_targets(gaps, per_method=10)
+    assert worst.method.tolist() == ["hard"] * 10 + ["soft"] * 10
+    for method, rows in worst.groupby("method"):
+        everything = gaps[gaps.method == method].gap_to_bound.dropna().sort_values(ascending=False)
+        assert rows.gap_to_bound.tolist() == everything.head(10).tolist()
+    assert statistics.worst_targets(gaps, per_method=20).groupby("method").size().to_dict() == {"hard": 15,
+                                                                                               "soft": 13}
 
 
 def test_report_compares_soft_and_hard(tmp_path):
@@ -164,7 +272,7 @@ def test_bad_results_files_are_named_and_explained(tmp_path, content, message):
     assert str(path) in str(error.value)
     assert not (tmp_path / "report.md").exists()
     result = subprocess.run([sys.executable, "-m", "distprompt_jax.report", f"--workdir={tmp_path}"],
-                            capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                            capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
     assert result.returncode != 0 and str(path) in result.stderr and "Traceback" not in result.stderr
 
 

@@ -8,7 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from distprompt_jax.report.statistics import MIN_N_INTERVAL, binned_summary, kl_gap_table
+from distprompt_jax.report.statistics import (
+    MIN_N_INTERVAL,
+    binned_summary,
+    kl_gap_table,
+)
 
 
 def _pyplot():
@@ -106,42 +110,47 @@ def plot_soft_vs_hard(results: pd.DataFrame, stem) -> list[Path]:
     return save_figure(fig, stem)
 
 
-def plot_bound_band(found_df: pd.DataFrame, bound_df: pd.DataFrame, path, max_bins: int = 8) -> list[Path]:
-    """KL vs target entropy: the certified bound, each found method's KL, and the band between them.
+def plot_found_vs_bound(gaps: pd.DataFrame, stem) -> list[Path]:
+    """Found KL and the certified bound against target entropy, from a `gap_rows` table (method, target_id,
+    target_entropy, kl, kl_bound, optionally kl_bound_norm).
 
-    Writes `path` with suffixes .png and .svg (a .png/.svg/.pdf suffix given is replaced); returns both
-    paths. Every target is a point (the bound a black dash); the band runs between the medians of the bound
-    and of each method's found KL over up to `max_bins` entropy bins (`binned_summary` with one target per bin
-    allowed: medians need no minimum). Below the bound: what the unembedding cannot express; the band: what
-    the search did not find.
+    Per method: every target's found KL (a point) and, over the targets with both a finite found KL and a
+    certified bound, the bin means of each (`binned_summary` bins), the band between them shaded: what that
+    search did not find. In black each target's certified bound (a dash) and its bin means: the floor no prompt
+    goes below. Gray crosses: the norm-constrained estimate, where it ran (not certified).
     """
     plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=150)
+    for i, (method, rows) in enumerate(gaps.groupby("method", sort=True)):
+        color = f"C{i}"
+        ax.scatter(rows.target_entropy, rows.kl, s=8, alpha=0.35, color=color)
+        both = rows[np.isfinite(rows.kl) & np.isfinite(rows.kl_bound)]
+        # Both from the same targets, so the same bins: the band is the mean gap of each bin.
+        found = binned_summary(both.target_entropy, both.kl)
+        floor = binned_summary(both.target_entropy, both.kl_bound)
+        ax.plot(found.x_mean, found["mean"], color=color, marker="o", markersize=3, label=f"{method}: found KL")
+        ax.fill_between(found.x_mean, floor["mean"], found["mean"], color=color, alpha=0.15, linewidth=0)
+    targets = gaps.drop_duplicates("target_id")
+    if "kl_bound_norm" in targets.columns:
+        ax.scatter(targets.target_entropy, targets.kl_bound_norm, s=12, marker="x", linewidth=0.7, color="gray",
+                   label="norm-constrained estimate")
+    ax.scatter(targets.target_entropy, targets.kl_bound, s=40, marker="_", linewidth=0.8, color="black", zorder=3)
+    floor = binned_summary(targets.target_entropy, targets.kl_bound)
+    ax.plot(floor.x_mean, floor["mean"], color="black", linewidth=1.2, label="certified bound (floor)")
+    ax.set_xlabel("target entropy (nats)")
+    ax.set_ylabel("KL(p ‖ q) (nats)")
+    ax.set_title("KL prompts reached, above the certified bound")
+    lowest = np.nanmin(targets.kl_bound.to_numpy(np.float64)) if targets.kl_bound.notna().any() else 0.0
+    ax.set_ylim(bottom=min(0.0, float(lowest)))
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
+def plot_bound_band(found_df: pd.DataFrame, bound_df: pd.DataFrame, path) -> list[Path]:
+    """`plot_found_vs_bound` from soft/hard results (`found_df`) and `unembedding_bound`'s (`bound_df`, with
+    `norm_bound_estimate`'s rows if it ran), joined by `kl_gap_table`; needs target_entropy in either table."""
     table = kl_gap_table(found_df, bound_df)
     if "target_entropy" not in table.columns:
         raise ValueError("neither table has a target_entropy column")
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=150)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, (method, rows) in enumerate(table.groupby("method", sort=True)):
-        color = colors[index % len(colors)]
-        ax.scatter(rows["target_entropy"], rows["kl_found"], s=12, alpha=0.7, color=color,
-                   label=f"found KL ({method})")
-        both = rows[np.isfinite(rows["kl_bound"]) & np.isfinite(rows["kl_found"])]
-        low = binned_summary(both["target_entropy"], both["kl_bound"], max_bins, min_per_bin=1)
-        high = binned_summary(both["target_entropy"], both["kl_found"], max_bins, min_per_bin=1)
-        ax.fill_between(high.x_mean, low["median"], high["median"], color=color, alpha=0.2, linewidth=0)
-        ax.plot(high.x_mean, high["median"], color=color, linewidth=1)
-    targets = table.drop_duplicates("target_id")
-    if "kl_bound_norm" in table.columns:
-        ax.scatter(targets["target_entropy"], targets["kl_bound_norm"], s=14, marker="x", linewidth=0.8,
-                   color="gray", label="norm-constrained estimate")
-    ax.scatter(targets["target_entropy"], targets["kl_bound"], s=60, marker="_", color="black", zorder=3,
-               label="certified bound (unembedding)")
-    bound_line = binned_summary(targets["target_entropy"], targets["kl_bound"], max_bins, min_per_bin=1)
-    ax.plot(bound_line.x_mean, bound_line["median"], color="black", linewidth=1)
-    ax.set_xlabel("target entropy (nats)")
-    ax.set_ylabel("KL(p ‖ q) (nats)")
-    ax.set_title("Certified lower bound and the KL prompts reached")
-    ax.set_ylim(bottom=min(0.0, float(np.nanmin(targets["kl_bound"])) if targets["kl_bound"].notna().any() else 0.0))
-    ax.legend(fontsize=8, frameon=False)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return plot_found_vs_bound(table.rename(columns={"kl_found": "kl"}), path)

@@ -9,6 +9,7 @@ written (ReportError names the files).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -22,8 +23,27 @@ import pandas as pd
 
 from distprompt_jax.report import figures
 from distprompt_jax.report.statistics import (
-    BOOTSTRAP_RESAMPLES, LEVEL, MAX_BINS, MIN_N_BOOTSTRAP, MIN_N_INTERVAL, adjust_p_values, binned_summary,
-    kl_gap_table, mean_interval, method_comparison, paired_comparison,
+    BELOW_BOUND_TOLERANCE,
+    BOOTSTRAP_RESAMPLES,
+    ENTROPY_BAND_EDGES,
+    GAP_EDGES,
+    LEVEL,
+    MAX_BINS,
+    MIN_N_BOOTSTRAP,
+    MIN_N_INTERVAL,
+    NO_GAP,
+    SMALL_GAP,
+    WORST_PER_METHOD,
+    adjust_p_values,
+    binned_summary,
+    entropy_band,
+    gap_classes,
+    gap_counts,
+    gap_rows,
+    mean_interval,
+    method_comparison,
+    paired_comparison,
+    worst_targets,
 )
 
 RESULTS_FILE = "results.parquet"
@@ -48,7 +68,7 @@ def read_results(path) -> pd.DataFrame:
         raise FileNotFoundError(f"{path} does not exist: run the experiment (to the end) first")
     try:
         results = pd.read_parquet(path)
-    except Exception as err:  # pyarrow raises its own types for garbage, truncation and bad metadata
+    except Exception as err:  # noqa: BLE001 -- pyarrow raises its own types for garbage, truncation and bad metadata
         raise ReportError(f"{path} is not a readable parquet results file ({type(err).__name__}: {err}); "
                           "rerun the experiment in a new workdir, or restore the file") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in results.columns]
@@ -163,12 +183,24 @@ def intervals_explained() -> str:
 
 
 def build_report(results: pd.DataFrame, figures_dir: Path, figures_name: str) -> list[str]:
-    """The report's lines; figures are written to `figures_dir`, which the page links as `figures_name`/."""
+    """The report's lines; figures are written to `figures_dir`, which the page links as `figures_name`/.
+    Where a bound ran the page opens with the found KL against it, else with the KL against target entropy."""
+    lines = [f"# Report: {results.model.iloc[0]}, {results.target_id.nunique()} targets"]
+    gaps = gap_rows(results)
+    if gaps is not None:
+        lines += _bound_section(gaps, figures_dir, figures_name)
+    lines += _entropy_section(results, figures_dir, figures_name)
+    lines += _tests_section(results, figures_dir, figures_name)
+    if results.method.str.match(r"soft-L\d+$").any():
+        lines += _prompt_length_section(results, figures_dir, figures_name)
+    return lines
+
+
+def _entropy_section(results: pd.DataFrame, figures_dir: Path, figures_name: str) -> list[str]:
     bins = {method: binned_summary(rows.target_entropy, rows.kl) for method, rows in results.groupby("method")}
     figures.plot_kl_vs_entropy(results, bins, figures_dir / "kl_vs_entropy")
     lines = [
-        f"# Report: {results.model.iloc[0]}, {results.target_id.nunique()} targets",
-        "",
+        "", "## KL against target entropy", "",
         f"![KL vs target entropy]({figures_name}/kl_vs_entropy.png)",
         "",
         "KL(p‖q) reached per target against the target's entropy. Per method the targets are grouped into at "
@@ -190,12 +222,8 @@ def build_report(results: pd.DataFrame, figures_dir: Path, figures_name: str) ->
         mean, median = (f"{finite.mean():.4f}", f"{np.median(finite):.4f}") if len(finite) else ("—", "—")
         lines.append(f"| {method} | {len(rows)} | {len(finite)} | {mean} | {median} |")
     if not np.isfinite(results.kl.to_numpy(np.float64)).all():
-        lines += ["", "Targets without a finite KL (a run that diverged, or a bound left uncertified) are counted "
-                  "in `targets` but left out of every statistic."]
-    lines += _tests_section(results, figures_dir, figures_name)
-    lines += _bound_section(results, figures_dir, figures_name)
-    if results.method.str.match(r"soft-L\d+$").any():
-        lines += _prompt_length_section(results, figures_dir, figures_name)
+        lines += ["", ("Targets without a finite KL (a run that diverged, or a bound left uncertified) are counted "
+                       "in `targets` but left out of every statistic.")]
     return lines
 
 
@@ -245,29 +273,106 @@ def _tests_section(results: pd.DataFrame, figures_dir: Path, figures_name: str) 
     return lines
 
 
-def _bound_section(results: pd.DataFrame, figures_dir: Path, figures_name: str) -> list[str]:
-    """The band between the certified unembedding bound and the KL each prompt method reached."""
-    if "bound" not in set(results.method):
-        return []
-    bound = results[results.method.isin(["bound", "bound_norm"])]
-    found = results[~results.method.isin(["bound", "bound_norm"])]
-    if found.empty:
-        return []
-    figures.plot_bound_band(found, bound, figures_dir / "bound_band")
-    gaps = kl_gap_table(found, bound)
+def _bound_section(gaps: pd.DataFrame, figures_dir: Path, figures_name: str) -> list[str]:
+    """The found KL of each prompt method against the certified unembedding bound, from `gap_rows`."""
+    figures.plot_found_vs_bound(gaps, figures_dir / "found_vs_bound")
+    norm = ("; gray crosses: the norm-constrained estimate (the best over restarts, not certified)"
+            if "kl_bound_norm" in gaps.columns else "")
     lines = [
-        "", "## Found KL against the certified bound", "", f"![bound band]({figures_name}/bound_band.png)", "",
-        "Below the bound: what the unembedding cannot express at all; between the bound and the found KL: what "
-        "the search did not find. The bound is certified (convex duality, float64 with rigorous error bounds). "
-        "The band joins medians over entropy bins.",
-        "", "| method | targets | certified | median KL found | median bound | median gap to bound |",
-        "|---|---:|---:|---:|---:|---:|",
+        "", "## Found KL against the certified bound", "",
+        f"![found KL vs certified bound]({figures_name}/found_vs_bound.png)", "",
+        "Per target (points) the KL(p‖q) each prompt method reached, and the certified lower bound (black dashes): "
+        "no prompt of any kind or length gets below it, since it holds for every hidden vector the unembedding can "
+        "be given (convex duality, float64 with rigorous error bounds)" + norm + ". Lines join bin means over the "
+        "targets with both a finite found KL and a certified bound (quantile entropy bins of at least "
+        f"{MIN_N_INTERVAL} targets); the shaded band between a method's line and the black one is its mean gap: "
+        "what that search did not find.",
+        "", *_claims_paragraph(gaps),
     ]
+    lines += _below_bound_warning(gaps)
+    lines += _gap_count_section(gaps)
+    lines += _worst_targets_section(gaps)
+    return lines
+
+
+def _claims_paragraph(gaps: pd.DataFrame) -> list[str]:
+    """Which targets a statement about expressivity may rest on, and how many there are per method."""
+    counts = []
     for method, rows in gaps.groupby("method"):
-        lines.append(
-            f"| {method} | {len(rows)} | {int(rows.certified.sum())} | {rows.kl_found.median():.4f} | "
-            f"{rows.kl_bound.median():.4f} | {rows.gap_to_bound.median():.4f} |"
-        )
+        small = int((rows.gap_to_bound <= SMALL_GAP).sum())
+        counts.append(f"{method} {small} of {len(rows)} ({small / len(rows):.0%})")
+    return [(
+        f"**What a gap allows us to say.** A finding about what the model can express is stated only for targets "
+        f"whose gap (found KL − certified bound) is at most {SMALL_GAP:g} nats: there the lowest KL any prompt "
+        f"can reach is pinned between the bound and the found KL, within {SMALL_GAP:g} nats, so the model's "
+        f"limit, not the search, decides the number. Targets with a gap ≤ {SMALL_GAP:g}: {'; '.join(counts)}. "
+        "A target with a larger gap says only that the search found no better prompt, not that the model cannot "
+        "express the target."
+    )]
+
+
+def _below_bound_warning(gaps: pd.DataFrame) -> list[str]:
+    """A found KL below a proven floor is impossible: said loudly, with the targets, where it happens."""
+    below = gaps[gaps.gap_to_bound < -BELOW_BOUND_TOLERANCE]
+    if below.empty:
+        return []
+    ids = ", ".join(f"{r.method} {r.target_id}" for r in below.head(10).itertuples())
+    return ["", (f"**Warning:** on {len(below)} (target, method) pair(s) the found KL lies more than "
+                 f"{BELOW_BOUND_TOLERANCE:g} nats below the certified bound, which a correct bound rules out: check "
+                 f"the bound and the KL evaluation of these targets ({ids}{', …' if len(below) > 10 else ''}).")]
+
+
+def _gap_count_section(gaps: pd.DataFrame) -> list[str]:
+    classes = gap_classes()
+    lines = [
+        "", "### Targets by gap to the bound", "",
+        f"Targets per gap class (gap = found KL − certified bound, nats): ≤ {GAP_EDGES[0]:g}, "
+        + ", ".join(f"in ({low:g}, {high:g}]" for low, high in itertools.pairwise(GAP_EDGES))
+        + f", > {GAP_EDGES[-1]:g}, and {NO_GAP!r} where the bound is uncertified or the found KL not finite. "
+        "Median and 90th percentile are over the finite gaps. The entropy bands are fixed, the same for every "
+        f"method and every run (so runs compare band by band): {_band_text()} nats of target entropy.",
+    ]
+    groupings = [("method", ["method"])]
+    if "kind" in gaps.columns and gaps.kind.notna().any():
+        groupings.append(("kind", ["method", "kind"]))
+    banded = gaps.assign(entropy_band=entropy_band(gaps.target_entropy))
+    groupings.append(("entropy (nats)", ["method", "entropy_band"]))
+    for header, by in groupings:
+        table = gap_counts(banded, by)
+        group_header = "method" if len(by) == 1 else f"method | {header}"
+        lines += ["", f"| {group_header} | targets | " + " | ".join(classes) + " | median gap | 90th pct gap |",
+                  "|---" * len(by) + "|---:" * (len(classes) + 3) + "|"]
+        for row in table.to_dict("records"):
+            cells = [str(row[c]) for c in by] + [str(row["targets"])] + [str(row[c]) for c in classes]
+            cells += [_nats(row["median_gap"]), _nats(row["p90_gap"])]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _band_text() -> str:
+    edges = (0.0, *ENTROPY_BAND_EDGES)
+    return ", ".join(f"[{low:g}, {high:g})" for low, high in itertools.pairwise(edges)) + f", ≥ {edges[-1]:g}"
+
+
+def _nats(value: float) -> str:
+    return "—" if np.isnan(value) else f"{value:.4f}"
+
+
+def _worst_targets_section(gaps: pd.DataFrame) -> list[str]:
+    worst = worst_targets(gaps)
+    if worst.empty:
+        return []
+    kind = "kind" in worst.columns
+    lines = [
+        "", "### Largest gaps", "",
+        (f"Per method the (up to) {WORST_PER_METHOD} targets whose found KL is farthest above the certified "
+         "bound, largest first: where the search fell shortest, which says nothing about what the model can express."),
+        "", "| method | target_id | " + ("kind | " if kind else "") + "entropy (nats) | KL found | certified bound "
+        "| gap |", "|---|---:|" + ("---|" if kind else "") + "---:|---:|---:|---:|",
+    ]
+    for row in worst.itertuples():
+        lines.append(f"| {row.method} | {row.target_id} | " + (f"{row.kind} | " if kind else "")
+                     + f"{row.target_entropy:.2f} | {row.kl:.4f} | {row.kl_bound:.4f} | {row.gap_to_bound:.4f} |")
     return lines
 
 

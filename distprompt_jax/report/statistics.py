@@ -9,11 +9,14 @@ Honesty rules, each a named constant:
     With ~3 values a percentile bootstrap "95% CI" is little more than [min, max].
   - paired tests are Wilcoxon signed-rank (two-sided), and the p values of all tests in one report are
     adjusted together (Benjamini-Hochberg, scipy.stats.false_discovery_control) and shown beside the raw p.
+  - a gap to the certified bound (found KL − bound) is counted in fixed classes (`GAP_EDGES`), and only a gap of
+    at most `SMALL_GAP` lets a number speak for the model rather than for the search.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pandas as pd
@@ -24,6 +27,15 @@ MAX_BINS = 8
 MIN_N_INTERVAL = 10  # fewer values: the mean is shown without an interval
 MIN_N_BOOTSTRAP = 30  # from here on BCa bootstrap; below it (and from MIN_N_INTERVAL) Student t
 BOOTSTRAP_RESAMPLES = 9999
+
+BOUND_METHODS = ("bound", "bound_norm")  # rows that are bounds, not prompts
+GAP_EDGES = (0.1, 0.5, 1.0)  # nats: a gap is counted as ≤ 0.1, in (0.1, 0.5], in (0.5, 1] or > 1
+SMALL_GAP = GAP_EDGES[0]  # at most this far above the proven floor, the found KL speaks for the model
+BELOW_BOUND_TOLERANCE = 1e-3  # nats: a found KL further below a proven floor is an error (float32 rounding is far less)
+NO_GAP = "no gap"  # the bound is uncertified (or did not run for the target), or the found KL is NaN
+# Fixed (not quantile) entropy bands, so that every method and every run is counted in the same bands.
+ENTROPY_BAND_EDGES = (3.0, 6.0, 9.0)  # nats: [0, 3), [3, 6), [6, 9), ≥ 9
+WORST_PER_METHOD = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,3 +223,73 @@ def kl_gap_table(found: pd.DataFrame, bound: pd.DataFrame) -> pd.DataFrame:
             values = source.drop_duplicates("target_id").set_index("target_id")[column]
             table[column] = table["target_id"].map(values).to_numpy()
     return table.reset_index(drop=True)
+
+
+def gap_rows(results: pd.DataFrame) -> pd.DataFrame | None:
+    """One row per (target, prompt method) beside the certified bound; None when no bound ran (or only bounds).
+
+    Columns: target_id, method, kind (if known), target_entropy, kl, kl_bound, gap_to_bound = kl − kl_bound, and
+    where the norm estimate ran kl_bound_norm, gap_to_norm_bound. Results that carry kl_bound / gap_to_bound on
+    their prompt rows (the sweep writes them) are taken as they are; older results get them from their bound
+    rows through `kl_gap_table`.
+    """
+    if "bound" not in set(results["method"]):
+        return None
+    prompts = results[~results["method"].isin(BOUND_METHODS)]
+    if prompts.empty:
+        return None
+    if {"kl_bound", "gap_to_bound"} <= set(results.columns):
+        table = prompts
+    else:
+        bounds = results[results["method"].isin(BOUND_METHODS)]
+        table = kl_gap_table(prompts, bounds).rename(columns={"kl_found": "kl"})
+    columns = ("target_id", "method", "kind", "target_entropy", "kl", "kl_bound", "gap_to_bound", "kl_bound_norm",
+               "gap_to_norm_bound")
+    return table[[c for c in columns if c in table.columns]].reset_index(drop=True)
+
+
+def gap_classes() -> list[str]:
+    """The column names of `gap_counts`' classes, in order: ≤ 0.1, 0.1–0.5, 0.5–1, > 1, no gap."""
+    middle = [f"{low:g}–{high:g}" for low, high in itertools.pairwise(GAP_EDGES)]
+    return [f"≤ {GAP_EDGES[0]:g}", *middle, f"> {GAP_EDGES[-1]:g}", NO_GAP]
+
+
+def gap_class(gap) -> np.ndarray:
+    """The class (a `gap_classes` name) of each gap: upper edges belong to the lower class; +inf (a found KL
+    that is inf) is "> 1"; NaN is "no gap"."""
+    gap = np.asarray(gap, np.float64)
+    index = np.searchsorted(GAP_EDGES, gap, side="left")
+    return np.asarray(gap_classes(), dtype=object)[np.where(np.isnan(gap), len(GAP_EDGES) + 1, index)]
+
+
+def entropy_band(entropy) -> pd.Categorical:
+    """The `ENTROPY_BAND_EDGES` band of each target entropy, as ordered labels "0–3", "3–6", "6–9", "≥ 9"."""
+    edges = (0.0, *ENTROPY_BAND_EDGES)
+    labels = [f"{low:g}–{high:g}" for low, high in itertools.pairwise(edges)] + [f"≥ {edges[-1]:g}"]
+    # -inf: an entropy a hair below 0 from rounding still lands in the first band.
+    return pd.cut(np.asarray(entropy, np.float64), [-np.inf, *ENTROPY_BAND_EDGES, np.inf], right=False,
+                  labels=labels)
+
+
+def gap_counts(gaps: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Targets per `gap_classes` class in each group of `by` (columns of `gap_rows`' table, e.g. ["method"],
+    ["method", "kind"]; categorical columns keep their order), with n ("targets"), and the median and 90th
+    percentile of the finite gaps ("median_gap", "p90_gap"; NaN where none is finite)."""
+    classes = gap_classes()
+    rows = []
+    for key, group in gaps.groupby(by, sort=True, observed=True):
+        gap = group["gap_to_bound"].to_numpy(np.float64)
+        found = pd.Series(gap_class(gap)).value_counts()
+        finite = gap[np.isfinite(gap)]
+        rows.append({**dict(zip(by, key)), "targets": len(group), **{c: int(found.get(c, 0)) for c in classes},
+                     "median_gap": np.median(finite) if len(finite) else np.nan,
+                     "p90_gap": np.percentile(finite, 90) if len(finite) else np.nan})
+    return pd.DataFrame(rows, columns=[*by, "targets", *classes, "median_gap", "p90_gap"])
+
+
+def worst_targets(gaps: pd.DataFrame, per_method: int = WORST_PER_METHOD) -> pd.DataFrame:
+    """Per method the `per_method` targets with the largest gap to the bound, largest first (ties by
+    target_id); targets without a gap are left out."""
+    ranked = gaps[gaps["gap_to_bound"].notna()].sort_values(
+        ["method", "gap_to_bound", "target_id"], ascending=[True, False, True], kind="stable")
+    return ranked.groupby("method", sort=False).head(per_method).reset_index(drop=True)
