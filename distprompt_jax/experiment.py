@@ -5,7 +5,8 @@ A config holds:
     targets.<name>               one recipe per name: kind = vanilla | outlier | model | cross_model | file;
                                  vanilla/outlier take n, entropy_min, entropy_max (< 0: ln|V|) or
                                  entropies_from=<another recipe> (its achieved entropies: matched pairs)
-    methods                      which run, in order: soft, hard, bound, bound_norm
+    methods                      which run: the bounds (bound, bound_norm) first, then soft and hard in the
+                                 order given; the default (bound, soft) gives every prompt its certified floor
     soft, hard, bound            the fields of SoftPromptConfig, HardPromptConfig, BoundConfig
     prompt_lengths               optional: run soft once per prompt length (KL vs L)
     checkpoint_every             segments between checkpoints of a method's pool
@@ -33,6 +34,7 @@ from distprompt_jax.targets import TargetSet
 from distprompt_jax.targets.io import PROBS_FILE
 
 METHODS = ("soft", "hard", "bound", "bound_norm")
+BOUND_METHODS = ("bound", "bound_norm")
 TARGET_KINDS = ("vanilla", "outlier", "model", "cross_model", "file")
 DTYPES = ("float32", "bfloat16")
 # The top-level fields a config may have; anything else is a typo or a field this version does not know.
@@ -211,10 +213,16 @@ def bound_defaults() -> ConfigDict:
 def base_config(model: str = "smollm2-135m") -> ConfigDict:
     """The fields every experiment config has, at their defaults; configs add target recipes and tune."""
     return ConfigDict(dict(
-        model=model, dtype="float32", seed=0, targets=ConfigDict(), methods=("soft",),
+        model=model, dtype="float32", seed=0, targets=ConfigDict(), methods=("bound", "soft"),
         soft=soft_defaults(), hard=hard_defaults(), bound=bound_defaults(), checkpoint_every=4,
         tensorboard=False,
     ))
+
+
+def run_order(methods) -> tuple[str, ...]:
+    """The bounds first (a prompt method uses the certified bound as each target's floor), then the rest in
+    the order given."""
+    return tuple(m for m in BOUND_METHODS if m in methods) + tuple(m for m in methods if m not in BOUND_METHODS)
 
 
 def soft_config(config) -> SoftPromptConfig:

@@ -38,3 +38,24 @@ class PromptResults:
             table[name] = np.asarray(values)
         extra = self.metadata.drop(columns=[c for c in self.metadata.columns if c in table.columns])
         return pd.concat([table, extra.reset_index(drop=True)], axis=1)
+
+
+# (bound method, its KL column, the gap column) joined beside every row by `with_bound_columns`.
+BOUND_COLUMNS = (("bound", "kl_bound", "gap_to_bound"), ("bound_norm", "kl_bound_norm", "gap_to_norm_bound"))
+
+
+def with_bound_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` (rows of several methods on the same targets, as `PromptResults.to_pandas()` concatenated)
+    with each target's certified bound beside every row: `kl_bound` and `gap_to_bound` = kl − kl_bound
+    when a "bound" method ran (NaN where uncertified), `kl_bound_norm` and `gap_to_norm_bound` when the
+    norm-constrained estimate ("bound_norm") ran."""
+    out = table.copy()
+    for method, kl_column, gap_column in BOUND_COLUMNS:
+        rows = table[table["method"] == method]
+        if rows.empty:
+            continue
+        if rows["target_id"].duplicated().any():
+            raise ValueError(f"several {method!r} rows for one target_id")
+        out[kl_column] = out["target_id"].map(rows.set_index("target_id")["kl"]).astype(np.float64)
+        out[gap_column] = out["kl"].astype(np.float64) - out[kl_column]
+    return out

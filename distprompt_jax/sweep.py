@@ -11,7 +11,8 @@ Everything a run produces lives in its workdir:
     tensorboard/<method>/  with config.tensorboard: the same per segment as TensorBoard events
     log.jsonl              one line per segment: method, segment, steps, active, finished, mean/median best KL,
                            useful and computed target·steps, seconds
-    results.parquet        one row per (target, method), written when every method is done
+    results.parquet        one row per (target, method), written when every method is done; with the bound
+                           run, every row also carries kl_bound and gap_to_bound (results.with_bound_columns)
     prompts/<method>.npz   the prompts of every target, in target order
     run.json               config, package versions, git commit, devices
 
@@ -44,10 +45,10 @@ import numpy as np
 import pandas as pd
 
 from distprompt_jax import parallel
-from distprompt_jax.experiment import bound_config, hard_config, soft_config, validate
+from distprompt_jax.experiment import BOUND_METHODS, bound_config, hard_config, run_order, soft_config, validate
 from distprompt_jax.metrics import segment_scalars
 from distprompt_jax.prompting.engine import Method, run_method
-from distprompt_jax.results import PromptResults
+from distprompt_jax.results import PromptResults, with_bound_columns
 from distprompt_jax.solve import PoolCheckpoint, SegmentInfo
 from distprompt_jax.targets import validate_probs
 from distprompt_jax.targets.io import METADATA_FILE, PROBS_FILE
@@ -87,13 +88,18 @@ def run(config, workdir: str | os.PathLike) -> pd.DataFrame | None:
             _write_run_info(config, workdir)
         _sync("targets written")
         metadata, share, probs = _load_share(workdir / "targets", lm.vocab_size)
-        tables = []
-        for method in config.methods:
+        tables, floors = [], None
+        for method in run_order(config.methods):
             for label, method_factory in _method_runs(config, method, lm):
-                tables.append(_run_method(config, label, method_factory, lm, metadata, share, probs, workdir))
+                tables.append(_run_method(config, label, method_factory, lm, metadata, share, probs, workdir,
+                                          floors=None if method in BOUND_METHODS else floors))
+            if method == "bound":
+                # This process's certified bounds: the floor each of its targets' prompt searches aims at.
+                with np.load(workdir / "done" / "bound" / f"{share.start:08d}.npz") as saved:
+                    floors = saved["kl"]
         if not leader:
             return None
-        results = pd.concat(tables, ignore_index=True)
+        results = with_bound_columns(pd.concat(tables, ignore_index=True))
         results.insert(results.columns.get_loc("method") + 1, "model", lm.name)
         _atomic_write(results_path, lambda path: results.to_parquet(path, index=False))
         return results
@@ -202,6 +208,7 @@ def _method_runs(config, method: str, lm) -> list[tuple[str, object]]:
 
 def _run_method(
     config, label: str, method_factory, lm, metadata: pd.DataFrame, share: slice, probs: np.ndarray, workdir: Path,
+    floors: np.ndarray | None = None,
 ) -> pd.DataFrame | None:
     me = jax.process_index()
     done_dir = workdir / "done" / label
@@ -227,7 +234,7 @@ def _run_method(
             result = run_method(
                 method, lm, probs, take_share=False, first_index=share.start, checkpoint=checkpoint, slots=slots,
                 on_segment=on_segment, progress=me == 0, checkpoint_every=config.checkpoint_every,
-                on_slots=lambda n: _record_slots(workdir, label, me, n),
+                on_slots=lambda n: _record_slots(workdir, label, me, n), floors=floors,
             )
         checkpoint.close()
         _atomic_write(done, lambda path: np.savez(

@@ -78,6 +78,36 @@ def test_restarts_never_make_a_result_worse(peaked_lm):
     assert np.all(thrice <= once)
 
 
+def test_with_bound_the_found_kl_sits_above_the_certified_floor_and_stops_near_it(peaked_lm):
+    lm = peaked_lm("llama")
+    reachable = self_generated_targets(lm, 2, length=3, seed=6)  # bound ≈ 0, and reachable
+    spread = np.random.RandomState(0).dirichlet(np.full(lm.vocab_size, 0.3), size=2)  # bound well above 0
+    config = SoftPromptConfig(prompt_len=3, max_steps=300, patience=300, slots=4, floor_tolerance=1e-2)
+    result = soft_prompt(lm, np.concatenate([reachable, spread]), config, with_bound=True)
+    kl, kl_bound, gap = (result.columns[name] for name in ("kl", "kl_bound", "gap_to_bound"))
+    assert np.all(np.isfinite(kl_bound)) and np.all(kl_bound[2:] > 0.1)
+    np.testing.assert_allclose(gap, kl - kl_bound)
+    assert np.all(gap >= -1e-6)  # no prompt beats the certificate
+    # The reachable targets stop as soon as they are within floor_tolerance of their floor.
+    assert np.all(gap[:2] <= 1e-2) and np.all(result.columns["steps"][:2] < 300)
+
+
+def test_restarts_above_the_floor_run_only_for_targets_that_need_them(peaked_lm):
+    from distprompt_jax.prompting.engine import run_method
+    from distprompt_jax.prompting.soft import SoftMethod
+
+    lm = peaked_lm("llama")
+    targets = self_generated_targets(lm, 4, length=3, seed=7)
+    config = SoftPromptConfig(prompt_len=3, max_steps=15, slots=4, restarts=3, restart_above=0.0)
+    floors = np.array([1e3, 1e3, -1.0, -1.0])  # the first two are at their floor at once
+    result = run_method(SoftMethod(lm, config), lm, targets, floors=floors)
+    assert np.all(result.columns["steps"][:2] == 1)  # stopped at the floor after one step, never restarted
+    once = soft_prompt(lm, targets, SoftPromptConfig(**{**config.__dict__, "restarts": 1, "restart_above": None}))
+    thrice = soft_prompt(lm, targets, SoftPromptConfig(**{**config.__dict__, "restart_above": None}))
+    np.testing.assert_array_equal(result.columns["kl"][2:], thrice.columns["kl"][2:])
+    assert np.all(thrice.columns["kl"] <= once.columns["kl"])
+
+
 def test_four_devices_give_the_same_results_as_one_and_chunking_does_not_matter(peaked_lm):
     assert len(jax.devices()) == 4
     lm = peaked_lm("gemma3")

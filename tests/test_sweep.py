@@ -290,6 +290,11 @@ def test_hard_prompts_and_bounds_in_one_run(experiment, tmp_path):
     assert list(kl.columns) == ["bound", "hard", "soft"] and len(kl) == 7
     # The certificate bounds what any prompt reaches.
     assert (kl.bound <= kl.soft + 1e-6).all() and (kl.bound <= kl.hard + 1e-6).all()
+    # Every row carries its target's bound and its gap to it.
+    for method in ("soft", "hard"):
+        rows = results[results.method == method].set_index("target_id").sort_index()
+        np.testing.assert_array_equal(rows.kl_bound, kl.bound)
+        np.testing.assert_allclose(rows.gap_to_bound, rows.kl - kl.bound)
     with np.load(tmp_path / "prompts" / "hard.npz") as hard:
         assert hard["token_ids"].shape == (7, 3)
     # TensorBoard events per method, read back with TensorBoard's own reader.

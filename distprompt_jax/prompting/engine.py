@@ -89,6 +89,8 @@ def check_shared_fields(config, lm, inits: tuple[str, ...], at_least_one: tuple[
     check_slots(config)
     if config.min_delta < 0:
         fail(f"min_delta must be non-negative, got {config.min_delta}")
+    if config.floor_tolerance < 0:
+        fail(f"floor_tolerance must be non-negative, got {config.floor_tolerance}")
     if config.top_k > lm.vocab_size:
         fail(f"top_k={config.top_k} exceeds the vocabulary ({lm.vocab_size})")
 
@@ -156,14 +158,14 @@ def run_method(
     checkpoint: PoolCheckpoint | None = None, checkpoint_every: int | None = None, slots: int | None = None,
     on_segment: Callable[[SegmentInfo], None] | None = None,
     on_finished: Callable[[np.ndarray, dict], None] | None = None,
-    on_slots: Callable[[int], None] | None = None, progress: bool = True,
+    on_slots: Callable[[int], None] | None = None, progress: bool = True, floors: np.ndarray | None = None,
 ) -> PromptResults:
     """Run `method` over `targets` (a TargetSet or [N, V] probabilities) and return its PromptResults.
 
     Multi-host: each process runs its own contiguous share; with `take_share=False` the targets already
     are this process's rows, the first of them at `first_index` in the whole set. `slots` overrides the
     method's own pool size (a resumed run passes the count it recorded through `on_slots`). `checkpoint`,
-    `on_segment`, `on_finished`: see `Driver.run`.
+    `on_segment`, `on_finished`, `floors` (one per target this process runs: its share): see `Driver.run`.
     """
     target_set = as_target_set(targets, lm.vocab_size)
     share = parallel.process_slice(len(target_set)) if take_share else slice(0, len(target_set))
@@ -182,7 +184,7 @@ def run_method(
     # A method with host work per finished target (the bound's certificates) does it while the device runs on.
     on_finished = on_finished or getattr(method, "finished", None)
     reports = driver.run(inputs, first_index=share.start if take_share else first_index, checkpoint=checkpoint,
-                         on_segment=on_segment, on_finished=on_finished)
+                         on_segment=on_segment, on_finished=on_finished, floors=floors)
     columns, arrays = method.columns(reports)
     metadata = target_set.metadata.iloc[share].reset_index(drop=True)
     return PromptResults(method=method.name, columns=columns, arrays=arrays, metadata=metadata)

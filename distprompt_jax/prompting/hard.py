@@ -34,6 +34,8 @@ import pandas as pd
 from distprompt_jax.prompting import context as context_lib
 from distprompt_jax.prompting.engine import check_shared_fields, model_structure, run_method
 from distprompt_jax.prompting.objective import distribution_report, kl_from_logits, safe_log
+from distprompt_jax.prompting.sandwich import run_with_bound
+from distprompt_jax.bounds import BoundConfig
 from distprompt_jax.lm import LanguageModel
 from distprompt_jax.results import PromptResults
 from distprompt_jax.solve import DriverOptions, Patience, Progress
@@ -61,6 +63,9 @@ class HardPromptConfig:
     max_steps: int = 200  # iterations
     patience: int = 50  # stop a target after this many iterations without improving by more than min_delta
     min_delta: float = 0.0
+    # A target stops once its KL is within this of its floor: the certified bound when the run has one
+    # (experiments, `with_bound=True`), else 0.
+    floor_tolerance: float = 1e-3
     init: str = "repeat"  # one token repeated L times | "random" tokens (seeded, per target) | "text"
     init_token: int | str | None = None  # with init="repeat": an id or a one-token text; None: " the" (see docs)
     init_text: str | None = None  # with init="text": its tokens (exactly prompt_len of them) start the search
@@ -193,6 +198,7 @@ class HardProblem:
     max_steps: int
     patience: int
     min_delta: float
+    floor_tolerance: float
     candidate_block: int | None
     top_k: int
     context: context_lib.FixedContext
@@ -226,7 +232,8 @@ class HardProblem:
             lm=model_structure(lm), prompt_len=config.prompt_len, mode=config.mode, k=config.k,
             num_swaps=config.num_swaps, positions=config.positions, beam_width=config.beam_width,
             max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta,
-            candidate_block=config.candidate_block, top_k=config.top_k, context=context,
+            floor_tolerance=config.floor_tolerance, candidate_block=config.candidate_block, top_k=config.top_k,
+            context=context,
             filters=(config.ascii_only, config.printable_only, config.no_whitespace_only, config.round_trip_tokens),
             init_kind="given" if given_init else config.init,
             start_ids=None if start_ids is None else tuple(int(i) for i in start_ids), allowed=allowed,
@@ -311,10 +318,10 @@ class HardProblem:
 
     def prepare(self, inputs):
         p = inputs["p"]
-        return p, safe_log(p), inputs.get("init_ids")
+        return p, safe_log(p), inputs.get("init_ids"), inputs["floor"]
 
-    def init(self, params, target, index, key) -> HardState:
-        p, log_p, given = target
+    def init(self, params, target, index, attempt, key) -> HardState:
+        p, log_p, given, _ = target
         key_init, key_search = jax.random.split(key)
         if self.init_kind == "given":
             ids = given
@@ -333,7 +340,7 @@ class HardProblem:
         )
 
     def step(self, params, target, s: HardState) -> HardState:
-        p, log_p, _ = target
+        p, log_p, _, floor = target
         ids, beam_kl, found = self._iterate(params, p, log_p, s.ids, s.progress.steps, jax.random.wrap_key_data(s.key))
         new_kl = beam_kl[0]
         # Only a new prompt can improve: the gradient pass's KL of a known prompt may differ from the
@@ -347,7 +354,8 @@ class HardProblem:
         # A deterministic search whose beam stood still for a whole period of positions is stuck for good.
         period = {"cycle": self.prompt_len, "best": 1}[self.positions] if self.mode == "hotflip" else None
         stuck = since_change >= period if period is not None else jnp.asarray(False)
-        active = (steps < self.max_steps) & (since_improve < self.patience) & ~stuck
+        at_floor = best <= floor + self.floor_tolerance
+        active = (steps < self.max_steps) & (since_improve < self.patience) & ~stuck & ~at_floor
         return HardState(
             progress=Progress(steps, best, active), patience=Patience(since_improve), ids=ids,
             best_ids=jnp.where(better, ids[0], s.best_ids), best_step=jnp.where(better, steps, s.best_step),
@@ -357,7 +365,7 @@ class HardProblem:
         )
 
     def report(self, params, target, s: HardState) -> dict:
-        p, _, _ = target
+        p = target[0]
         figures = distribution_report(p, self.logits(params, self.lm.embed(params, s.best_ids)), self.top_k)
         del figures["kl"]  # the tracked best KL is the same value, measured when it was found
         # After a target stopped, its best KL stays what it was.
@@ -447,7 +455,8 @@ class HardMethod:
 
 
 def hard_prompt(
-    lm, targets, config: HardPromptConfig | None = None, *, init_ids=None, devices=None
+    lm, targets, config: HardPromptConfig | None = None, *, init_ids=None, devices=None,
+    with_bound: bool | BoundConfig = False,
 ) -> PromptResults:
     """Search a hard prompt (real tokens) for each target.
 
@@ -461,6 +470,8 @@ def hard_prompt(
       devices: devices to shard the slots over (default: this process's devices). In a multi-host
         run each process searches its own contiguous share of the targets (`parallel.process_slice`) and
         returns results for those only; a target's result does not depend on the split.
+      with_bound: True (or a BoundConfig) runs the certified `unembedding_bound` first: each target stops
+        once within `config.floor_tolerance` of it, and the results gain `kl_bound` and `gap_to_bound`.
     Returns:
       PromptResults with method "hard": columns kl (best), initial_kl, best_step, steps, entropy, tv,
       top{k}_overlap, prompt_len and, where the model has a tokenizer, round_trips and text; arrays
@@ -471,7 +482,7 @@ def hard_prompt(
     if init_ids is not None:
         init_ids = _check_init_ids(init_ids, len(target_set), config)
     method = HardMethod(lm, config, init_ids=init_ids)
-    return run_method(method, lm, target_set, devices=devices)
+    return run_with_bound(method, lm, target_set, with_bound, devices=devices)
 
 
 def _check_init_ids(init_ids, n_targets: int, config: HardPromptConfig) -> np.ndarray:

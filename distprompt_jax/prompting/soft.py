@@ -19,8 +19,10 @@ import numpy as np
 import optax
 
 from distprompt_jax.prompting import context as context_lib
-from distprompt_jax.prompting.engine import DEFAULT_SLOTS, check_shared_fields, model_structure, run_method
+from distprompt_jax.prompting.engine import DEFAULT_SLOTS, check_shared_fields, model_structure
 from distprompt_jax.prompting.objective import distribution_report, kl_from_logits, safe_log
+from distprompt_jax.prompting.sandwich import run_with_bound
+from distprompt_jax.bounds import BoundConfig
 from distprompt_jax.lm import LanguageModel
 from distprompt_jax.results import PromptResults
 from distprompt_jax.solve import DriverOptions, Patience, Progress, track
@@ -51,6 +53,12 @@ class SoftPromptConfig:
     patience: int = 50  # stop a target after this many steps without improving by more than min_delta
     min_delta: float = 0.0
     restarts: int = 1  # independent inits per target (attempts in the pool); the best is kept
+    # With restarts > 1, a further attempt runs only for a target still more than this above its floor
+    # (None: every restart runs).
+    restart_above: float | None = None
+    # A target stops once its KL is within this of its floor: the certified bound when the run has one
+    # (experiments, `with_bound=True`), else 0.
+    floor_tolerance: float = 1e-3
     seed: int = 0
     slots: int | str | None = None  # targets optimized at once; None: 64 on a CPU, 1024 on an accelerator;
     #                                 "auto": sized from XLA's memory analysis to half the free memory
@@ -74,6 +82,8 @@ class SoftPromptConfig:
             fail(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not self.learning_rate > 0:
             fail(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.restart_above is not None and self.restart_above < 0:
+            fail(f"restart_above must be non-negative or None, got {self.restart_above}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             fail(f"clip_norm must be positive or None, got {self.clip_norm}")
         if self.intervention_mode not in INTERVENTION_MODES:
@@ -100,7 +110,8 @@ class SoftState(NamedTuple):
 
 
 def soft_prompt(
-    lm: LanguageModel, targets, config: SoftPromptConfig | None = None, *, devices=None
+    lm: LanguageModel, targets, config: SoftPromptConfig | None = None, *, devices=None,
+    with_bound: bool | BoundConfig = False,
 ) -> PromptResults:
     """Optimize a soft prompt (or intervention vector) for each target.
 
@@ -111,11 +122,13 @@ def soft_prompt(
       devices: devices to shard the slots over (default: this process's devices). In a multi-host run
         each process optimizes its own contiguous share of the targets (`parallel.process_slice`) and
         returns results for those only.
+      with_bound: True (or a BoundConfig) runs the certified `unembedding_bound` first: each target stops
+        once within `config.floor_tolerance` of it, and the results gain `kl_bound` and `gap_to_bound`.
     Returns:
       PromptResults with method "soft"; `.arrays["prompt"]` holds the best variables and
       `.arrays["nearest_tokens"]` each soft vector's nearest vocabulary token (input prompts only).
     """
-    return run_method(SoftMethod(lm, config or SoftPromptConfig()), lm, targets, devices=devices)
+    return run_with_bound(SoftMethod(lm, config or SoftPromptConfig()), lm, targets, with_bound, devices=devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +147,7 @@ class SoftProblem:
     max_steps: int
     patience: int
     min_delta: float
+    floor_tolerance: float
     top_k: int
     context: context_lib.FixedContext
     init_ids: tuple[int, ...] | None
@@ -157,8 +171,9 @@ class SoftProblem:
             lm=model_structure(lm), prompt_len=config.prompt_len, init_kind=config.init,
             intervention_layer=config.intervention_layer, intervention_mode=config.intervention_mode,
             learning_rate=config.learning_rate, schedule=config.schedule, clip_norm=config.clip_norm,
-            max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta, top_k=config.top_k,
-            context=context, init_ids=init_ids, embed_std=_embedding_std(lm),
+            max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta,
+            floor_tolerance=config.floor_tolerance, top_k=config.top_k, context=context, init_ids=init_ids,
+            embed_std=_embedding_std(lm),
             candidate_ids=np.flatnonzero(ordinary_token_mask(lm)),
         )
 
@@ -196,9 +211,9 @@ class SoftProblem:
 
     def prepare(self, inputs):
         p = inputs["p"]
-        return p, safe_log(p)
+        return p, safe_log(p), inputs["floor"]
 
-    def init(self, params, target, index, key) -> SoftState:
+    def init(self, params, target, index, attempt, key) -> SoftState:
         if self.init_kind == "text":
             v = self.lm.embed(params, jnp.asarray(self.init_ids)).astype(jnp.float32)
         elif self.init_kind == "vocab":
@@ -214,14 +229,15 @@ class SoftProblem:
         )
 
     def step(self, params, target, s: SoftState) -> SoftState:
-        p, log_p = target
+        p, log_p, floor = target
         kl, grad = jax.value_and_grad(lambda v: kl_from_logits(p, self.logits(params, v), log_p))(s.v)
         updates, opt_state = self.optimizer().update(grad, s.opt_state, s.v)
         progress, patience, better = track(s.progress, s.patience, kl, min_delta=self.min_delta,
                                            max_steps=self.max_steps, patience_steps=self.patience)
         diverged = ~jnp.isfinite(kl)
+        at_floor = progress.best <= floor + self.floor_tolerance
         return SoftState(
-            progress=progress._replace(active=progress.active & ~diverged),
+            progress=progress._replace(active=progress.active & ~diverged & ~at_floor),
             patience=patience,
             v=optax.apply_updates(s.v, updates),
             opt_state=opt_state,
@@ -233,7 +249,7 @@ class SoftProblem:
         )
 
     def report(self, params, target, s: SoftState) -> dict:
-        p, _ = target
+        p, _, _ = target
         figures = distribution_report(p, self.logits(params, s.best_v), self.top_k)
         del figures["kl"]  # the tracked best KL is the same value, measured when it was reached
         out = dict(kl=s.progress.best, initial_kl=s.initial_kl, final_kl=s.final_kl, best_step=s.best_step,
@@ -275,7 +291,7 @@ class SoftMethod:
     def options(self, slots: int) -> DriverOptions:
         c = self.config
         return DriverOptions(slots=slots, segment_steps=c.segment_steps, refill_at=c.refill_at, attempts=c.restarts,
-                             seed=c.seed, desc="soft prompts")
+                             retry_above=c.restart_above, seed=c.seed, desc="soft prompts")
 
     def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
         return {"p": np.asarray(probs, np.float32)}
