@@ -167,6 +167,25 @@ def test_certified_bound_below_primal_below_soft_prompt(solved, family):
     assert (table.certificate[certified] != "none").all()
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_gap_to_the_bound_is_the_kl_from_the_best_expressible_distribution(solved, family):
+    """For a dense target the optimum q* = softmax(W h* + b) matches p's moments (Wᵀp = Wᵀq*), so for ANY
+    prompt with next-token distribution q: KL(p‖q) = bound + KL(q*‖q). The gap to the bound is exactly how
+    far the prompt's distribution is from q* — and the search's objective differs from KL(q*‖q) by a
+    constant, so no reformulation of the target through q* changes the search's landscape."""
+    lm, targets, bound, _ = solved(family)
+    dense = np.flatnonzero(np.all(targets > 0, axis=1))[:3]
+    q_star = jax.nn.log_softmax(jax.vmap(lm.unembed, in_axes=(None, 0))(
+        lm.params, jnp.asarray(bound.arrays["h"][dense], jnp.float32)))
+    prompts = 0.5 * jax.random.normal(jax.random.key(3), (len(dense), 4, lm.d_model))
+    log_q = jax.nn.log_softmax(jax.vmap(lm.logits, in_axes=(None, 0))(lm.params, prompts))
+    p = targets[dense].astype(np.float64)
+    kl_p = np.sum(p * (np.log(p) - np.asarray(log_q, np.float64)), axis=1)
+    q_star, log_q = np.asarray(q_star, np.float64), np.asarray(log_q, np.float64)
+    kl_star = np.sum(np.exp(q_star) * (q_star - log_q), axis=1)
+    np.testing.assert_allclose(kl_p - bound.columns["primal"][dense], kl_star, atol=2e-4)
+
+
 def test_result_table_conventions(solved):
     lm, targets, bound, _ = solved("llama")
     table = bound.to_pandas()

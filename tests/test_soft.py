@@ -161,6 +161,9 @@ def test_bad_targets_and_configs_are_named(peaked_lm):
         ("init", "zeros", "init must be one of"),
         ("intervention_layer", 7, r"intervention_layer must be None, 'final_norm' or an int in \[0, 3\]"),
         ("learning_rate", -1.0, "learning_rate must be positive"),
+        ("warmup_steps", 500, r"warmup_steps must be in \[0, max_steps\)"),
+        ("restart_above", -0.5, "restart_above must be non-negative"),
+        ("floor_tolerance", -1e-3, "floor_tolerance must be non-negative"),
     ]:
         with pytest.raises(ValueError, match=message):
             soft_prompt(lm, good, SoftPromptConfig(**{field: value}))
@@ -204,3 +207,20 @@ def test_a_diverging_target_is_flagged_and_keeps_its_best_finite_point(peaked_lm
     assert (table.steps < 30).all()  # stopped when the KL went non-finite
     with pytest.raises(ValueError, match="learning_rate must be finite"):
         soft_prompt(lm, targets, SoftPromptConfig(learning_rate=float("inf")))
+
+
+def test_warmup_starts_the_learning_rate_at_zero_and_reaches_it_after_the_warmup(peaked_lm):
+    from distprompt_jax.prompting.soft import SoftProblem
+
+    lm = peaked_lm("llama")
+    config = SoftPromptConfig(learning_rate=0.02, warmup_steps=4, schedule="cosine", max_steps=20)
+    optimizer = SoftProblem.build(lm, config).optimizer()
+    v = np.zeros(3, np.float32)
+    state = optimizer.init(v)
+    sizes = []
+    for _ in range(6):
+        updates, state = optimizer.update(np.ones(3, np.float32), state, v)
+        sizes.append(float(np.abs(updates).max()))
+    # Adam's first steps move by the learning rate itself (sign-like), so the sizes are the schedule.
+    np.testing.assert_allclose(sizes[:5], [0.0, 0.005, 0.01, 0.015, 0.02], rtol=1e-4, atol=1e-7)
+    assert sizes[5] < 0.02  # cosine decay after the warmup

@@ -48,6 +48,7 @@ class SoftPromptConfig:
     template: str = "none"  # "chat": the prompt is the user turn of the model's chat template (see context.py)
     learning_rate: float = 0.1
     schedule: str = "constant"  # "cosine" / "linear" decay to 0 over max_steps
+    warmup_steps: int = 0  # the learning rate rises linearly from 0 over these first steps
     clip_norm: float | None = None  # clip each target's gradient to this L2 norm
     max_steps: int = 500
     patience: int = 50  # stop a target after this many steps without improving by more than min_delta
@@ -82,6 +83,8 @@ class SoftPromptConfig:
             fail(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not self.learning_rate > 0:
             fail(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            fail(f"warmup_steps must be in [0, max_steps), got {self.warmup_steps}")
         if self.restart_above is not None and self.restart_above < 0:
             fail(f"restart_above must be non-negative or None, got {self.restart_above}")
         if self.clip_norm is not None and not self.clip_norm > 0:
@@ -143,6 +146,7 @@ class SoftProblem:
     intervention_mode: str
     learning_rate: float
     schedule: str
+    warmup_steps: int
     clip_norm: float | None
     max_steps: int
     patience: int
@@ -170,7 +174,8 @@ class SoftProblem:
         return cls(
             lm=model_structure(lm), prompt_len=config.prompt_len, init_kind=config.init,
             intervention_layer=config.intervention_layer, intervention_mode=config.intervention_mode,
-            learning_rate=config.learning_rate, schedule=config.schedule, clip_norm=config.clip_norm,
+            learning_rate=config.learning_rate, schedule=config.schedule, warmup_steps=config.warmup_steps,
+            clip_norm=config.clip_norm,
             max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta,
             floor_tolerance=config.floor_tolerance, top_k=config.top_k, context=context, init_ids=init_ids,
             embed_std=_embedding_std(lm),
@@ -199,11 +204,13 @@ class SoftProblem:
         return lm.logits_from_layer(params, h.at[-1].set(last), k)
 
     def optimizer(self) -> optax.GradientTransformation:
-        schedule = {
-            "constant": optax.constant_schedule(self.learning_rate),
-            "cosine": optax.cosine_decay_schedule(self.learning_rate, self.max_steps),
-            "linear": optax.linear_schedule(self.learning_rate, 0.0, self.max_steps),
+        rate, warmup = self.learning_rate, self.warmup_steps
+        decay = {
+            "constant": optax.constant_schedule(rate),
+            "cosine": optax.cosine_decay_schedule(rate, max(1, self.max_steps - warmup)),
+            "linear": optax.linear_schedule(rate, 0.0, max(1, self.max_steps - warmup)),
         }[self.schedule]
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, rate, warmup), decay], [warmup]) if warmup else decay
         steps = [optax.clip_by_global_norm(self.clip_norm)] if self.clip_norm else []
         return optax.chain(*steps, optax.adam(schedule))
 

@@ -1,0 +1,167 @@
+"""How close the soft-prompt search gets to what the certificate proves possible: the gap to the bound.
+
+    python bench/bench_search.py [--model smollm2-135m] [--vanilla 96] [--outlier 32] [--model_targets 32]
+                                 [--recipes old,peer,default] [--spread] [--out bench_search_out]
+
+The suite: `--vanilla` vanilla targets with entropies evenly over 0..ln|V|, `--outlier` outlier targets
+(k = 10) over the same range, `--model_targets` of the model's own next-token distributions after sampled
+contexts (seed 0 throughout). The certified `unembedding_bound` of every target is computed once (cached in
+the output folder). Each recipe then runs soft prompts on the whole suite; per target its
+`gap_to_bound` = KL − bound. Recipes:
+
+    old      the default before the search-quality work: Adam 0.1 constant, σ-scaled init, patience 50
+    peer     the public reproduction's recipe: L = 5, N(0, 1) init, Adam 0.1, patience 20
+    default  SoftPromptConfig() as it is now, given the bound as each target's floor (as experiments do)
+
+Each recipe has the same budget of at most 500 steps per target (its target·steps used are reported). Per
+recipe, kind and entropy band: the median, 90th and 95th percentile and max gap, targets with a gap > 1 nat,
+mean KL; and wall time. `--spread` reruns the default with 3 seeds × 2 slot counts and reports, per band, the
+largest spread (max − min) of a target's KL across those runs. Everything goes to `--out`: per-target
+tables (`<recipe>.csv`, open in pandas) and `summary.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+RECIPES = {
+    "old": dict(learning_rate=0.1, schedule="constant", warmup_steps=0, patience=50),
+    "peer": dict(prompt_len=5, init="normal", learning_rate=0.1, schedule="constant", warmup_steps=0, patience=20),
+    "default": dict(),
+}
+BANDS = (0.0, 3.0, 6.0, 9.0, np.inf)  # entropy bands, nats (the report's)
+
+
+def build_suite(lm, n_vanilla: int, n_outlier: int, n_model: int) -> tuple[np.ndarray, pd.DataFrame]:
+    from distprompt_jax.targets import model_targets, outlier_targets, vanilla_targets
+
+    vocab = lm.vocab_size
+    parts = []
+    if n_vanilla:
+        parts.append(vanilla_targets(vocab, np.linspace(0, np.log(vocab), n_vanilla), seed=0, progress=False))
+    if n_outlier:
+        parts.append(outlier_targets(vocab, np.linspace(0, np.log(vocab), n_outlier), k=10, seed=0, progress=False))
+    if n_model:
+        parts.append(model_targets(lm, n_model, seed=0, progress=False))
+    probs = np.concatenate([part.probs for part in parts])
+    kinds = np.concatenate([np.full(len(part), part.metadata["kind"].iloc[0]) for part in parts])
+    entropy = -np.sum(np.where(probs > 0, probs * np.log(np.where(probs > 0, probs, 1.0)), 0.0), axis=1)
+    return probs, pd.DataFrame({"target_id": np.arange(len(probs)), "kind": kinds, "entropy": entropy})
+
+
+def certified_bounds(lm, probs: np.ndarray, cache: Path) -> np.ndarray:
+    from distprompt_jax import unembedding_bound
+
+    if cache.is_file():
+        with np.load(cache) as saved:
+            if saved["probs_sum"].shape == (len(probs),) and np.allclose(saved["probs_sum"], probs.sum(1)):
+                return saved["kl_bound"]
+    kl_bound = unembedding_bound(lm, probs).columns["kl"]
+    np.savez(cache, kl_bound=kl_bound, probs_sum=probs.sum(1))
+    return kl_bound
+
+
+def run_recipe(lm, probs: np.ndarray, kl_bound: np.ndarray, overrides: dict, *, use_floor: bool, seed: int = 0,
+               slots: int | None = None) -> tuple[pd.DataFrame, float]:
+    from distprompt_jax import SoftPromptConfig
+    from distprompt_jax.prompting.engine import run_method
+    from distprompt_jax.prompting.soft import SoftMethod
+
+    config = dataclasses.replace(SoftPromptConfig(**overrides), seed=seed, slots=slots)
+    start = time.perf_counter()
+    result = run_method(SoftMethod(lm, config), lm, probs, floors=kl_bound if use_floor else None, progress=False)
+    seconds = time.perf_counter() - start
+    table = pd.DataFrame({"kl": result.columns["kl"], "steps": result.columns["steps"],
+                          "kl_bound": kl_bound, "gap_to_bound": result.columns["kl"] - kl_bound})
+    return table, seconds
+
+
+def band_of(entropy: np.ndarray) -> np.ndarray:
+    edges = BANDS
+    labels = [f"{lo:g}–{hi:g}" if np.isfinite(hi) else f"≥{lo:g}" for lo, hi in zip(edges[:-1], edges[1:])]
+    return np.asarray(labels)[np.clip(np.searchsorted(edges, entropy, side="right") - 1, 0, len(labels) - 1)]
+
+
+def gap_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (kind, band) and overall: n, median / p90 / p95 / max gap, count > 1 nat, mean KL."""
+    def stats(rows: pd.DataFrame) -> dict:
+        gap = rows.gap_to_bound.to_numpy(np.float64)
+        gap = gap[np.isfinite(gap)]
+        return dict(n=len(rows), median=np.median(gap), p90=np.percentile(gap, 90), p95=np.percentile(gap, 95),
+                    max=gap.max(), over_1=int((gap > 1).sum()), mean_kl=rows.kl.mean())
+
+    rows = [dict(kind=kind, band=band, **stats(group)) for (kind, band), group in table.groupby(["kind", "band"])]
+    rows += [dict(kind="all", band=band, **stats(group)) for band, group in table.groupby("band")]
+    rows.append(dict(kind="all", band="all", **stats(table)))
+    return pd.DataFrame(rows)
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
+    cells = lambda row: " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row)
+    return header + "\n".join(f"| {cells(row)} |" for row in frame.itertuples(index=False))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--vanilla", type=int, default=96)
+    parser.add_argument("--outlier", type=int, default=32)
+    parser.add_argument("--model_targets", type=int, default=32)
+    parser.add_argument("--recipes", default="old,peer,default")
+    parser.add_argument("--max_steps", type=int, default=500, help="the step budget per target (the default's)")
+    parser.add_argument("--spread", action="store_true", help="default recipe over 3 seeds × 2 slot counts")
+    parser.add_argument("--out", default="bench_search_out")
+    args = parser.parse_args()
+
+    from distprompt_jax import load_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = load_model(args.model)
+    probs, suite = build_suite(lm, args.vanilla, args.outlier, args.model_targets)
+    suite["band"] = band_of(suite.entropy.to_numpy())
+    start = time.perf_counter()
+    kl_bound = certified_bounds(lm, probs, out / f"bounds_{lm.name}.npz")
+    bound_seconds = time.perf_counter() - start
+    lines = [f"# bench_search: {lm.name}, {len(probs)} targets ({args.vanilla} vanilla, {args.outlier} outlier, "
+             f"{args.model_targets} model), {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+             f"{os.cpu_count()} CPUs", "",
+             f"Certified bound: {bound_seconds:.0f} s (0 when cached); certified {np.isfinite(kl_bound).sum()}.", ""]
+    overall = []
+    for name in args.recipes.split(","):
+        table, seconds = run_recipe(lm, probs, kl_bound, RECIPES[name] | {"max_steps": args.max_steps},
+                                    use_floor=name == "default")
+        table = pd.concat([suite, table], axis=1)
+        table.to_csv(out / f"{name}.csv", index=False)
+        summary = gap_summary(table)
+        total = summary[(summary.kind == "all") & (summary.band == "all")].iloc[0]
+        overall.append(dict(recipe=name, seconds=seconds, target_steps=int(table.steps.sum()),
+                            median_gap=total["median"], p95_gap=total.p95, max_gap=total["max"],
+                            over_1=int(total.over_1), share_within_1=float((table.gap_to_bound <= 1).mean()),
+                            mean_kl=total.mean_kl))
+        lines += [f"## {name}: {seconds:.0f} s, {int(table.steps.sum())} target·steps", "", markdown(summary), ""]
+        print(f"{name}: {seconds:.0f} s, median gap {total['median']:.3f}, max {total['max']:.2f}", flush=True)
+    if args.spread:
+        runs = [run_recipe(lm, probs, kl_bound, {"max_steps": args.max_steps}, use_floor=True, seed=seed,
+                           slots=slots)[0].kl.to_numpy()
+                for seed in (0, 1, 2) for slots in (16, 64)]
+        spread = np.ptp(np.stack(runs), axis=0)
+        per_band = pd.DataFrame({"band": suite.band, "spread": spread}).groupby("band").spread.agg(["median", "max"])
+        lines += ["## Spread of the default over 3 seeds × 2 slot counts (16, 64)", "",
+                  markdown(per_band.reset_index()), "", f"Max over the suite: {spread.max():.3f} nats.", ""]
+    lines = lines[:4] + [markdown(pd.DataFrame(overall)), ""] + lines[4:]
+    (out / "summary.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
