@@ -21,7 +21,11 @@ def self_generated_targets(lm, n: int, length: int, seed: int = 0) -> np.ndarray
 def test_self_generated_targets_are_reached(peaked_lm, family):
     lm = peaked_lm(family)
     targets = self_generated_targets(lm, 4, length=5)
-    result = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=5, max_steps=400, slots=4))
+    # A constant rate keeps improving to the end, as reaching KL < 1e-3 on these tiny models needs (the
+    # default's cosine decay stops near 4e-3 here; the real-model tests check the default recipe).
+    config = SoftPromptConfig(prompt_len=5, max_steps=400, slots=4, learning_rate=0.1, schedule="constant",
+                              warmup=0.0)
+    result = soft_prompt(lm, targets, config)
     table = result.to_pandas()
     assert list(table.columns[:3]) == ["target_id", "method", "kl"]
     assert (table.method == "soft").all() and (table.prompt_len == 5).all()
@@ -45,7 +49,8 @@ def test_best_kl_never_increases_with_more_steps(peaked_lm):
     lm = peaked_lm("llama")
     targets = self_generated_targets(lm, 4, length=3, seed=2)
     best = [
-        soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, max_steps=steps, patience=1000, slots=4))
+        soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, max_steps=steps, patience=1000, slots=4,
+                                                  schedule="constant", warmup=0.0))
         .columns["kl"]
         for steps in (1, 10, 40)
     ]
@@ -58,8 +63,10 @@ def test_early_stopped_targets_stop_changing(peaked_lm):
     targets = self_generated_targets(lm, 8, length=3, seed=3)
 
     def run(max_steps):
+        # A constant rate, no warmup: the runs then take the same steps whatever max_steps is.
         return soft_prompt(lm, targets, SoftPromptConfig(
             prompt_len=3, max_steps=max_steps, patience=3, min_delta=1e-2, slots=8, segment_steps=4,
+            schedule="constant", warmup=0.0, restarts=1,
         ))
 
     short, long = run(40), run(200)
@@ -72,7 +79,7 @@ def test_early_stopped_targets_stop_changing(peaked_lm):
 def test_restarts_never_make_a_result_worse(peaked_lm):
     lm = peaked_lm("llama")
     targets = self_generated_targets(lm, 4, length=3, seed=4)
-    config = SoftPromptConfig(prompt_len=3, max_steps=15, slots=4)
+    config = SoftPromptConfig(prompt_len=3, max_steps=15, slots=4, restarts=1, restart_above=None)
     once = soft_prompt(lm, targets, config).columns["kl"]
     thrice = soft_prompt(lm, targets, SoftPromptConfig(**{**config.__dict__, "restarts": 3})).columns["kl"]
     assert np.all(thrice <= once)
@@ -126,8 +133,9 @@ def test_four_devices_give_the_same_results_as_one_and_chunking_does_not_matter(
 def test_interventions_reach_self_generated_targets(peaked_lm, layer, mode):
     lm = peaked_lm("llama")
     targets = self_generated_targets(lm, 2, length=1, seed=6)
-    config = SoftPromptConfig(
+    config = SoftPromptConfig(  # a constant rate, as in test_self_generated_targets_are_reached
         intervention_layer=layer, intervention_mode=mode, prefix=(5,), max_steps=300, slots=4,
+        learning_rate=0.1, schedule="constant", warmup=0.0,
     )
     result = soft_prompt(lm, targets, config)
     assert result.arrays["prompt"].shape == (2, lm.d_model)
@@ -161,7 +169,7 @@ def test_bad_targets_and_configs_are_named(peaked_lm):
         ("init", "zeros", "init must be one of"),
         ("intervention_layer", 7, r"intervention_layer must be None, 'final_norm' or an int in \[0, 3\]"),
         ("learning_rate", -1.0, "learning_rate must be positive"),
-        ("warmup_steps", 500, r"warmup_steps must be in \[0, max_steps\)"),
+        ("warmup", 1.0, r"warmup must be a fraction of max_steps in \[0, 1\)"),
         ("restart_above", -0.5, "restart_above must be non-negative"),
         ("floor_tolerance", -1e-3, "floor_tolerance must be non-negative"),
     ]:
@@ -199,7 +207,8 @@ def test_a_diverging_target_is_flagged_and_keeps_its_best_finite_point(peaked_lm
     lm = peaked_lm("llama")
     targets = self_generated_targets(lm, 2, length=3, seed=8)
     # Adam steps of ~3e38 overflow the prompt to inf within two steps; the RMSNorm then makes NaN.
-    result = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, learning_rate=3e38, max_steps=30, slots=2))
+    config = SoftPromptConfig(prompt_len=3, learning_rate=3e38, warmup=0.0, max_steps=30, slots=2, restarts=1)
+    result = soft_prompt(lm, targets, config)
     table = result.to_pandas()
     assert table.diverged.all(), table[["kl", "final_kl", "steps"]]
     assert np.isfinite(table.kl).all() and (table.kl <= table.initial_kl).all()
@@ -213,7 +222,7 @@ def test_warmup_starts_the_learning_rate_at_zero_and_reaches_it_after_the_warmup
     from distprompt_jax.prompting.soft import SoftProblem
 
     lm = peaked_lm("llama")
-    config = SoftPromptConfig(learning_rate=0.02, warmup_steps=4, schedule="cosine", max_steps=20)
+    config = SoftPromptConfig(learning_rate=0.02, warmup=0.2, schedule="cosine", max_steps=20)
     optimizer = SoftProblem.build(lm, config).optimizer()
     v = np.zeros(3, np.float32)
     state = optimizer.init(v)

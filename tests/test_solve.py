@@ -136,7 +136,8 @@ class Interrupt(Exception):
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_results(tmp_path):
-    _, straight = run(n=13, slots=4, segment_steps=3)
+    # Two attempts: the checkpoint holds retries queued as first attempts ended.
+    _, straight = run(n=13, slots=4, segment_steps=3, attempts=2)
     checkpoint = PoolCheckpoint(tmp_path / "pool")
     stopped_at = []
 
@@ -147,11 +148,11 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_results(tmp_
 
     with pytest.raises(Interrupt):
         run(n=13, slots=4, segment_steps=3, checkpoint=checkpoint, on_segment=stop_once_some_finished,
-            checkpoint_every=2)
+            checkpoint_every=2, attempts=2)
     assert checkpoint.latest() == stopped_at[0]
     told = []
     driver, resumed = run(n=13, slots=4, segment_steps=3, checkpoint=PoolCheckpoint(tmp_path / "pool"),
-                          on_segment=lambda info: told.append(info.segment), checkpoint_every=2)
+                          on_segment=lambda info: told.append(info.segment), checkpoint_every=2, attempts=2)
     assert told[0] == stopped_at[0] + 1  # went on from the checkpoint
     for name in straight:
         np.testing.assert_array_equal(straight[name], resumed[name])

@@ -34,6 +34,7 @@ def get_config():
     c.soft.prompt_len = 3
     c.soft.slots = 4
     c.soft.segment_steps = 5
+    c.soft.restarts = 1  # one attempt per target: the kill points below count finished targets
     c.hard = hard_defaults()
     c.bound = bound_defaults()
     c.checkpoint_every = 1

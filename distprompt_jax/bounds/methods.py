@@ -223,8 +223,8 @@ class NormMethod:
     Restarts are rows: the driver solves `restarts` rows per target, restart-major (the first from the
     preimage of the unconstrained h — `start_h`, else the least-squares fit — the others from N(0, I) draws
     keyed by (seed, restart, target index)), and `columns` keeps each target's best and bounds it from
-    below. (Not driver attempts: a Problem's init is not told its attempt, and the first restart starts
-    elsewhere than the others and `best_restart` is reported.)
+    below. (Rows predate the driver telling `init` its attempt; as attempts, the first restart's start and
+    `best_restart` would come from the attempt number — a simplification left for later.)
     """
 
     name = "bound_norm"

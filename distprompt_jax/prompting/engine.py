@@ -22,7 +22,7 @@ from distprompt_jax import parallel
 from distprompt_jax.lm import LanguageModel
 from distprompt_jax.prompting.context import TEMPLATES
 from distprompt_jax.results import PromptResults
-from distprompt_jax.solve import Driver, DriverOptions, PoolCheckpoint, Problem, SegmentInfo, compiled
+from distprompt_jax.solve import Driver, DriverOptions, PoolCheckpoint, Problem, SegmentInfo, compiled, with_floors
 
 from distprompt_jax.targets import as_target_set
 
@@ -123,13 +123,15 @@ def place_params(lm: LanguageModel, mesh, shard: bool):
 
 def resolve_slots(method: Method, params, mesh, example_inputs: dict, n_targets: int) -> int:
     """The pool size: the config's number, the platform default (None), or sized from XLA's memory analysis
-    of the compiled segment ("auto"). Never more than the work needs (rounded up to the devices)."""
+    of the compiled segment ("auto"). Never more than the targets (rounded up to the devices): more slots
+    would only compute idle ones."""
     slots = method.config.slots
     if slots == "auto":
         slots = auto_slots(method.problem(), params, mesh, example_inputs, n_targets)
     elif slots is None:
         slots = default_slots(table=method.slot_defaults)
-    return parallel.round_up(max(1, min(int(slots), n_targets * method.options(1).attempts)), mesh.size)
+    # A target's next attempt starts only when its previous one ends, so at most n_targets jobs run at once.
+    return parallel.round_up(max(1, min(int(slots), n_targets)), mesh.size)
 
 
 def auto_slots(problem: Problem, params, mesh, example_inputs: dict, n_targets: int) -> int:
@@ -174,7 +176,8 @@ def run_method(
     params = place_params(lm, mesh, getattr(method.config, "shard_params", False))
     inputs = method.inputs(probs, share if take_share else slice(first_index, first_index + len(probs)))
     if slots is None:
-        slots = resolve_slots(method, params, mesh, {k: v[:1] for k, v in inputs.items()}, max(1, len(probs)))
+        example, _ = with_floors({k: v[:1] for k, v in inputs.items()}, None)
+        slots = resolve_slots(method, params, mesh, example, max(1, len(probs)))
     if on_slots is not None:
         on_slots(slots)
     options = dataclasses.replace(method.options(slots), progress=progress and len(probs) > 1)

@@ -117,12 +117,13 @@ def compiled(problem: Problem) -> Compiled:
         targets, states = fresh(params, inputs, seed, index, attempt)
         return targets, _with_active(states, states.progress.active & occupied)
 
-    def refill(params, targets, states, inputs, seed, index, attempt, slots):
-        """New jobs into `slots` (their inputs, indices and attempts row by row; a repeated slot takes the
-        same job again): only the new jobs are initialized."""
+    def refill(params, targets, states, inputs, seed, index, attempt, take, occupied):
+        # Every slot is initialized, the new jobs' taken: an init at the pool's own shape gives a job the
+        # same start bitwise however many slots refill at once (a smaller batch rounds its matmuls
+        # differently), so a target's result does not depend on the other targets or the process split.
         new_targets, new_states = fresh(params, inputs, seed, index, attempt)
-        put = lambda old, new: old.at[slots].set(new)
-        return jax.tree.map(put, targets, new_targets), jax.tree.map(put, states, new_states)
+        targets, states = select(take, new_targets, targets), select(take, new_states, states)
+        return targets, _with_active(states, states.progress.active & occupied)
 
     def segment(params, targets, states, stop_after, num_steps):
         """Up to num_steps steps; stops early once `stop_after` slots have finished (data, not traced in)."""
@@ -154,6 +155,16 @@ def compiled(problem: Problem) -> Compiled:
     if len(_COMPILED) > _COMPILED_KEEP:
         _COMPILED.popitem(last=False)
     return entry
+
+
+def with_floors(inputs: dict[str, np.ndarray], floors: np.ndarray | None) -> tuple[dict, np.ndarray]:
+    """The problem's inputs with the driver's `floor` input added, and the floors as float64 [N] (given ones,
+    NaN read as 0 (unknown), or zeros)."""
+    n = len(next(iter(inputs.values())))
+    floors = np.zeros(n) if floors is None else np.nan_to_num(np.asarray(floors, np.float64), nan=0.0)
+    if floors.shape != (n,):
+        raise ValueError(f"floors has shape {floors.shape}; expected one per target, ({n},)")
+    return inputs | {"floor": floors.astype(np.float32)}, floors
 
 
 def _bucketed(rows: np.ndarray) -> np.ndarray:
@@ -200,10 +211,7 @@ class Driver:
         for `retry_above`.
         """
         n = len(next(iter(inputs.values())))
-        floors = np.zeros(n) if floors is None else np.nan_to_num(np.asarray(floors, np.float64), nan=0.0)
-        if floors.shape != (n,):
-            raise ValueError(f"floors has shape {floors.shape}; expected one per target, ({n},)")
-        inputs = inputs | {"floor": floors.astype(np.float32)}
+        inputs, floors = with_floors(inputs, floors)
         pool = _Pool(self, inputs, n, first_index, on_finished, floors)
         if n == 0:
             return pool.results
@@ -334,7 +342,7 @@ class _Pool:
                     values[target] = out[name][i]
             self.attempts_done[target] += 1
             if self._wants_another(target):
-                self.queue.append((target, int(self.attempts_done[target])))
+                self.queue.append((int(target), int(self.attempts_done[target])))
             else:
                 self.done[target] = True
                 self.pending.append(target)
@@ -352,13 +360,10 @@ class _Pool:
         free = np.flatnonzero(self.slot_target < 0)
         if not len(free) or not self.queue:  # slots left without work stay frozen
             return
-        slots = _bucketed(np.flatnonzero(self._assign(free)))
-        rows = self.slot_target[slots]
-        put = lambda x: jax.device_put(np.asarray(x, np.int32))
-        inputs = {name: jax.device_put(np.asarray(values[rows])) for name, values in self.inputs.items()}
+        take = jax.device_put(self._assign(free), self.driver.sharding)
+        inputs, seed, index, attempt, occupied = self._slot_data()
         self.targets, self.states = self.driver.functions.refill(
-            self.driver.params, self.targets, self.states, inputs, np.uint32(self.driver.options.seed),
-            put(self.first_index + rows), put(self.slot_attempt[slots]), put(slots))
+            self.driver.params, self.targets, self.states, inputs, seed, index, attempt, take, occupied)
 
     def info(self, ran: int) -> SegmentInfo:
         d = self.driver
