@@ -55,7 +55,8 @@ class SoftPromptConfig:
     max_steps: int = 500
     patience: int = 50  # stop a target after this many steps without improving by more than min_delta
     min_delta: float = 0.0
-    restarts: int = 3  # attempts per target at most, each from its own init; the best is kept
+    restarts: int = 3  # attempts per target at most, each from its own init; the best is kept (one with
+    #                    init="text": every attempt would start from the same prompt and repeat the run)
     # A further attempt runs only for a target still more than this above its floor (None: every attempt
     # runs). Without a bound the floor is 0: every target above this KL is restarted.
     restart_above: float | None = 1.0
@@ -79,8 +80,6 @@ class SoftPromptConfig:
         check_shared_fields(
             self, lm, INITS, at_least_one=("max_steps", "patience", "restarts", "segment_steps", "top_k"),
         )
-        if self.init == "text" and self.restarts > 1:
-            fail("restarts > 1 with init='text' would repeat the same run")
         if self.schedule not in SCHEDULES:
             fail(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not self.learning_rate > 0:
@@ -303,7 +302,8 @@ class SoftMethod:
 
     def options(self, slots: int) -> DriverOptions:
         c = self.config
-        return DriverOptions(slots=slots, segment_steps=c.segment_steps, refill_at=c.refill_at, attempts=c.restarts,
+        attempts = 1 if c.init == "text" else c.restarts
+        return DriverOptions(slots=slots, segment_steps=c.segment_steps, refill_at=c.refill_at, attempts=attempts,
                              retry_above=c.restart_above, seed=c.seed, desc="soft prompts")
 
     def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
