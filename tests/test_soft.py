@@ -175,6 +175,8 @@ def test_bad_targets_and_configs_are_named(peaked_lm):
     ]:
         with pytest.raises(ValueError, match=message):
             soft_prompt(lm, good, SoftPromptConfig(**{field: value}))
+    with pytest.raises(TypeError, match="with_bound must be True, False or a BoundConfig"):
+        soft_prompt(lm, good, with_bound="yes")
     with pytest.raises(ValueError, match="intervention needs fixed input tokens"):
         soft_prompt(lm, good, SoftPromptConfig(intervention_layer=1))
 

@@ -14,6 +14,8 @@ from distprompt_jax.results import PromptResults
 def run_with_bound(method: Method, lm, targets, bound: BoundConfig | bool, *, devices=None) -> PromptResults:
     """`method` over `targets` (as `run_method`); with `bound` (True: the default BoundConfig) the certified
     bound first, used as every target's floor and joined to the results."""
+    if not isinstance(bound, (bool, BoundConfig)):
+        raise TypeError(f"with_bound must be True, False or a BoundConfig, got {bound!r}")
     if bound is False:
         return run_method(method, lm, targets, devices=devices)
     config = None if bound is True else bound
