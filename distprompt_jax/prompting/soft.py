@@ -11,7 +11,7 @@ layer k (added or replacing), or on the output of the final norm — to locate w
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,18 +19,19 @@ import numpy as np
 import optax
 
 from distprompt_jax.prompting import context as context_lib
-from distprompt_jax.prompting.engine import DEFAULT_SLOTS, check_shared_fields, model_structure
-from distprompt_jax.prompting.objective import distribution_report, kl_from_logits, safe_log
+from distprompt_jax.prompting.engine import check_shared_fields, model_structure
+from distprompt_jax.prompting.gradient import (
+    GradientMethod, GradientState, Recipe, check_recipe_fields, prepare_target,
+)
+from distprompt_jax.prompting.objective import distribution_report, kl_from_logits
 from distprompt_jax.prompting.sandwich import run_with_bound
 from distprompt_jax.bounds import BoundConfig
 from distprompt_jax.lm import LanguageModel
 from distprompt_jax.results import PromptResults
-from distprompt_jax.solve import DriverOptions, Patience, Progress, track
 
 from distprompt_jax.tokens import ordinary_token_mask
 
 INITS = ("embedding_std", "normal", "vocab", "text")
-SCHEDULES = ("constant", "cosine", "linear")
 INTERVENTION_MODES = ("add", "replace")
 
 
@@ -80,16 +81,7 @@ class SoftPromptConfig:
         check_shared_fields(
             self, lm, INITS, at_least_one=("max_steps", "patience", "restarts", "segment_steps", "top_k"),
         )
-        if self.schedule not in SCHEDULES:
-            fail(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not self.learning_rate > 0:
-            fail(f"learning_rate must be positive, got {self.learning_rate}")
-        if not 0 <= self.warmup < 1:
-            fail(f"warmup must be a fraction of max_steps in [0, 1), got {self.warmup}")
-        if self.restart_above is not None and self.restart_above < 0:
-            fail(f"restart_above must be non-negative or None, got {self.restart_above}")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            fail(f"clip_norm must be positive or None, got {self.clip_norm}")
+        check_recipe_fields(self)
         if self.intervention_mode not in INTERVENTION_MODES:
             fail(f"intervention_mode must be one of {INTERVENTION_MODES}, got {self.intervention_mode!r}")
         layer = self.intervention_layer
@@ -97,20 +89,6 @@ class SoftPromptConfig:
             isinstance(layer, int) and 0 <= layer <= lm.n_layers
         ):
             fail(f"intervention_layer must be None, 'final_norm' or an int in [0, {lm.n_layers}], got {layer!r}")
-
-
-class SoftState(NamedTuple):
-    """One target's optimization state."""
-
-    progress: Progress  # steps, best KL, active
-    patience: Patience
-    v: jax.Array  # the variable being optimized: [L, d] prompt or [d] intervention vector
-    opt_state: Any
-    best_v: jax.Array
-    best_step: jax.Array
-    initial_kl: jax.Array  # KL of the initial prompt
-    final_kl: jax.Array  # KL at the last step the target was still running
-    diverged: jax.Array  # the KL became non-finite (the target stopped; its best finite point is kept)
 
 
 def soft_prompt(
@@ -147,14 +125,7 @@ class SoftProblem:
     init_kind: str  # config.init
     intervention_layer: int | str | None
     intervention_mode: str
-    learning_rate: float
-    schedule: str
-    warmup_steps: int
-    clip_norm: float | None
-    max_steps: int
-    patience: int
-    min_delta: float
-    floor_tolerance: float
+    recipe: Recipe
     top_k: int
     context: context_lib.FixedContext
     init_ids: tuple[int, ...] | None
@@ -177,11 +148,7 @@ class SoftProblem:
         return cls(
             lm=model_structure(lm), prompt_len=config.prompt_len, init_kind=config.init,
             intervention_layer=config.intervention_layer, intervention_mode=config.intervention_mode,
-            learning_rate=config.learning_rate, schedule=config.schedule,
-            warmup_steps=int(round(config.warmup * config.max_steps)),
-            clip_norm=config.clip_norm,
-            max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta,
-            floor_tolerance=config.floor_tolerance, top_k=config.top_k, context=context, init_ids=init_ids,
+            recipe=Recipe.from_config(config), top_k=config.top_k, context=context, init_ids=init_ids,
             embed_std=_embedding_std(lm),
             candidate_ids=np.flatnonzero(ordinary_token_mask(lm)),
         )
@@ -208,24 +175,14 @@ class SoftProblem:
         return lm.logits_from_layer(params, h.at[-1].set(last), k)
 
     def optimizer(self) -> optax.GradientTransformation:
-        rate, warmup = self.learning_rate, self.warmup_steps
-        decay = {
-            "constant": optax.constant_schedule(rate),
-            "cosine": optax.cosine_decay_schedule(rate, max(1, self.max_steps - warmup)),
-            "linear": optax.linear_schedule(rate, 0.0, max(1, self.max_steps - warmup)),
-        }[self.schedule]
-        if warmup:
-            decay = optax.join_schedules([optax.linear_schedule(0.0, rate, warmup), decay], [warmup])
-        steps = [optax.clip_by_global_norm(self.clip_norm)] if self.clip_norm else []
-        return optax.chain(*steps, optax.adam(decay))
+        return self.recipe.optimizer()
 
     # -- the Problem contract (one target) -----------------------------------------------------------------
 
     def prepare(self, inputs):
-        p = inputs["p"]
-        return p, safe_log(p), inputs["floor"]
+        return prepare_target(inputs)
 
-    def init(self, params, target, index, attempt, key) -> SoftState:
+    def init(self, params, target, index, attempt, key) -> GradientState:
         if self.init_kind == "text":
             v = self.lm.embed(params, jnp.asarray(self.init_ids)).astype(jnp.float32)
         elif self.init_kind == "vocab":
@@ -234,38 +191,17 @@ class SoftProblem:
         else:
             scale = self.embed_std if self.init_kind == "embedding_std" else 1.0
             v = scale * jax.random.normal(key, self.variable_shape(), jnp.float32)
-        inf = jnp.float32(jnp.inf)
-        return SoftState(
-            progress=Progress.start(), patience=Patience.start(), v=v, opt_state=self.optimizer().init(v),
-            best_v=v, best_step=jnp.int32(0), initial_kl=inf, final_kl=inf, diverged=jnp.asarray(False),
-        )
+        return self.recipe.start(v)
 
-    def step(self, params, target, s: SoftState) -> SoftState:
+    def step(self, params, target, s: GradientState) -> GradientState:
         p, log_p, floor = target
-        kl, grad = jax.value_and_grad(lambda v: kl_from_logits(p, self.logits(params, v), log_p))(s.v)
-        updates, opt_state = self.optimizer().update(grad, s.opt_state, s.v)
-        progress, patience, better = track(s.progress, s.patience, kl, min_delta=self.min_delta,
-                                           max_steps=self.max_steps, patience_steps=self.patience)
-        diverged = ~jnp.isfinite(kl)
-        at_floor = progress.best <= floor + self.floor_tolerance
-        return SoftState(
-            progress=progress._replace(active=progress.active & ~diverged & ~at_floor),
-            patience=patience,
-            v=optax.apply_updates(s.v, updates),
-            opt_state=opt_state,
-            best_v=jnp.where(better, s.v, s.best_v),
-            best_step=jnp.where(better, s.progress.steps, s.best_step),
-            initial_kl=jnp.where(s.progress.steps == 0, kl, s.initial_kl),
-            final_kl=kl,
-            diverged=diverged,
-        )
+        return self.recipe.step(s, lambda v: kl_from_logits(p, self.logits(params, v), log_p), floor)
 
-    def report(self, params, target, s: SoftState) -> dict:
+    def report(self, params, target, s: GradientState) -> dict:
         p, _, _ = target
         figures = distribution_report(p, self.logits(params, s.best_v), self.top_k)
         del figures["kl"]  # the tracked best KL is the same value, measured when it was reached
-        out = dict(kl=s.progress.best, initial_kl=s.initial_kl, final_kl=s.final_kl, best_step=s.best_step,
-                   steps=s.progress.steps, diverged=s.diverged, **figures, prompt=s.best_v)
+        out = dict(**self.recipe.history(s), **figures, prompt=s.best_v)
         if not self.intervening:
             out["nearest_tokens"] = nearest_tokens(self.lm, params, s.best_v)
         return out
@@ -286,28 +222,16 @@ def nearest_tokens(lm: LanguageModel, params, vectors):
 ARRAY_RESULTS = ("prompt", "nearest_tokens")
 
 
-class SoftMethod:
+class SoftMethod(GradientMethod):
     """Soft prompts as a method (engine.Method): what `soft_prompt` and the sweep run."""
 
     name = "soft"
-    slot_defaults = DEFAULT_SLOTS
+    desc = "soft prompts"
 
     def __init__(self, lm: LanguageModel, config: SoftPromptConfig):
         config.validate(lm)
         self.lm, self.config = lm, config
         self._problem = SoftProblem.build(lm, config)
-
-    def problem(self) -> SoftProblem:
-        return self._problem
-
-    def options(self, slots: int) -> DriverOptions:
-        c = self.config
-        attempts = 1 if c.init == "text" else c.restarts
-        return DriverOptions(slots=slots, segment_steps=c.segment_steps, refill_at=c.refill_at, attempts=attempts,
-                             retry_above=c.restart_above, seed=c.seed, desc="soft prompts")
-
-    def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
-        return {"p": np.asarray(probs, np.float32)}
 
     def columns(self, reports: dict[str, np.ndarray]) -> tuple[dict, dict]:
         # kl first: the figure every table is read for.

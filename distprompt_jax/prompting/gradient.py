@@ -1,0 +1,153 @@
+"""Gradient search on a per-target continuous variable: what soft prompts and prefixes share.
+
+A `Recipe` is the optimizer (Adam, an optional global-norm clip, a learning-rate schedule with linear
+warmup), per-target early stopping, and the floor a target stops at; `GradientState` is one target's search
+over any pytree of float32 arrays (a soft prompt [L, d], a prefix's keys and values, an MLP that makes
+them). `GradientMethod` is the part of an engine.Method the gradient engines share: slots, attempts and
+restarts, and the targets as inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from distprompt_jax.prompting.engine import DEFAULT_SLOTS
+from distprompt_jax.prompting.objective import safe_log
+from distprompt_jax.solve import DriverOptions, Patience, Progress, track
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def check_recipe_fields(config) -> None:
+    """The optimizer fields' checks (schedule, learning_rate, warmup, restart_above, clip_norm) for any config
+    with them; a ValueError names the config class and the field."""
+
+    def fail(message):
+        raise ValueError(f"{type(config).__name__}: {message}")
+
+    if config.schedule not in SCHEDULES:
+        fail(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+    if not config.learning_rate > 0:
+        fail(f"learning_rate must be positive, got {config.learning_rate}")
+    if not 0 <= config.warmup < 1:
+        fail(f"warmup must be a fraction of max_steps in [0, 1), got {config.warmup}")
+    if config.restart_above is not None and config.restart_above < 0:
+        fail(f"restart_above must be non-negative or None, got {config.restart_above}")
+    if config.clip_norm is not None and not config.clip_norm > 0:
+        fail(f"clip_norm must be positive or None, got {config.clip_norm}")
+
+
+class GradientState(NamedTuple):
+    """One target's optimization state."""
+
+    progress: Progress  # steps, best KL, active
+    patience: Patience
+    v: Any  # the variable being optimized: a float32 array or pytree of them
+    opt_state: Any
+    best_v: Any
+    best_step: jax.Array
+    initial_kl: jax.Array  # KL of the initial variable
+    final_kl: jax.Array  # KL at the last step the target was still running
+    diverged: jax.Array  # the KL became non-finite (the target stopped; its best finite point is kept)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How one target's variable is optimized: every field enters tracing."""
+
+    learning_rate: float
+    schedule: str
+    warmup_steps: int
+    clip_norm: float | None
+    max_steps: int
+    patience: int
+    min_delta: float
+    floor_tolerance: float
+
+    @classmethod
+    def from_config(cls, config) -> Recipe:
+        return cls(
+            learning_rate=config.learning_rate, schedule=config.schedule,
+            warmup_steps=int(round(config.warmup * config.max_steps)), clip_norm=config.clip_norm,
+            max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta,
+            floor_tolerance=config.floor_tolerance,
+        )
+
+    def optimizer(self) -> optax.GradientTransformation:
+        rate, warmup = self.learning_rate, self.warmup_steps
+        decay = {
+            "constant": optax.constant_schedule(rate),
+            "cosine": optax.cosine_decay_schedule(rate, max(1, self.max_steps - warmup)),
+            "linear": optax.linear_schedule(rate, 0.0, max(1, self.max_steps - warmup)),
+        }[self.schedule]
+        if warmup:
+            decay = optax.join_schedules([optax.linear_schedule(0.0, rate, warmup), decay], [warmup])
+        steps = [optax.clip_by_global_norm(self.clip_norm)] if self.clip_norm else []
+        return optax.chain(*steps, optax.adam(decay))
+
+    def start(self, v) -> GradientState:
+        """The state of an attempt that starts at `v`."""
+        inf = jnp.float32(jnp.inf)
+        return GradientState(
+            progress=Progress.start(), patience=Patience.start(), v=v, opt_state=self.optimizer().init(v),
+            best_v=v, best_step=jnp.int32(0), initial_kl=inf, final_kl=inf, diverged=jnp.asarray(False),
+        )
+
+    def step(self, s: GradientState, loss: Callable[[Any], jax.Array], floor) -> GradientState:
+        """One optimizer step on `loss(v)` (the KL); the target stops at its floor (+ floor_tolerance), on
+        patience or max_steps, or when the KL is no longer finite."""
+        kl, grad = jax.value_and_grad(loss)(s.v)
+        updates, opt_state = self.optimizer().update(grad, s.opt_state, s.v)
+        progress, patience, better = track(s.progress, s.patience, kl, min_delta=self.min_delta,
+                                           max_steps=self.max_steps, patience_steps=self.patience)
+        diverged = ~jnp.isfinite(kl)
+        at_floor = progress.best <= floor + self.floor_tolerance
+        return GradientState(
+            progress=progress._replace(active=progress.active & ~diverged & ~at_floor),
+            patience=patience,
+            v=optax.apply_updates(s.v, updates),
+            opt_state=opt_state,
+            best_v=jax.tree.map(lambda now, best: jnp.where(better, now, best), s.v, s.best_v),
+            best_step=jnp.where(better, s.progress.steps, s.best_step),
+            initial_kl=jnp.where(s.progress.steps == 0, kl, s.initial_kl),
+            final_kl=kl,
+            diverged=diverged,
+        )
+
+    def history(self, s: GradientState) -> dict:
+        """The per-target figures every gradient engine reports about its search."""
+        return dict(kl=s.progress.best, initial_kl=s.initial_kl, final_kl=s.final_kl, best_step=s.best_step,
+                    steps=s.progress.steps, diverged=s.diverged)
+
+
+def prepare_target(inputs):
+    """(p, log p, floor): one target's device-side data (Problem.prepare)."""
+    p = inputs["p"]
+    return p, safe_log(p), inputs["floor"]
+
+
+class GradientMethod:
+    """What the gradient engines' methods (engine.Method) share; a subclass sets `name`, `desc` and builds
+    `self.lm`, `self.config`, `self._problem`, and gives `columns`."""
+
+    slot_defaults = DEFAULT_SLOTS
+    desc = "targets"
+
+    def problem(self):
+        return self._problem
+
+    def options(self, slots: int) -> DriverOptions:
+        c = self.config
+        # init="text": every attempt would start from the same point and repeat the same run.
+        attempts = 1 if c.init == "text" else c.restarts
+        return DriverOptions(slots=slots, segment_steps=c.segment_steps, refill_at=c.refill_at, attempts=attempts,
+                             retry_above=c.restart_above, seed=c.seed, desc=self.desc)
+
+    def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
+        return {"p": np.asarray(probs, np.float32)}
