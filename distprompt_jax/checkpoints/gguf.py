@@ -258,10 +258,14 @@ def _build_tokenizer(meta: GGUFMetadata) -> PreTrainedTokenizerFast:
     builder the same dict its GGUF reader would produce (the key names come from its mapping table).
     """
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-        GGUF_TOKENIZER_MAPPING,
-        convert_gguf_tokenizer,
-    )
+
+    try:  # transformers >= 5.18
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_TOKENIZER_MAPPING,
+            convert_gguf_tokenizer,
+        )
+    except ImportError:  # 5.0-5.17 kept the same two names in one module (checked in 5.0, 5.10, 5.17's wheels)
+        from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     tokenizer_dict = {
         name: meta.other(f"tokenizer.{key}")
