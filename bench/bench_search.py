@@ -13,18 +13,21 @@ the output folder). Each recipe then runs soft prompts on the whole suite; per t
     peer     the public reproduction's recipe: L = 5, N(0, 1) init, Adam 0.1, patience 20
     default  SoftPromptConfig() as it is now, given the bound as each target's floor (as experiments do)
 
+`--variants '{"name": {overrides}}'` adds recipes: variants of the default (given the floors too).
+
 Each recipe has the same budget of at most 500 steps per attempt; the target·steps every attempt used, and
 the slot·steps the pool computed, are reported. Per
 recipe, kind and entropy band: the median, 90th and 95th percentile and max gap, targets with a gap > 1 nat,
-mean KL; and wall time. `--spread` reruns the default with 3 seeds × 2 slot counts and reports, per band, the
-largest spread (max − min) of a target's KL across those runs. Everything goes to `--out`: per-target
-tables (`<recipe>.csv`, open in pandas) and `summary.md`.
+mean KL; and wall time. `--spread` reruns the default (or `--spread_recipe`) with 3 seeds × 2 slot counts and
+reports, per band, the largest spread (max − min) of a target's KL across those runs. Everything goes to `--out`:
+per-target tables (`<recipe>.csv`, open in pandas) and `summary.md`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import time
@@ -123,7 +126,12 @@ def main() -> None:
     parser.add_argument("--model_targets", type=int, default=32)
     parser.add_argument("--recipes", default="old,peer,default")
     parser.add_argument("--max_steps", type=int, default=500, help="the step budget per target (the default's)")
-    parser.add_argument("--spread", action="store_true", help="default recipe over 3 seeds × 2 slot counts")
+    parser.add_argument("--variants", default="{}",
+                        help='JSON {name: overrides} of further recipes to measure beside --recipes, each a variant '
+                             'of the default given the floors, e.g. \'{"L20": {"prompt_len": 20}}\'')
+    parser.add_argument("--spread", action="store_true", help="a recipe over 3 seeds × 2 slot counts")
+    parser.add_argument("--spread_recipe", default="default",
+                        help="the recipe --spread reruns; 'best': the measured one with the lowest median gap")
     parser.add_argument("--out", default="bench_search_out")
     args = parser.parse_args()
 
@@ -141,10 +149,11 @@ def main() -> None:
              f"{args.model_targets} model), {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
              f"{os.cpu_count()} CPUs", "",
              f"Certified bound: {bound_seconds:.0f} s (0 when cached); certified {np.isfinite(kl_bound).sum()}.", ""]
+    recipes = {name: RECIPES[name] for name in filter(None, args.recipes.split(","))} | json.loads(args.variants)
     overall = []
-    for name in args.recipes.split(","):
+    for name, overrides in recipes.items():
         table, seconds, target_steps, slot_steps = run_recipe(
-            lm, probs, kl_bound, RECIPES[name] | {"max_steps": args.max_steps}, use_floor=name == "default")
+            lm, probs, kl_bound, {"max_steps": args.max_steps} | overrides, use_floor=name not in ("old", "peer"))
         table = pd.concat([suite, table], axis=1)
         table.to_csv(out / f"{name}.csv", index=False)
         summary = gap_summary(table)
@@ -156,17 +165,26 @@ def main() -> None:
         lines += [f"## {name}: {seconds:.0f} s, {target_steps} target·steps ({slot_steps} computed by the pool)",
                   "", markdown(summary), ""]
         print(f"{name}: {seconds:.0f} s, median gap {total['median']:.3f}, max {total['max']:.2f}", flush=True)
+        write_summary(out, lines, overall)  # after every recipe: a run stopped early keeps what it measured
     if args.spread:
-        runs = [run_recipe(lm, probs, kl_bound, {"max_steps": args.max_steps}, use_floor=True, seed=seed,
+        name = args.spread_recipe
+        if name == "best":
+            name = min(overall, key=lambda row: row["median_gap"])["recipe"]
+        overrides = {"max_steps": args.max_steps} | (recipes | RECIPES).get(name, {})
+        runs = [run_recipe(lm, probs, kl_bound, overrides, use_floor=name not in ("old", "peer"), seed=seed,
                            slots=slots)[0].kl.to_numpy()
                 for seed in (0, 1, 2) for slots in (16, 64)]
         spread = np.ptp(np.stack(runs), axis=0)
         per_band = pd.DataFrame({"band": suite.band, "spread": spread}).groupby("band").spread.agg(["median", "max"])
-        lines += ["## Spread of the default over 3 seeds × 2 slot counts (16, 64)", "",
+        lines += [f"## Spread of {name} over 3 seeds × 2 slot counts (16, 64)", "",
                   markdown(per_band.reset_index()), "", f"Max over the suite: {spread.max():.3f} nats.", ""]
-    lines = lines[:4] + [markdown(pd.DataFrame(overall)), ""] + lines[4:]
-    (out / "summary.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    print(write_summary(out, lines, overall))
+
+
+def write_summary(out: Path, lines: list[str], overall: list[dict]) -> str:
+    text = "\n".join(lines[:4] + [markdown(pd.DataFrame(overall)), ""] + lines[4:])
+    (out / "summary.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+# The driver's runs use the chunked engine's recipe by default ("before": Adam 0.1 constant, one attempt), so that
+# only the driver differs between the two; "default" measures today's recipe (warmup, cosine, bound-driven
+# restarts, which lengthen the tail).
+RECIPES = {"before": dict(learning_rate=0.1, schedule="constant", warmup=0.0, restarts=1, restart_above=None),
+           "default": {}}
 
 BEFORE = """
 import json, sys, time
@@ -82,8 +87,9 @@ def measure_after(lm, probs: np.ndarray, args) -> dict:
     from distprompt_jax.prompting.engine import run_method
     from distprompt_jax.prompting.soft import SoftMethod, SoftPromptConfig
 
-    config = SoftPromptConfig(max_steps=args.max_steps, patience=args.patience, min_delta=args.min_delta,
-                              slots=args.slots, segment_steps=args.segment_steps, refill_at=args.refill_at)
+    config = SoftPromptConfig(**RECIPES[args.recipe], max_steps=args.max_steps, patience=args.patience,
+                              min_delta=args.min_delta, slots=args.slots, segment_steps=args.segment_steps,
+                              refill_at=args.refill_at)
     run_method(SoftMethod(lm, config), lm, probs[: args.slots + 1], progress=False)  # warm-up: compiles
     infos = []
     start = time.perf_counter()
@@ -103,7 +109,8 @@ def measure_all_active(lm, probs: np.ndarray, args, steps: int = 40) -> float:
     from distprompt_jax.prompting.engine import run_method
     from distprompt_jax.prompting.soft import SoftMethod, SoftPromptConfig
 
-    config = SoftPromptConfig(max_steps=steps, patience=10**6, slots=args.slots, segment_steps=args.segment_steps)
+    config = SoftPromptConfig(**RECIPES[args.recipe], max_steps=steps, patience=10**6, slots=args.slots,
+                              segment_steps=args.segment_steps)
     run_method(SoftMethod(lm, config), lm, probs[: args.slots], progress=False)
     start = time.perf_counter()
     run_method(SoftMethod(lm, config), lm, probs[: args.slots], progress=False)
@@ -117,8 +124,8 @@ def measure_spread(lm, probs: np.ndarray, args) -> dict:
 
     kls = []
     for slots in (args.slots, args.slots // 2):
-        config = SoftPromptConfig(max_steps=args.max_steps, patience=args.patience, min_delta=args.min_delta,
-                                  slots=slots, segment_steps=args.segment_steps)
+        config = SoftPromptConfig(**RECIPES[args.recipe], max_steps=args.max_steps, patience=args.patience,
+                                  min_delta=args.min_delta, slots=slots, segment_steps=args.segment_steps)
         kls.append(run_method(SoftMethod(lm, config), lm, probs, progress=False).columns["kl"])
     moved = np.abs(kls[0] - kls[1])
     return {"median": float(np.median(moved)), "p90": float(np.quantile(moved, 0.9)), "max": float(moved.max()),
@@ -126,9 +133,11 @@ def measure_spread(lm, probs: np.ndarray, args) -> dict:
 
 
 def measure_before(targets_path: Path, args) -> dict:
-    worktree = Path(tempfile.mkdtemp()) / "before"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.before], check=True,
-                   capture_output=True)
+    checkout = Path(args.before).is_dir()  # an exported tree of that revision (where there is no git history)
+    worktree = Path(args.before).resolve() if checkout else Path(tempfile.mkdtemp()) / "before"
+    if not checkout:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.before],
+                       check=True, capture_output=True)
     try:
         payload = json.dumps({"model": args.model, "targets": str(targets_path), "max_steps": args.max_steps,
                               "patience": args.patience, "min_delta": args.min_delta, "slots": args.slots})
@@ -139,7 +148,9 @@ def measure_before(targets_path: Path, args) -> dict:
             raise RuntimeError(out.stderr[-3000:])
         measured = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], capture_output=True)
+        if not checkout:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)],
+                           capture_output=True)
     measured["useful_rate"] = measured["target_steps"] / measured["seconds"]
     measured["useful_share_of_computed"] = measured["target_steps"] / measured["slot_steps"]
     return measured
@@ -148,7 +159,8 @@ def measure_before(targets_path: Path, args) -> dict:
 def measure_first_step(targets_path: Path, args) -> dict:
     cache = Path(tempfile.mkdtemp()) / "jax_cache"
     times = {}
-    for label, directory in (("no cache", ""), ("empty cache (writes)", str(cache)), ("warm cache (reads)", str(cache))):
+    runs = (("no cache", ""), ("empty cache (writes)", str(cache)), ("warm cache (reads)", str(cache)))
+    for label, directory in runs:
         payload = json.dumps({"model": args.model, "targets": str(targets_path), "slots": args.slots,
                               "segment_steps": args.segment_steps, "cache": directory})
         env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
@@ -168,8 +180,11 @@ def main():
     parser.add_argument("--patience", type=int, default=50)
     parser.add_argument("--min_delta", type=float, default=0.0)
     parser.add_argument("--segment_steps", type=int, default=10)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="before",
+                        help="the driver's soft recipe (before: the chunked engine's, so only the driver differs)")
     parser.add_argument("--refill_at", type=int, default=None, help="slots freed that end a segment early")
-    parser.add_argument("--before", default=None, help="git revision of the chunked engine to compare with")
+    parser.add_argument("--before", default=None,
+                        help="git revision (or a folder holding that revision's tree) of the chunked engine")
     parser.add_argument("--cache", action="store_true", help="also time a rerun's first segment with/without cache")
     parser.add_argument("--spread", action="store_true",
                         help="also run with half the slots and report how far each target's KL moves")
@@ -185,6 +200,7 @@ def main():
     after = report["after"]
     after["useful_share_of_all_active"] = after["useful_rate"] / all_active
     after["useful_share_of_computed"] = after["target_steps"] / after["slot_steps"]
+    print(json.dumps(report), flush=True)  # what is measured so far, should a later part fail
     if args.before:
         report["before"] = measure_before(targets_path, args)
         report["before"]["useful_share_of_all_active"] = report["before"]["useful_rate"] / all_active
