@@ -66,14 +66,16 @@ class SegmentMetrics:
 
 def segment_scalars(info) -> dict[str, float]:
     """The scalars of one segment of a pool (a `solve.SegmentInfo`): the running targets' best KL so far,
-    how many run and have finished, and useful vs computed target·steps per second (their ratio is the
-    share of the pool's work that went to targets still running)."""
+    how many run and have finished, the pool's size (smaller once a tail is compacted), and useful vs
+    computed target·steps per second (their ratio is the share of the pool's work that went to targets
+    still running)."""
     seconds = info.seconds
     return {
         "kl/mean_best": info.mean_best,
         "kl/median_best": info.median_best,
         "targets/active": float(info.active),
         "targets/finished": float(info.finished),
+        "targets/slots": float(info.slots),
         "speed/useful_target_steps_per_second": info.target_steps / seconds if seconds > 0 else math.nan,
         "speed/computed_target_steps_per_second": info.slot_steps / seconds if seconds > 0 else math.nan,
     }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import pytest
@@ -49,10 +48,11 @@ def test_bad_steps_and_values_are_refused_by_name(tmp_path):
 def test_segment_scalars():
     from distprompt_jax.solve import SegmentInfo
 
-    info = SegmentInfo(segment=3, steps=10, active=5, finished=7, n_targets=20, mean_best=1.5, median_best=1.25,
-                       target_steps=300, slot_steps=400, seconds=2.0)
+    info = SegmentInfo(segment=3, steps=10, active=5, finished=7, n_targets=20, slots=8, mean_best=1.5,
+                       median_best=1.25, target_steps=300, slot_steps=400, seconds=2.0)
     assert segment_scalars(info) == {
         "kl/mean_best": 1.5, "kl/median_best": 1.25, "targets/active": 5.0, "targets/finished": 7.0,
+        "targets/slots": 8.0,
         "speed/useful_target_steps_per_second": 150.0, "speed/computed_target_steps_per_second": 200.0,
     }
     assert np.isnan(segment_scalars(dataclasses.replace(info, seconds=0.0))["speed/useful_target_steps_per_second"])

@@ -187,6 +187,39 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
         np.testing.assert_array_equal(straight[name], resumed[name])
 
 
+def test_a_compacted_tail_computes_only_the_running_slots_and_gives_the_same_results():
+    sizes = []
+    plain, full = run(n=20, slots=16, segment_steps=5, attempts=2)
+    compacted, out = run(n=20, slots=16, segment_steps=5, attempts=2, compact_tail=True,
+                         on_segment=lambda info: sizes.append((info.slots, info.active)))
+    # Halved (over the 4 test devices: 16 -> 8 -> 4) only once at most half the slots run, never grown.
+    assert sizes[0][0] == 16 and sizes[-1][0] == 4 and sizes == sorted(sizes, key=lambda s: -s[0])
+    assert all(active <= size for size, active in sizes)
+    assert compacted.stats.target_steps == plain.stats.target_steps
+    assert compacted.stats.slot_steps < plain.stats.slot_steps
+    for name in full:  # an exact problem: moving a state to another slot changes nothing
+        np.testing.assert_allclose(out[name], full[name], rtol=1e-6)
+
+
+def test_a_run_interrupted_after_compacting_resumes_to_the_same_results(tmp_path):
+    options = dict(n=20, slots=16, segment_steps=3, attempts=2, compact_tail=True, checkpoint_every=1)
+    _, straight = run(**options)
+    checkpoint = PoolCheckpoint(tmp_path / "pool")
+
+    def stop_once_compacted(info):
+        if info.slots < 16:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(**options, checkpoint=checkpoint, on_segment=stop_once_compacted)
+    sizes = []
+    _, resumed = run(**options, checkpoint=PoolCheckpoint(tmp_path / "pool"),
+                     on_segment=lambda info: sizes.append(info.slots))
+    assert sizes[0] < 16  # the restored pool is the compacted one
+    for name in straight:
+        np.testing.assert_array_equal(straight[name], resumed[name])
+
+
 def test_a_checkpoint_of_another_pool_is_refused(tmp_path):
     interrupted_at(2, tmp_path / "pool")
     with pytest.raises(ValueError, match="another run"):

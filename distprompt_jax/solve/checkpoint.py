@@ -65,21 +65,21 @@ class PoolCheckpoint:
         finally:
             absl_logger.setLevel(level)
 
-    def restore(self, template, check: Callable[[dict], None]) -> tuple[object, dict] | None:
-        """(arrays restored into the structure, dtypes and shardings of `template`, meta) of the newest step
-        that reads back whole, or None when there is none. `check(meta)` runs first and raises when the
-        checkpoint belongs to another run (that is the caller's error, never a reason to delete it). A damaged
-        step is named in a warning and deleted, and the one before it is tried."""
+    def restore(self, template: Callable[[dict], object]) -> tuple[object, dict] | None:
+        """(arrays, meta) of the newest step that reads back whole, or None when there is none.
+        `template(meta)` gives the arrays' structure, dtypes and shardings from the step's meta; it raises when
+        the checkpoint belongs to another run (that is the caller's error, never a reason to delete it). A
+        damaged step is named in a warning and deleted, and the one before it is tried."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             except Exception as err:  # orbax raises many kinds for a damaged file
                 self._discard(step, err)
                 continue
-            check(meta)
+            structure = template(meta)
             try:
                 arrays = self.manager.restore(step, args=ocp.args.Composite(
-                    arrays=ocp.args.StandardRestore(template)))["arrays"]
+                    arrays=ocp.args.StandardRestore(structure)))["arrays"]
             except Exception as err:
                 self._discard(step, err)
                 continue

@@ -8,9 +8,13 @@ and the best attempt (lowest `Progress.best`) is kept.
 
 What is decided here, once, for every method: slot count, refilling, the slot axis sharded over this
 process's devices (`NamedSharding`), the compile cache, progress, and checkpoint/restore of the whole
-pool. Determinism: the job order and the slot count are fixed by the inputs and options, so the same run
-on the same hardware and device count gives bitwise the same results, resumed or not. Across slot counts
-or device counts a target's float32 trajectory can differ (batched matmuls round differently per shape).
+pool. With `compact_tail`, once no work waits and at most half the slots still run, the running slots are
+gathered into a pool half as large (again and again, down to the device count): on a CPU a step costs in
+proportion to the slots, so the tail of a run stops computing idle ones (each new pool size compiles once).
+Determinism: the job order, the slot count and the compaction points are fixed by the inputs and options,
+so the same run on the same hardware and device count gives bitwise the same results, resumed or not.
+Across slot counts or device counts a target's float32 trajectory can differ (batched matmuls round
+differently per shape).
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ class DriverOptions:
     # A target's next attempt runs only while its best is more than this above its floor (`Driver.run`'s
     # `floors`: a proven lower bound, or 0): targets already at their floor stop. None: every attempt runs.
     retry_above: float | None = None
+    # Halve the pool while no work waits and at most half its slots run (see the module docstring). Pays
+    # where a step's cost grows with the slots (CPUs) and a run's tail is long against a compile.
+    compact_tail: bool = False
     seed: int = 0
     checkpoint_every: int = 4  # segments between checkpoints (when a checkpoint directory is given)
     desc: str = "targets"
@@ -76,6 +83,7 @@ class SegmentInfo:
     active: int  # slots still running after it
     finished: int  # targets with every attempt done
     n_targets: int
+    slots: int  # the pool's size in this segment (less than the option once the tail is compacted)
     mean_best: float  # over the running slots (nan when none)
     median_best: float
     target_steps: int  # useful steps so far: steps of running targets, summed
@@ -229,7 +237,8 @@ class Driver:
             pool.refill()
             self.stats.seconds += time.perf_counter() - started
             self.stats.segments += 1
-            info = pool.info(ran)
+            info = pool.info(ran)  # of the pool this segment ran in
+            pool.compact()
             bar.update(pool.targets_done() - done_before)
             bar.set_postfix(active=info.active, mean_best=f"{info.mean_best:.4g}")
             if checkpoint is not None and self.stats.segments % self.options.checkpoint_every == 0 and pool.has_work():
@@ -252,24 +261,28 @@ class _Pool:
         # Jobs in order: every target's first attempt; a further attempt joins the queue when the previous
         # one finishes (and the target still needs it), so restarts never hold back first results.
         self.queue = collections.deque((t, 0) for t in range(n))
-        self.slot_target = np.full(driver.slots, -1, np.int64)
-        self.slot_attempt = np.zeros(driver.slots, np.int64)
+        self.size = driver.slots  # the pool's current size: `slots`, or less once the tail is compacted
+        self.slot_target = np.full(self.size, -1, np.int64)
+        self.slot_attempt = np.zeros(self.size, np.int64)
         self.attempts_done = np.zeros(n, np.int64)
         self.done = np.zeros(n, bool)  # every attempt the target gets is done
         self.best = np.full(n, np.inf, np.float64)
         self.results = self._empty_results()
         self.targets = self.states = None
 
+    def _abstract_pool(self, size: int):
+        """(targets, states) of a pool of `size` slots as shapes and dtypes (nothing runs)."""
+        inputs = {name: jax.ShapeDtypeStruct((size,) + values.shape[1:], values.dtype)
+                  for name, values in self.inputs.items()}
+        index = jax.ShapeDtypeStruct((size,), np.int32)
+        occupied = jax.ShapeDtypeStruct((size,), bool)
+        return jax.eval_shape(self.driver.functions.start, self.driver.params, inputs, np.uint32(0), index, index,
+                              occupied)
+
     def _empty_results(self) -> dict[str, np.ndarray]:
         """Zeroed result arrays [n, ...] shaped as a target's report, found without running anything."""
-        f, slots = self.driver.functions, self.driver.slots
-        inputs = {name: jax.ShapeDtypeStruct((slots,) + values.shape[1:], values.dtype)
-                  for name, values in self.inputs.items()}
-        index = jax.ShapeDtypeStruct((slots,), np.int32)
-        occupied = jax.ShapeDtypeStruct((slots,), bool)
-        abstract = jax.eval_shape(lambda: f.report(
-            self.driver.params, *f.start(self.driver.params, inputs, np.uint32(0), index, index, occupied),
-            np.zeros(1, np.int32)))
+        abstract = jax.eval_shape(lambda: self.driver.functions.report(
+            self.driver.params, *self._abstract_pool(self.size), np.zeros(1, np.int32)))
         return {name: np.zeros((self.n,) + a.shape[1:], a.dtype) for name, a in abstract.items() if name != _OBJECTIVE}
 
     def _slot_inputs(self, rows: np.ndarray) -> dict:
@@ -285,7 +298,7 @@ class _Pool:
 
     def _assign(self, free: np.ndarray) -> np.ndarray:
         """Give waiting jobs to free slots, in order; returns the mask of slots that took one."""
-        take = np.zeros(self.driver.slots, bool)
+        take = np.zeros(self.size, bool)
         for slot in free:
             if not self.queue:
                 break
@@ -295,7 +308,7 @@ class _Pool:
         return take
 
     def begin(self):
-        self._assign(np.arange(self.driver.slots))
+        self._assign(np.arange(self.size))
         inputs, seed, index, attempt, occupied = self._slot_data()
         self.targets, self.states = self.driver.functions.start(
             self.driver.params, inputs, seed, index, attempt, occupied)
@@ -316,12 +329,12 @@ class _Pool:
         d = self.driver
         before = np.asarray(self.states.progress.steps)  # the states are donated to the segment
         # With nothing left to give freed slots, the segment runs its full length.
-        stop_after = np.int32(d.refill_at if self.queue else d.slots + 1)
+        stop_after = np.int32(d.refill_at if self.queue else self.size + 1)
         self.states, ran = d.functions.segment(d.params, self.targets, self.states, stop_after,
                                               num_steps=d.options.segment_steps)
         self.announce_pending()  # host work overlaps the segment, which runs asynchronously
         ran = int(ran)
-        d.stats.slot_steps += ran * d.slots
+        d.stats.slot_steps += ran * self.size
         d.stats.target_steps += int(np.sum(np.asarray(self.states.progress.steps) - before))
         return ran
 
@@ -365,6 +378,27 @@ class _Pool:
         self.targets, self.states = self.driver.functions.refill(
             self.driver.params, self.targets, self.states, inputs, seed, index, attempt, take, occupied)
 
+    def compact(self):
+        """With `compact_tail`: while no work waits and at most half the slots run, move the running slots
+        into a pool half the size (a multiple of the devices); their states move unchanged."""
+        d = self.driver
+        if not d.options.compact_tail or self.queue:
+            return
+        running = int(np.sum(self.slot_target >= 0))
+        size = self.size
+        while size % 2 == 0 and size // 2 >= max(running, 1) and (size // 2) % d.mesh.size == 0:
+            size //= 2
+        if size == self.size:
+            return
+        occupied = np.flatnonzero(self.slot_target >= 0)
+        spare = np.flatnonzero(self.slot_target < 0)[: size - len(occupied)]  # frozen slots fill the rest
+        rows = np.sort(np.concatenate([occupied, spare]))
+        gather = jax.device_put(rows.astype(np.int32), d.sharding)
+        pick = lambda tree: jax.device_put(jax.tree.map(lambda a: a[gather], tree), d.sharding)
+        self.targets, self.states = pick(self.targets), pick(self.states)
+        self.slot_target, self.slot_attempt = self.slot_target[rows], self.slot_attempt[rows]
+        self.size = size
+
     def info(self, ran: int) -> SegmentInfo:
         d = self.driver
         running = np.asarray(self.states.progress.active) & (self.slot_target >= 0)
@@ -372,7 +406,7 @@ class _Pool:
         best = best[np.isfinite(best)]
         return SegmentInfo(
             segment=d.stats.segments, steps=ran, active=int(running.sum()), finished=self.targets_done(),
-            n_targets=self.n, mean_best=float(best.mean()) if len(best) else float("nan"),
+            n_targets=self.n, slots=self.size, mean_best=float(best.mean()) if len(best) else float("nan"),
             median_best=float(np.median(best)) if len(best) else float("nan"),
             target_steps=d.stats.target_steps, slot_steps=d.stats.slot_steps, seconds=d.stats.seconds,
         )
@@ -386,7 +420,8 @@ class _Pool:
         arrays = {"states": jax.device_get(self.states), "results": self.results, "best": self.best,
                   "attempts_done": self.attempts_done, "done": self.done}
         meta = {
-            "slots": d.slots, "n": self.n, "first_index": self.first_index, "attempts": d.options.attempts,
+            "slots": d.slots, "size": self.size, "n": self.n, "first_index": self.first_index,
+            "attempts": d.options.attempts,
             "slot_target": self.slot_target.tolist(), "slot_attempt": self.slot_attempt.tolist(),
             "queue": [list(job) for job in self.queue],
             "stats": dataclasses.asdict(d.stats),
@@ -398,27 +433,27 @@ class _Pool:
         if checkpoint.latest() is None:
             return False
         d = self.driver
-        # The states' structure, from empty slots (only shapes and dtypes are read).
-        inputs, seed, index, attempt, occupied = self._slot_data()
-        _, abstract = jax.eval_shape(d.functions.start, d.params, inputs, seed, index, attempt, occupied)
-        template = {
-            "states": jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract),
-            "results": self.results, "best": self.best, "attempts_done": self.attempts_done, "done": self.done,
-        }
         expected = {"slots": d.slots, "n": self.n, "first_index": self.first_index, "attempts": d.options.attempts}
 
-        def check(meta):
+        def template(meta) -> dict:
             held = {k: meta.get(k) for k in expected}
             if held != expected:
                 raise ValueError(f"{checkpoint.directory} holds a pool of {held}, not of {expected}: it belongs to "
                                  "another run (or another slot count); use that run's settings or a new directory")
+            # The states' structure at the saved pool's size (only shapes and dtypes are read).
+            _, abstract = self._abstract_pool(meta.get("size", d.slots))
+            return {
+                "states": jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract),
+                "results": self.results, "best": self.best, "attempts_done": self.attempts_done, "done": self.done,
+            }
 
-        restored = checkpoint.restore(template, check)
+        restored = checkpoint.restore(template)
         if restored is None:
             return False
         arrays, meta = restored
         self.slot_target = np.asarray(meta["slot_target"], np.int64)
         self.slot_attempt = np.asarray(meta["slot_attempt"], np.int64)
+        self.size = len(self.slot_target)
         self.queue = collections.deque(tuple(job) for job in meta["queue"])
         self.results = {k: np.asarray(v) for k, v in arrays["results"].items()}
         self.best = np.asarray(arrays["best"])
