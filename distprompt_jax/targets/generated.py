@@ -142,11 +142,8 @@ def _generate(lm, n, seed, *, context_len, temperature, target_temperature, seed
             buffers, read_at = _right_padded(contexts)
         columns = {"seed": seeds[context_of], "context_index": context_of, "position": lengths - len(prefix)}
 
-    probs = map_rows(
-        _NextTokenDistribution(_forward_of(lm)), {"ids": buffers, "read_at": read_at},
-        shared={"lm": params, "temperature": np.float32(target_temperature)}, slots=slots,
-        desc=f"{lm.name} next-token targets", progress=progress,
-    )["probs"]
+    probs = _distributions(lm, params, buffers, read_at, target_temperature, slots, progress,
+                           desc=f"{lm.name} next-token targets")
     columns.update({
         "context_ids": [c.tolist() for c in contexts],
         "context_text": [_decode(lm, c) for c in contexts],
@@ -256,6 +253,40 @@ def model_targets(
         params=params, progress=progress, template=template,
     )
     return _target_set(probs, "model", lm.name, columns)
+
+
+def sample_contexts(lm, n: int, length: int, seed=0, *, temperature: float = 1.0, slots: int | None = None,
+                    params=None, progress: bool = True) -> np.ndarray:
+    """Token ids [n, length]: n texts of `length` tokens sampled from lm after its BOS (context c with the
+    seed of `model_targets`' context c; special tokens never sampled), the BOS itself not included."""
+    n, length = _check_count("n", n), _check_count("length", length)
+    prefix = _prefix(lm, None)
+    buffers = _sampled_buffers(
+        lm, lm.params if params is None else params, prefix, target_seeds(seed, n), length,
+        _check_positive("temperature", temperature), DEFAULT_CONTEXT_SLOTS if slots is None else slots, progress)
+    return buffers[:, len(prefix):]
+
+
+def next_token_probs(lm, contexts, *, temperature: float = 1.0, slots: int | None = None, params=None,
+                     progress: bool = True) -> np.ndarray:
+    """float32 [n, V]: softmax(logits / temperature) of the token after each context (token id sequences of
+    any lengths, read after their last token)."""
+    contexts = [np.asarray(c, np.int32) for c in contexts]
+    if not contexts or any(len(c) == 0 for c in contexts):
+        raise ValueError("next_token_probs needs at least one context, each of at least one token")
+    buffers, read_at = _right_padded(contexts)
+    return _distributions(lm, lm.params if params is None else params, buffers, read_at,
+                          _check_positive("temperature", temperature),
+                          DEFAULT_CONTEXT_SLOTS if slots is None else _check_count("slots", slots), progress,
+                          desc=f"{lm.name} next-token distributions")
+
+
+def _distributions(lm, params, buffers, read_at, temperature, slots, progress, desc) -> np.ndarray:
+    """float32 [n, V]: the next-token distribution after position read_at[i] of buffers[i]."""
+    return map_rows(
+        _NextTokenDistribution(_forward_of(lm)), {"ids": buffers, "read_at": read_at},
+        shared={"lm": params, "temperature": np.float32(temperature)}, slots=slots, desc=desc, progress=progress,
+    )["probs"]
 
 
 def cross_model_targets(
