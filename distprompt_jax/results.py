@@ -15,12 +15,15 @@ class PromptResults:
     `columns`: one scalar (or string) per target, in target order — at least `kl`, `steps`, `prompt_len`.
     `arrays`: one array per target, stacked on the first axis (soft prompt vectors, token ids, KL paths).
     `metadata`: the target set's metadata, one row per target.
+    `run_info`: what the run was beside its rows (the model's name and attention shape, the fixed tokens
+    around the prompt, the config), as the prompt engines record it; empty where none was recorded.
     """
 
     method: str
     columns: dict[str, np.ndarray]
     arrays: dict[str, np.ndarray]
     metadata: pd.DataFrame
+    run_info: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         n = len(self.metadata)

@@ -19,6 +19,8 @@ import optax
 
 from distprompt_jax.prompting.engine import DEFAULT_SLOTS
 from distprompt_jax.prompting.objective import safe_log
+from distprompt_jax.prompting.sandwich import run_with_bound
+from distprompt_jax.results import PromptResults
 from distprompt_jax.solve import DriverOptions, Patience, Progress, track
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -151,3 +153,22 @@ class GradientMethod:
 
     def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
         return {"p": np.asarray(probs, np.float32)}
+
+    def run_info(self) -> dict:
+        """What a result needs beside its rows to be used elsewhere (`PromptResults.save_peft`): the model
+        and its attention shape, and the fixed tokens around the optimized part."""
+        cfg, context = self.lm.config, self._problem.context
+        return {
+            "model": self.lm.name, "family": cfg.family, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+            "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "d_model": cfg.d_model,
+            "prefix_ids": list(context.prefix_ids), "suffix_ids": list(context.suffix_ids),
+            "config": dataclasses.asdict(self.config),
+        }
+
+
+def run_gradient_method(method: GradientMethod, lm, targets, with_bound, *, devices=None) -> PromptResults:
+    """`method` over `targets` with the certified bound as floor (sandwich.run_with_bound), its results
+    carrying the method's `run_info`."""
+    result = run_with_bound(method, lm, targets, with_bound, devices=devices)
+    result.run_info = method.run_info()
+    return result

@@ -21,10 +21,9 @@ import optax
 from distprompt_jax.prompting import context as context_lib
 from distprompt_jax.prompting.engine import check_shared_fields, model_structure
 from distprompt_jax.prompting.gradient import (
-    GradientMethod, GradientState, Recipe, check_recipe_fields, prepare_target,
+    GradientMethod, GradientState, Recipe, check_recipe_fields, prepare_target, run_gradient_method,
 )
 from distprompt_jax.prompting.objective import distribution_report, kl_from_logits
-from distprompt_jax.prompting.sandwich import run_with_bound
 from distprompt_jax.bounds import BoundConfig
 from distprompt_jax.lm import LanguageModel
 from distprompt_jax.results import PromptResults
@@ -111,8 +110,9 @@ def soft_prompt(
     Returns:
       PromptResults with method "soft"; `.arrays["prompt"]` holds the best variables and
       `.arrays["nearest_tokens"]` each soft vector's nearest vocabulary token (input prompts only).
+      `.save_peft(directory, target_ids)` writes PEFT PROMPT_TUNING adapters of input prompts.
     """
-    return run_with_bound(SoftMethod(lm, config or SoftPromptConfig()), lm, targets, with_bound, devices=devices)
+    return run_gradient_method(SoftMethod(lm, config or SoftPromptConfig()), lm, targets, with_bound, devices=devices)
 
 
 @dataclasses.dataclass(frozen=True)
