@@ -54,9 +54,11 @@ class DriverOptions:
     # A target's next attempt runs only while its best is more than this above its floor (`Driver.run`'s
     # `floors`: a proven lower bound, or 0): targets already at their floor stop. None: every attempt runs.
     retry_above: float | None = None
-    # Halve the pool while no work waits and at most half its slots run (see the module docstring). Pays
-    # where a step's cost grows with the slots (CPUs) and a run's tail is long against a compile.
-    compact_tail: bool = False
+    # Halve the pool while no work waits and at most half its slots run (see the module docstring). It pays
+    # where a step's cost grows with the slots and a run's tail is long against a compile: None turns it on
+    # for CPU devices (an accelerator's step costs about the same with fewer slots). Problems of one-step
+    # jobs turn it off (their last batch would compile a smaller program to save part of one step).
+    compact_tail: bool | None = None
     seed: int = 0
     checkpoint_every: int = 4  # segments between checkpoints (when a checkpoint directory is given)
     desc: str = "targets"
@@ -193,6 +195,8 @@ class Driver:
         self.problem, self.params, self.options, self.mesh = problem, params, options, mesh
         self.slots = parallel.round_up(options.slots, mesh.size)
         self.refill_at = options.refill_at or max(1, self.slots // 16)
+        self.compact_tail = (mesh.devices.flat[0].platform == "cpu" if options.compact_tail is None
+                             else options.compact_tail)
         self.sharding = parallel.target_sharding(mesh)
         self.functions = compiled(problem)
         self.stats = RunStats()
@@ -382,7 +386,7 @@ class _Pool:
         """With `compact_tail`: while no work waits and at most half the slots run, move the running slots
         into a pool half the size (a multiple of the devices); their states move unchanged."""
         d = self.driver
-        if not d.options.compact_tail or self.queue:
+        if not d.compact_tail or self.queue:
             return
         running = int(np.sum(self.slot_target >= 0))
         size = self.size

@@ -102,5 +102,5 @@ def map_rows(
     n = len(next(iter(inputs.values())))
     mesh = parallel.local_mesh(devices)
     size = slot_count(n, slots, mesh.size)
-    options = DriverOptions(slots=size, segment_steps=1, desc=desc, progress=progress and n > size)
+    options = DriverOptions(slots=size, segment_steps=1, compact_tail=False, desc=desc, progress=progress and n > size)
     return Driver(RowProblem.of(function, shared, inputs), shared, options, mesh).run(inputs)
