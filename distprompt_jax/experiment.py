@@ -5,10 +5,10 @@ A config holds:
     targets.<name>               one recipe per name: kind = vanilla | outlier | model | cross_model | file;
                                  vanilla/outlier take n, entropy_min, entropy_max (< 0: ln|V|) or
                                  entropies_from=<another recipe> (its achieved entropies: matched pairs)
-    methods                      which run: the bounds (bound, bound_norm) first, then soft and hard in the
-                                 order given; the default (bound, soft) gives every prompt its certified floor
-    soft, hard, bound            the fields of SoftPromptConfig, HardPromptConfig, BoundConfig
-    prompt_lengths               optional: run soft once per prompt length (KL vs L)
+    methods                      which run: the bounds (bound, bound_norm) first, then soft, prefix and hard in
+                                 the order given; the default (bound, soft) gives every prompt its certified floor
+    soft, prefix, hard, bound    the fields of SoftPromptConfig, PrefixPromptConfig, HardPromptConfig, BoundConfig
+    prompt_lengths               optional: run each prompt method once per prompt length (KL vs L)
     checkpoint_every             segments between checkpoints of a method's pool
     tensorboard                  also write per-segment scalars as TensorBoard events (needs tensorboardX)
 
@@ -29,17 +29,18 @@ import numpy as np
 import pandas as pd
 from ml_collections import ConfigDict, FieldReference, config_dict
 
+from distprompt_jax.prompting.prefix import PrefixPromptConfig
 from distprompt_jax.prompting.soft import SoftPromptConfig
 from distprompt_jax.targets import TargetSet
 from distprompt_jax.targets.io import PROBS_FILE
 
-METHODS = ("soft", "hard", "bound", "bound_norm")
+METHODS = ("soft", "prefix", "hard", "bound", "bound_norm")
 BOUND_METHODS = ("bound", "bound_norm")
 TARGET_KINDS = ("vanilla", "outlier", "model", "cross_model", "file")
 DTYPES = ("float32", "bfloat16")
 # The top-level fields a config may have; anything else is a typo or a field this version does not know.
-TOP_LEVEL_FIELDS = ("model", "dtype", "seed", "targets", "methods", "soft", "hard", "bound", "checkpoint_every",
-                    "prompt_lengths", "tensorboard")
+TOP_LEVEL_FIELDS = ("model", "dtype", "seed", "targets", "methods", "soft", "prefix", "hard", "bound",
+                    "checkpoint_every", "prompt_lengths", "tensorboard")
 # The fields each kind of target recipe reads (besides `kind`).
 RECIPE_FIELDS = {
     "vanilla": ("n", "entropy_min", "entropy_max", "entropies_from", "seed_offset"),
@@ -198,6 +199,10 @@ def soft_defaults() -> ConfigDict:
     return section_defaults(SoftPromptConfig)
 
 
+def prefix_defaults() -> ConfigDict:
+    return section_defaults(PrefixPromptConfig)
+
+
 def hard_defaults() -> ConfigDict:
     from distprompt_jax.prompting.hard import HardPromptConfig
 
@@ -214,7 +219,8 @@ def base_config(model: str = "smollm2-135m") -> ConfigDict:
     """The fields every experiment config has, at their defaults; configs add target recipes and tune."""
     return ConfigDict(dict(
         model=model, dtype="float32", seed=0, targets=ConfigDict(), methods=("bound", "soft"),
-        soft=soft_defaults(), hard=hard_defaults(), bound=bound_defaults(), checkpoint_every=4,
+        soft=soft_defaults(), prefix=prefix_defaults(), hard=hard_defaults(), bound=bound_defaults(),
+        checkpoint_every=4,
         tensorboard=False,
     ))
 
@@ -227,6 +233,10 @@ def run_order(methods) -> tuple[str, ...]:
 
 def soft_config(config) -> SoftPromptConfig:
     return section_config(SoftPromptConfig, config.soft, "config.soft")
+
+
+def prefix_config(config) -> PrefixPromptConfig:
+    return section_config(PrefixPromptConfig, config.get("prefix") or ConfigDict(), "config.prefix")
 
 
 def hard_config(config):
@@ -325,7 +335,7 @@ def build_targets(config, lm) -> TargetSet:
 def validate(config, lm=None) -> None:
     """Refuse, naming the field, whatever in `config` cannot run; raises ConfigError (a ValueError).
 
-    Without `lm` nothing is loaded: unknown fields, the three sections' types (and finite floats), the
+    Without `lm` nothing is loaded: unknown fields, the four sections' types (and finite floats), the
     bound's settings, methods, checkpoint_every, prompt_lengths and every target recipe (kinds, fields,
     ranges, entropies_from links, file paths). With the loaded model `lm`, also the prompt engines' own
     checks for the methods that run and whether the targets fit in memory.
@@ -364,7 +374,8 @@ def validate(config, lm=None) -> None:
 
     sections = {
         name: section_config(config_class, config.get(name) or ConfigDict(), f"config.{name}")
-        for name, config_class in (("soft", SoftPromptConfig), ("hard", HardPromptConfig), ("bound", BoundConfig))
+        for name, config_class in (("soft", SoftPromptConfig), ("prefix", PrefixPromptConfig),
+                                   ("hard", HardPromptConfig), ("bound", BoundConfig))
     }
     try:
         sections["bound"].validate()
@@ -372,7 +383,7 @@ def validate(config, lm=None) -> None:
         raise ConfigError(f"config.bound: {err}") from None
     _check_recipes(config.get("targets"), None if lm is None else lm.vocab_size)
     if lm is not None:
-        for name in ("soft", "hard"):
+        for name in ("soft", "prefix", "hard"):
             if name in methods:
                 try:
                     sections[name].validate(lm)

@@ -45,7 +45,9 @@ import numpy as np
 import pandas as pd
 
 from distprompt_jax import parallel
-from distprompt_jax.experiment import BOUND_METHODS, bound_config, hard_config, run_order, soft_config, validate
+from distprompt_jax.experiment import (
+    BOUND_METHODS, bound_config, hard_config, prefix_config, run_order, soft_config, validate,
+)
 from distprompt_jax.metrics import segment_scalars
 from distprompt_jax.prompting.engine import Method, run_method
 from distprompt_jax.results import PromptResults, with_bound_columns
@@ -193,6 +195,10 @@ def _method_runs(config, method: str, lm) -> list[tuple[str, object]]:
         from distprompt_jax.prompting.soft import SoftMethod
 
         base, method_class = soft_config(config), SoftMethod
+    elif method == "prefix":
+        from distprompt_jax.prompting.prefix import PrefixMethod
+
+        base, method_class = prefix_config(config), PrefixMethod
     else:
         from distprompt_jax.prompting.hard import HardMethod
 

@@ -8,8 +8,9 @@ import inspect
 
 import jax
 import numpy as np
+import pandas as pd
 import pytest
-from conftest import FAMILIES, TINY_VOCAB, kl_rows, torch_last_logits
+from conftest import FAMILIES, TINY_VOCAB, build_tiny_hf_model, kl_rows, torch_last_logits
 
 from distprompt_jax import PrefixPromptConfig, SoftPromptConfig, load_model, prefix_prompt, soft_prompt
 from distprompt_jax.models.kv_cache import KVCache
@@ -179,3 +180,89 @@ def test_bfloat16_model(tiny_hf_dir):
     assert result.arrays["keys"].dtype == np.float32
     assert np.all(np.isfinite(result.columns["kl"]))
     assert np.all(result.columns["kl"] < result.columns["initial_kl"])
+
+
+# --- experiments: the sweep runs prefixes as it runs soft prompts -----------------------------------------
+
+SWEEP_CONFIG = """
+from ml_collections import ConfigDict
+from distprompt_jax.experiment import base_config
+
+def get_config():
+    c = base_config({model!r})
+    c.targets.vanilla = ConfigDict(dict(kind="vanilla", n=7, entropy_min=0.0, entropy_max=-1.0))
+    c.methods = ("bound", "prefix")
+    c.bound.slots = 4
+    c.prefix.max_steps = 60
+    c.prefix.patience = 1000
+    c.prefix.prompt_len = 3
+    c.prefix.slots = 4
+    c.prefix.segment_steps = 5
+    c.prefix.restarts = 1  # one attempt per target: the kill point below counts finished targets
+    c.prefix.floor_tolerance = 0.0  # every target runs its 60 steps
+    c.checkpoint_every = 1
+    return c
+"""
+
+
+def test_a_prefix_sweep_killed_mid_pool_resumes_to_the_results_of_an_uninterrupted_one(tmp_path):
+    from test_sweep import distprompt, finish, kill_at_checkpoint
+
+    build_tiny_hf_model("gpt2").save_pretrained(tmp_path / "model")
+    config = tmp_path / "config.py"
+    config.write_text(SWEEP_CONFIG.format(model=str(tmp_path / "model")))
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    code, _, err = finish(distprompt(f"--config={config}", f"--workdir={straight}"))
+    assert code == 0, err[-3000:]
+    results = pd.read_parquet(straight / "results.parquet")
+    rows = results[results.method == "prefix"]
+    assert len(rows) == 7 and (rows.prompt_len == 3).all() and (rows.steps == 60).all()
+    assert (rows.gap_to_bound >= -1e-6).all() and rows.kl_bound.notna().all()
+    with np.load(straight / "prompts" / "prefix.npz") as prompts:
+        assert prompts["keys"].shape == prompts["values"].shape == (7, 3, 3, 4, 16)  # gpt2: 3 layers, 4 heads
+    assert "prefix" in (straight / "report.md").read_text()
+
+    # 7 targets in 4 slots, 60 steps in segments of 5: the first four finish at segment 12 and their slots
+    # take the last three. Kill once a checkpoint after that refill is complete, then rerun.
+    kill_at_checkpoint(distprompt(f"--config={config}", f"--workdir={killed}", start_new_session=True),
+                       killed, "prefix", 14)
+    assert not (killed / "results.parquet").exists()
+    code, _, err = finish(distprompt(f"--config={config}", f"--workdir={killed}"))
+    assert code == 0, err[-3000:]
+    pd.testing.assert_frame_equal(results, pd.read_parquet(killed / "results.parquet"))
+    with np.load(straight / "prompts" / "prefix.npz") as a, np.load(killed / "prompts" / "prefix.npz") as b:
+        np.testing.assert_array_equal(a["keys"], b["keys"])
+        np.testing.assert_array_equal(a["values"], b["values"])
+
+
+def test_experiment_configs_take_a_prefix_section(peaked_lm):
+    from ml_collections import ConfigDict
+
+    from distprompt_jax import experiment
+
+    config = experiment.base_config("unused")
+    config.targets.vanilla = ConfigDict(dict(kind="vanilla", n=2, entropy_min=0.0, entropy_max=-1.0))
+    config.methods = ("bound", "prefix")
+    assert experiment.prefix_config(config) == PrefixPromptConfig()
+    config.prefix.reparam_hidden = 64
+    config.prefix.suffix = (5, 1)
+    assert experiment.prefix_config(config) == PrefixPromptConfig(reparam_hidden=64, suffix=(5, 1))
+    experiment.validate(config)
+    config.prefix.reparam_hidden = 0
+    with pytest.raises(experiment.ConfigError, match="config.prefix: PrefixPromptConfig: reparam_hidden"):
+        experiment.validate(config, peaked_lm("llama"))
+    config.prefix.bogus = 1
+    with pytest.raises(experiment.ConfigError, match="config.prefix.bogus"):
+        experiment.validate(config)
+
+
+def test_the_report_draws_kl_against_prefix_length(tmp_path):
+    from distprompt_jax import report
+
+    rows = [{"target_id": i, "method": f"prefix-L{length}", "model": "m", "target_entropy": float(i), "kl": kl + i / 10,
+             "prompt_len": length} for length, kl in ((2, 1.0), (10, 0.5)) for i in range(6)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "results.parquet")
+    text = report.write_report(tmp_path).read_text()
+    assert "## KL vs prefix length" in text and "figures/kl_vs_prefix_length.png" in text
+    assert "| 2 | 6 | 1.2500 |" in text and "| 10 | 6 | 0.7500 |" in text
+    assert (tmp_path / "figures" / "kl_vs_prefix_length.png").stat().st_size > 5_000

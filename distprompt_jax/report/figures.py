@@ -79,9 +79,9 @@ def plot_recipes(results: pd.DataFrame, method: str, recipes: list[str], stem) -
     return save_figure(fig, stem)
 
 
-def plot_prompt_length(table: pd.DataFrame, stem) -> list[Path]:
-    """Mean KL against soft-prompt length from `table` (prompt_len, mean, ci_low, ci_high); no error bar
-    where the interval is missing."""
+def plot_prompt_length(table: pd.DataFrame, stem, xlabel: str = "soft prompt length") -> list[Path]:
+    """Mean KL against prompt length from `table` (prompt_len, mean, ci_low, ci_high); no error bar where the
+    interval is missing."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=150)
     below = np.nan_to_num(table["mean"] - table.ci_low)
@@ -89,7 +89,7 @@ def plot_prompt_length(table: pd.DataFrame, stem) -> list[Path]:
     ax.errorbar(table.prompt_len, table["mean"], yerr=[below, above], marker="o", capsize=3)
     ax.set_xscale("log")
     ax.set_xticks(table.prompt_len, [str(v) for v in table.prompt_len])
-    ax.set_xlabel("soft prompt length L")
+    ax.set_xlabel(f"{xlabel} L")
     ax.set_ylabel("mean KL(p ‖ q) (nats)")
     fig.tight_layout()
     return save_figure(fig, stem)

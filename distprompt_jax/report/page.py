@@ -49,6 +49,12 @@ from distprompt_jax.report.statistics import (
 RESULTS_FILE = "results.parquet"
 REQUIRED_COLUMNS = ("target_id", "method", "model", "target_entropy", "kl")
 MANIFEST = ".distprompt-report.json"
+# The methods whose runs per prompt length (labelled <method>-L<length>) get a section: (its heading, the
+# figure's axis, the figure's name).
+LENGTH_METHODS = {
+    "soft": ("prompt length", "soft prompt length", "kl_vs_prompt_length"),
+    "prefix": ("prefix length", "prefix length", "kl_vs_prefix_length"),
+}
 # (report file, figures folder), in order of preference.
 LOCATIONS = (("report.md", "figures"), ("distprompt-report.md", "distprompt-figures"))
 
@@ -191,8 +197,9 @@ def build_report(results: pd.DataFrame, figures_dir: Path, figures_name: str) ->
         lines += _bound_section(gaps, figures_dir, figures_name)
     lines += _entropy_section(results, figures_dir, figures_name)
     lines += _tests_section(results, figures_dir, figures_name)
-    if results.method.str.match(r"soft-L\d+$").any():
-        lines += _prompt_length_section(results, figures_dir, figures_name)
+    for method in LENGTH_METHODS:
+        if results.method.str.match(rf"{method}-L\d+$").any():
+            lines += _prompt_length_section(results, method, figures_dir, figures_name)
     return lines
 
 
@@ -376,23 +383,24 @@ def _worst_targets_section(gaps: pd.DataFrame) -> list[str]:
     return lines
 
 
-def prompt_length_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Per soft-prompt length (methods labelled soft-L<length>): n finite KLs, mean and its interval."""
+def prompt_length_table(results: pd.DataFrame, method: str = "soft") -> pd.DataFrame:
+    """Per prompt length of `method` (runs labelled <method>-L<length>): n finite KLs, mean and its interval."""
     rows = []
-    for method, group in results[results.method.str.match(r"soft-L\d+$")].groupby("method"):
+    for label, group in results[results.method.str.match(rf"{method}-L\d+$")].groupby("method"):
         kl = group.kl.to_numpy(np.float64)
         kl = kl[np.isfinite(kl)]
         interval = mean_interval(kl)
-        rows.append({"prompt_len": int(method.removeprefix("soft-L")), "n": len(kl),
+        rows.append({"prompt_len": int(label.removeprefix(f"{method}-L")), "n": len(kl),
                      "mean": kl.mean() if len(kl) else np.nan, "ci_low": interval.low, "ci_high": interval.high,
                      "interval": interval.method})
     return pd.DataFrame(rows).sort_values("prompt_len", ignore_index=True)
 
 
-def _prompt_length_section(results: pd.DataFrame, figures_dir: Path, figures_name: str) -> list[str]:
-    table = prompt_length_table(results)
-    figures.plot_prompt_length(table, figures_dir / "kl_vs_prompt_length")
-    lines = ["", "## KL vs prompt length", "", f"![KL vs prompt length]({figures_name}/kl_vs_prompt_length.png)",
+def _prompt_length_section(results: pd.DataFrame, method: str, figures_dir: Path, figures_name: str) -> list[str]:
+    table = prompt_length_table(results, method)
+    what, axis, stem = LENGTH_METHODS[method]
+    figures.plot_prompt_length(table, figures_dir / stem, xlabel=axis)
+    lines = ["", f"## KL vs {what}", "", f"![KL vs {what}]({figures_name}/{stem}.png)",
              "", intervals_explained(), "", f"| L | targets | mean KL | {LEVEL:.0%} CI of the mean |",
              "|---:|---:|---:|---|"]
     lines += [f"| {r.prompt_len} | {r.n} | {r.mean:.4f} | {_interval_text(r)} |" for r in table.itertuples()]
