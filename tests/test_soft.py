@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -153,6 +155,24 @@ def test_inits(peaked_lm):
     assert all(np.any(np.all(np.isclose(table, row, atol=1e-6), axis=1)) for row in rows)
     std = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, max_steps=1, slots=4, restarts=1))
     assert np.std(std.arrays["prompt"]) == pytest.approx(np.std(table), rel=0.3)
+
+
+def test_bank_init_starts_each_target_at_its_nearest_context(peaked_lm):
+    from distprompt_jax.prompting.context import FixedContext
+    from distprompt_jax.prompting.context_bank import ContextBank
+
+    lm = peaked_lm("llama")
+    bank = ContextBank.sample(lm, 16, 3, seed=5, context=FixedContext((lm.config.bos_token_id,), ()), progress=False)
+    targets = np.exp(bank.log_probs[[3, 9]].astype(np.float64))
+    targets /= targets.sum(1, keepdims=True)
+    config = SoftPromptConfig(prompt_len=3, init="bank", bank_size=16, seed=5, bos=True, max_steps=1, restarts=1)
+    table = soft_prompt(lm, targets, config, with_bound=False).to_pandas()
+    # The same bank (same seed, size and fixed tokens): each target starts at its own context, KL 0.
+    np.testing.assert_allclose(table.initial_kl, 0.0, atol=1e-5)
+    noise = soft_prompt(lm, targets, dataclasses.replace(config, init="embedding_std"), with_bound=False)
+    assert np.all(noise.to_pandas().initial_kl > 0.1)
+    with pytest.raises(ValueError, match="init='bank' starts input prompts"):
+        soft_prompt(lm, targets, SoftPromptConfig(init="bank", intervention_layer=1, prefix="w1"))
 
 
 def test_bad_targets_and_configs_are_named(peaked_lm):

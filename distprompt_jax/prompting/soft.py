@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from distprompt_jax.prompting import context as context_lib
+from distprompt_jax.prompting.context_bank import ContextBank
 from distprompt_jax.prompting.engine import check_shared_fields, model_structure
 from distprompt_jax.prompting.gradient import (
     GradientMethod, GradientState, Recipe, check_recipe_fields, prepare_target, run_gradient_method,
@@ -30,7 +31,7 @@ from distprompt_jax.results import PromptResults
 
 from distprompt_jax.tokens import ordinary_token_mask
 
-INITS = ("embedding_std", "normal", "vocab", "text")
+INITS = ("embedding_std", "normal", "vocab", "text", "bank")
 INTERVENTION_MODES = ("add", "replace")
 
 
@@ -43,7 +44,10 @@ class SoftPromptConfig:
 
     prompt_len: int = 10
     init: str = "embedding_std"  # N(0, σ²), σ = std of the embedding matrix | "normal" N(0,1) | "vocab" | "text"
+    #                               | "bank": the first attempt starts at the embeddings of the context bank's
+    #                               nearest context (prompting.context_bank), further attempts as embedding_std
     init_text: str | None = None  # with init="text": its tokens (exactly prompt_len of them) start the prompt
+    bank_size: int = 512  # with init="bank": contexts of prompt_len tokens the model samples (seeded by `seed`)
     prefix: str | tuple[int, ...] = ""  # fixed tokens before the prompt: text, or token ids
     suffix: str | tuple[int, ...] = ""  # fixed tokens after the prompt
     bos: bool = False  # put the model's BOS token first
@@ -78,7 +82,7 @@ class SoftPromptConfig:
             raise ValueError(f"SoftPromptConfig: {message}")
 
         check_shared_fields(
-            self, lm, INITS, at_least_one=("max_steps", "patience", "restarts", "segment_steps", "top_k"),
+            self, lm, INITS, at_least_one=("max_steps", "patience", "restarts", "segment_steps", "top_k", "bank_size"),
         )
         check_recipe_fields(self)
         if self.intervention_mode not in INTERVENTION_MODES:
@@ -88,6 +92,9 @@ class SoftPromptConfig:
             isinstance(layer, int) and 0 <= layer <= lm.n_layers
         ):
             fail(f"intervention_layer must be None, 'final_norm' or an int in [0, {lm.n_layers}], got {layer!r}")
+        if self.init == "bank" and layer is not None:
+            fail("init='bank' starts input prompts from a context's tokens; an intervention has no tokens to start "
+                 "from (use another init)")
 
 
 def soft_prompt(
@@ -180,25 +187,27 @@ class SoftProblem:
     # -- the Problem contract (one target) -----------------------------------------------------------------
 
     def prepare(self, inputs):
-        return prepare_target(inputs)
+        # (p, log p, floor, the bank's start tokens [L] with init="bank", else None)
+        return (*prepare_target(inputs), inputs.get("init_ids"))
 
     def init(self, params, target, index, attempt, key) -> GradientState:
+        scale = self.embed_std if self.init_kind in ("embedding_std", "bank") else 1.0
+        v = scale * jax.random.normal(key, self.variable_shape(), jnp.float32)
         if self.init_kind == "text":
             v = self.lm.embed(params, jnp.asarray(self.init_ids)).astype(jnp.float32)
+        elif self.init_kind == "bank":  # the nearest context first; a further attempt explores from noise
+            v = jnp.where(attempt == 0, self.lm.embed(params, target[3]).astype(jnp.float32), v)
         elif self.init_kind == "vocab":
             ids = jax.random.choice(key, jnp.asarray(self.candidate_ids), self.variable_shape()[:-1])
             v = self.lm.embed(params, ids).astype(jnp.float32)
-        else:
-            scale = self.embed_std if self.init_kind == "embedding_std" else 1.0
-            v = scale * jax.random.normal(key, self.variable_shape(), jnp.float32)
         return self.recipe.start(v)
 
     def step(self, params, target, s: GradientState) -> GradientState:
-        p, log_p, floor = target
+        p, log_p, floor, _ = target
         return self.recipe.step(s, lambda v: kl_from_logits(p, self.logits(params, v), log_p), floor)
 
     def report(self, params, target, s: GradientState) -> dict:
-        p, _, _ = target
+        p = target[0]
         figures = distribution_report(p, self.logits(params, s.best_v), self.top_k)
         del figures["kl"]  # the tracked best KL is the same value, measured when it was reached
         out = dict(**self.recipe.history(s), **figures, prompt=s.best_v)
@@ -232,6 +241,17 @@ class SoftMethod(GradientMethod):
         config.validate(lm)
         self.lm, self.config = lm, config
         self._problem = SoftProblem.build(lm, config)
+        self._bank = None
+
+    def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
+        inputs = super().inputs(probs, rows)
+        if self.config.init == "bank":
+            if self._bank is None:  # built once per method, on first use, inside the prompt's fixed tokens
+                self._bank = ContextBank.sample(self.lm, self.config.bank_size, self.config.prompt_len,
+                                                seed=self.config.seed, context=self._problem.context)
+            nearest, _ = self._bank.nearest(probs)
+            inputs["init_ids"] = self._bank.ids[nearest]
+        return inputs
 
     def columns(self, reports: dict[str, np.ndarray]) -> tuple[dict, dict]:
         # kl first: the figure every table is read for.
