@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import numpy as np
 
 from distprompt_jax import parallel
@@ -220,11 +219,9 @@ class BoundMethod:
 class NormMethod:
     """The norm-constrained estimate as a method (engine.Method): what `norm_bound_estimate` runs.
 
-    Restarts are rows: the driver solves `restarts` rows per target, restart-major (the first from the
-    preimage of the unconstrained h — `start_h`, else the least-squares fit — the others from N(0, I) draws
-    keyed by (seed, restart, target index)), and `columns` keeps each target's best and bounds it from
-    below. (Rows predate the driver telling `init` its attempt; as attempts, the first restart's start and
-    `best_restart` would come from the attempt number — a simplification left for later.)
+    Restarts are the driver's attempts: the first starts from the preimage of the unconstrained h (`start_h`,
+    else the least-squares fit), the others from N(0, I) draws of their (seed, attempt, target index) keys; the
+    driver keeps each target's best (the first of equals), and `columns` bounds it from below.
     """
 
     name = "bound_norm"
@@ -251,30 +248,22 @@ class NormMethod:
     def options(self, slots: int) -> DriverOptions:
         c = self.config
         return DriverOptions(slots=slots, segment_steps=c.segment_steps, refill_at=c.refill_at, seed=c.seed,
-                             desc="norm-constrained bound")
+                             attempts=c.restarts, desc="norm-constrained bound")
 
     def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
         probs = np.asarray(probs, np.float32)
-        n, restarts = len(probs), self.config.restarts
-        if self.start_h is not None and len(self.start_h) != n:
-            raise ValueError(f"NormMethod: start_h has {len(self.start_h)} rows for {n} targets")
+        if self.start_h is not None and len(self.start_h) != len(probs):
+            raise ValueError(f"NormMethod: start_h has {len(self.start_h)} rows for {len(probs)} targets")
         h0 = self.start_h if self.start_h is not None else self._lstsq(probs)
-        first = self._geometry.preimage(np.asarray(h0, np.float64)).astype(np.float32)
-        index = np.arange(rows.start, rows.start + n)  # in the whole target set: a share starts as it would alone
-        starts = [first] + [_normal_rows(self.config.seed, r, index, self.lm.d_model) for r in range(1, restarts)]
         self._probs = probs
-        return {"p": np.tile(probs, (restarts, 1)), "u0": np.concatenate(starts)}
+        return {"p": probs, "u0": self._geometry.preimage(np.asarray(h0, np.float64)).astype(np.float32)}
 
     def columns(self, reports: dict[str, np.ndarray]) -> tuple[dict, dict]:
-        probs, restarts = self._probs, self.config.restarts
-        n = len(probs)
-        f = np.asarray(reports["f"], np.float64).reshape(restarts, n)
-        best_restart = np.argmin(np.where(np.isfinite(f), f, np.inf), axis=0)  # the first of equals
-        rows = best_restart * n + np.arange(n)
-        u = reports["u"][rows]
+        probs, n = self._probs, len(self._probs)
+        u = reports["u"]
         x = self._geometry.output(u.astype(np.float64))
         for i in range(n):
-            self._geometry.check(x[i], reports["x_model"][rows[i]])
+            self._geometry.check(x[i], reports["x_model"][i])
         run = HostJobs(lambda i, x_i, _: certify_norm(self._unembedding, self._geometry, probs[i], x_i),
                        self.config.host_threads)
         certified = run.results(x)
@@ -289,14 +278,7 @@ class NormMethod:
             "certified": primal - lower <= self.config.max_gap,
             "certificate": np.asarray([row["certificate"] for row in certified]),
             "on_boundary": np.asarray([row["on_boundary"] for row in certified], bool),
-            "best_restart": best_restart.astype(np.int32), "steps": reports["steps"][rows],
+            "best_restart": reports["attempt"].astype(np.int32), "steps": reports["steps"],
             "prompt_len": np.zeros(n, np.int32),
         }
         return columns, {"u": u, "x": x}
-
-
-def _normal_rows(seed: int, restart: int, index: np.ndarray, d: int) -> np.ndarray:
-    """N(0, I) starts [n, d] of one restart for the targets `index`; each depends only on (seed, restart, index)."""
-    key = jax.random.fold_in(jax.random.key(seed), restart)
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
-    return np.asarray(jax.vmap(lambda k: jax.random.normal(k, (d,), np.float32))(keys))

@@ -28,6 +28,7 @@ from distprompt_jax.bounds import lbfgs
 from distprompt_jax.bounds.host import one_blas_thread
 from distprompt_jax.prompting.engine import model_structure
 from distprompt_jax.prompting.objective import kl_from_logits, safe_log
+from distprompt_jax.solve import Progress
 
 INITS = ("auto", "zeros", "lstsq")
 
@@ -88,14 +89,23 @@ class BoundProblem:
 class NormTarget(NamedTuple):
     p: jax.Array
     log_p: jax.Array
-    u0: jax.Array  # [d] the start of this restart (pre-norm)
+    u0: jax.Array  # [d] the first attempt's start (pre-norm)
+
+
+class NormState(NamedTuple):
+    """An L-BFGS solve (`lbfgs.SolverState`'s fields) and the attempt it is, for the report."""
+
+    progress: Progress
+    lbfgs: lbfgs.LBFGSState
+    attempt: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class NormProblem:
     """min over the pre-norm u of Σ p log(p / softmax(unembed(final_norm(u)))), by float32 L-BFGS.
 
-    Inputs per row: `p` [V] and `u0` [d], the start of one restart.
+    Inputs per row: `p` [V] and `u0` [d]. Attempt 0 starts at u0, a further attempt (a restart) at an N(0, I)
+    draw of its key.
     """
 
     lm: Any
@@ -118,17 +128,20 @@ class NormProblem:
         p = inputs["p"]
         return NormTarget(p, safe_log(p), inputs["u0"])
 
-    def init(self, params, target: NormTarget, index, attempt, key) -> lbfgs.SolverState:
-        return lbfgs.start(self.value_and_grad(params, target), target.u0, self.memory)
+    def init(self, params, target: NormTarget, index, attempt, key) -> NormState:
+        u0 = jnp.where(attempt == 0, target.u0, jax.random.normal(key, target.u0.shape, target.u0.dtype))
+        solver = lbfgs.start(self.value_and_grad(params, target), u0, self.memory)
+        return NormState(solver.progress, solver.lbfgs, jnp.asarray(attempt, jnp.int32))
 
-    def step(self, params, target: NormTarget, state: lbfgs.SolverState) -> lbfgs.SolverState:
-        return lbfgs.advance(state, self.value_and_grad(params, target), tolerance=self.tolerance,
-                             max_steps=self.max_steps)
+    def step(self, params, target: NormTarget, state: NormState) -> NormState:
+        solver = lbfgs.advance(lbfgs.SolverState(state.progress, state.lbfgs), self.value_and_grad(params, target),
+                               tolerance=self.tolerance, max_steps=self.max_steps)
+        return NormState(solver.progress, solver.lbfgs, state.attempt)
 
-    def report(self, params, target: NormTarget, state: lbfgs.SolverState) -> dict:
+    def report(self, params, target: NormTarget, state: NormState) -> dict:
         u = state.lbfgs.x
         # The model's own norm output, to check the host's float64 description of the norm against.
-        return {"u": u, "f": state.lbfgs.f, "steps": state.progress.steps,
+        return {"u": u, "f": state.lbfgs.f, "steps": state.progress.steps, "attempt": state.attempt,
                 "x_model": self.lm.final_norm(params, u).astype(jnp.float32)}
 
 
