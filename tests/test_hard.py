@@ -11,11 +11,11 @@ import pytest
 
 from distprompt_jax import SoftPromptConfig, load_model, soft_prompt
 from distprompt_jax.prompting.hard import (
-    HardPromptConfig, _init_token, candidate_mask, hard_prompt, project_soft_prompts, projection_loss,
+    HardProblem, HardPromptConfig, _init_token, candidate_mask, hard_prompt, project_soft_prompts, projection_loss,
     round_trips, token_prompt_kl,
 )
+from distprompt_jax.prompting.objective import safe_log
 from distprompt_jax.results import PromptResults
-from distprompt_jax.targets import as_target_set
 from distprompt_jax.tokens import special_token_ids
 
 SPECIAL = (1, 2)  # the tiny models' BOS and EOS
@@ -239,3 +239,44 @@ def test_prompts_inside_the_chat_template(peaked_lm):
         hard_prompt(peaked_lm("llama"), targets, HardPromptConfig(**base, template="chat"))
     with pytest.raises(ValueError, match="template must be one of"):
         soft_prompt(lm, targets, SoftPromptConfig(template="chatml"))
+
+
+@pytest.mark.parametrize("config", [
+    HardPromptConfig(prompt_len=5, k=24, max_steps=10, slots=4, beam_width=2, prefix=(7, 8), suffix=(9,), bos=True),
+    HardPromptConfig(prompt_len=5, mode="gcg", init="random", k=16, num_swaps=40, max_steps=8, slots=4,
+                     candidate_block=16, prefix=(7,)),
+], ids=["hotflip-beam-context", "gcg-prefix"])
+def test_reusing_the_shared_prefix_takes_the_same_path(peaked_lm, config):
+    """Candidates computed from their first swapped position on, after the prompt's cached keys/values (and the
+    fixed prefix's), take the search down exactly the path of candidates computed whole (same seed). That a
+    target's path does not depend on the device count is test_deterministic_...'s, with the cache on."""
+    lm = peaked_lm("qwen3")
+    targets = random_targets(6, lm.vocab_size, seed=2)
+    cached = hard_prompt(lm, targets, config)
+    whole = hard_prompt(lm, targets, dataclasses.replace(config, reuse_prefix=False))
+    np.testing.assert_array_equal(cached.arrays["token_ids"], whole.arrays["token_ids"])
+    np.testing.assert_array_equal(cached.columns["steps"], whole.columns["steps"])
+    np.testing.assert_allclose(cached.arrays["kl_path"], whole.arrays["kl_path"], rtol=1e-5, atol=1e-6)
+    assert np.all(cached.columns["kl"] < cached.columns["initial_kl"])
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gpt2"])  # sliding windows; learned positions
+def test_candidates_after_the_shared_prefix_have_their_whole_kl(peaked_lm, family):
+    lm = peaked_lm(family)
+    config = HardPromptConfig(prompt_len=6, candidate_block=8, prefix=(7, 8), suffix=(9, 10))
+    problem = HardProblem.build(lm, config)
+    rng = np.random.default_rng(3)
+    p = jax.numpy.asarray(random_targets(3, lm.vocab_size, seed=3), jax.numpy.float32)
+    ids = rng.integers(3, lm.vocab_size, (3, 6))
+    # Candidates equal to their prompt before a random start, anything from it on (20: the last block is padded).
+    starts = rng.integers(0, 6, (3, 20))
+    candidates = np.where(np.arange(6) >= starts[..., None], rng.integers(3, lm.vocab_size, (3, 20, 6)), ids[:, None])
+
+    def both(params, p, ids, candidates, starts):
+        table, log_p = lm.embedding_matrix(params), safe_log(p)
+        cached = problem.shared_prefix_kl(params, table, problem.fixed_prefix_cache(params), p, log_p, ids,
+                                          candidates, starts)
+        return cached, problem.candidate_kl(params, table, p, log_p, candidates)
+
+    cached, whole = jax.jit(jax.vmap(both, in_axes=(None, 0, 0, 0, 0)))(lm.params, p, ids, candidates, starts)
+    np.testing.assert_allclose(cached, whole, rtol=1e-5, atol=1e-6)

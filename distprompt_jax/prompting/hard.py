@@ -10,6 +10,12 @@ needs no sampling — and the best is kept if it beats the current prompt.
   positions (or the k best (position, token) pairs over all positions), with an optional beam of prompts.
 - mode "gcg" (Zou et al. 2023): B single-position swaps sampled uniformly from the per-position top-k.
 
+A candidate equals its prompt before its (first) swapped position i, so by default it is computed from i on,
+after the prompt's keys/values (`reuse_prefix`; the fixed prefix's are computed once per iteration for all
+targets, from the weights alone). Split points are static shapes: candidates sorted by i run in blocks, each
+block through a `lax.switch` over the L split points, one target at a time (`_one_at_a_time`: vmapped, a
+switch would run every branch). Cycling hotflip saves half the prompt on average; measured in BENCHMARKS.md.
+
 The search is a pure function of (target, its index in the set, config): `HardProblem` is one target's
 search, and the solver driver (distprompt_jax.solve) runs a pool of them side by side under vmap, their
 candidate forwards batched in blocks, refilling the slots of targets that stopped — as for soft prompts.
@@ -30,7 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+from jax.sharding import PartitionSpec
 
+from distprompt_jax import parallel
+from distprompt_jax.models.kv_cache import KVCache
 from distprompt_jax.prompting import context as context_lib
 from distprompt_jax.prompting.engine import check_shared_fields, model_structure, run_method
 from distprompt_jax.prompting.objective import distribution_report, kl_from_logits, safe_log
@@ -81,6 +90,11 @@ class HardPromptConfig:
     slots: int | str | None = None  # targets searched at once; None: 32 on a CPU, 1024 on an accelerator;
     #                                 "auto": sized from XLA's memory analysis to half the free memory
     candidate_block: int | None = 32  # candidate forwards per target per compiled block; None: all at once
+    # Candidates reuse the keys/values of what they share with the current prompt (the fixed prefix, and the
+    # positions before their first swapped one) instead of recomputing them; False: every candidate is
+    # computed whole (the path before the cache, for comparison). Not with shard_params, where no device
+    # holds the whole model: that runs the whole-candidate path.
+    reuse_prefix: bool = True
     segment_steps: int = 5  # iterations per compiled call: finished targets' slots are refilled between calls
     refill_at: int | None = None  # end a segment early once this many slots are free (None: slots // 16, ≥ 1)
     top_k: int = 10  # for the top-k overlap figure
@@ -200,6 +214,7 @@ class HardProblem:
     min_delta: float
     floor_tolerance: float
     candidate_block: int | None
+    reuse_prefix: bool
     top_k: int
     context: context_lib.FixedContext
     filters: tuple[bool, bool, bool, bool]  # ascii_only, printable_only, no_whitespace_only, round_trip_tokens
@@ -232,8 +247,8 @@ class HardProblem:
             lm=model_structure(lm), prompt_len=config.prompt_len, mode=config.mode, k=config.k,
             num_swaps=config.num_swaps, positions=config.positions, beam_width=config.beam_width,
             max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta,
-            floor_tolerance=config.floor_tolerance, candidate_block=config.candidate_block, top_k=config.top_k,
-            context=context,
+            floor_tolerance=config.floor_tolerance, candidate_block=config.candidate_block,
+            reuse_prefix=config.reuse_prefix and not config.shard_params, top_k=config.top_k, context=context,
             filters=(config.ascii_only, config.printable_only, config.no_whitespace_only, config.round_trip_tokens),
             init_kind="given" if given_init else config.init,
             start_ids=None if start_ids is None else tuple(int(i) for i in start_ids), allowed=allowed,
@@ -264,7 +279,8 @@ class HardProblem:
         neg, tokens = jax.lax.top_k(-scores(g, ids), self.k)  # [W, L, k]
         if self.mode == "hotflip":  # the k best (position, token) pairs: they lie among the per-position top-k
             best_neg, flat = jax.lax.top_k(neg.reshape(-1, L * self.k), self.k)
-            return flat // self.k, jnp.take_along_axis(tokens.reshape(-1, L * self.k), flat, axis=1), jnp.isfinite(best_neg)
+            best_tokens = jnp.take_along_axis(tokens.reshape(-1, L * self.k), flat, axis=1)
+            return flat // self.k, best_tokens, jnp.isfinite(best_neg)
         shape = (ids.shape[0], self.num_swaps)
         key_position, key_rank = jax.random.split(key)
         position = jax.random.randint(key_position, shape, 0, L)
@@ -273,7 +289,7 @@ class HardProblem:
         return position, tokens[member, position, rank], jnp.isfinite(neg[member, position, rank])
 
     def candidate_kl(self, params, table, p, log_p, candidates):
-        """Exact KL of each candidate prompt [M, L] -> [M], evaluated `candidate_block` at a time."""
+        """Exact KL of each candidate prompt [M, L] -> [M], each computed whole, `candidate_block` at a time."""
 
         def kl(ids):
             return kl_from_logits(p, self.logits(params, table[ids]), log_p)
@@ -283,22 +299,83 @@ class HardProblem:
             return jax.vmap(kl)(candidates)
         return jax.lax.map(kl, candidates, batch_size=block)
 
+    def fixed_prefix_cache(self, params) -> KVCache | None:
+        """The keys/values of the fixed tokens before the prompt (BOS, prefix, template), None when there are none."""
+        if not self.context.prefix_ids:
+            return None
+        return self.lm.prefix_cache(params, self.lm.embed(params, jnp.asarray(self.context.prefix_ids)))
+
+    def logits_after(self, params, fixed: KVCache | None, x):
+        """Next-token logits of embeddings x [..., n, d] followed by the fixed suffix, after the cached positions
+        `fixed` (the fixed prefix's cache: then the same as `logits`)."""
+        if self.context.suffix_ids:
+            suffix = self.lm.embed(params, jnp.asarray(self.context.suffix_ids))
+            x = jnp.concatenate([x.astype(self.lm.dtype), jnp.broadcast_to(suffix, x.shape[:-2] + suffix.shape)], -2)
+        return self.lm.logits(params, x, cache=fixed)
+
+    def shared_prefix_kl(self, params, table, fixed, p, log_p, ids, candidates, starts):
+        """Exact KL of candidates [C, L] of the prompt ids [L] -> [C], where candidate c equals ids before
+        position starts[c]: the prompt's keys/values are computed once, and each candidate only from its block's
+        first start on.
+
+        Candidates are sorted by start and taken `candidate_block` at a time; a block runs from its smallest
+        start (a `lax.switch` over the L split points, so each compiles its own shapes). Under vmap the
+        evaluation loops over the mapped axis (`_one_at_a_time`): a vmapped switch would run every branch.
+        """
+        n, length = candidates.shape
+        block = min(self.candidate_block or n, n)
+        n_blocks = -(-n // block)
+        order = jnp.argsort(starts, stable=True)
+        # The last candidate repeated fills the last block: a harmless duplicate whose result is dropped.
+        order = jnp.concatenate([order, jnp.full(n_blocks * block - n, order[-1])])
+        blocks = candidates[order].reshape(n_blocks, block, length)
+        block_starts = starts[order].reshape(n_blocks, block)[:, 0]
+        prompt_cache = self.lm.prefix_cache(params, table[ids]) if fixed is None else (
+            self.lm.extend_cache(params, fixed, table[ids]))
+        fixed_length = len(self.context.prefix_ids)
+
+        def from_position(split):
+            def run(block_ids):  # [block, L], every candidate equal to ids before `split`
+                shared = fixed_length + split
+                cache = None if shared == 0 else KVCache(prompt_cache.keys[:, :shared], prompt_cache.values[:, :shared])
+                logits = self.logits_after(params, cache, table[block_ids[:, split:]])
+                return jax.vmap(kl_from_logits, in_axes=(None, 0, None))(p, logits, log_p)
+
+            return run
+
+        branches = [from_position(split) for split in range(length)]
+        sorted_kl = jax.lax.map(lambda b: jax.lax.switch(b[1], branches, b[0]), (blocks, block_starts)).reshape(-1)
+        return jnp.zeros(n, sorted_kl.dtype).at[order[:n]].set(sorted_kl[:n])
+
+    def beam_candidate_kl(self, params, table, fixed, p, log_p, ids, candidates, starts):
+        """KL of every beam member's candidates [W, C, L] (members ids [W, L], starts [W, C]) -> [W, C]."""
+        if not self.reuse_prefix:
+            return self.candidate_kl(params, table, p, log_p, candidates.reshape(-1, self.prompt_len)).reshape(
+                starts.shape)
+        evaluate = _one_at_a_time(self.shared_prefix_kl)
+        return jax.lax.map(lambda member: evaluate(params, table, fixed, p, log_p, *member), (ids, candidates, starts))
+
     def _iterate(self, params, p, log_p, ids, step, key):
         """One iteration: the new beam [W, L] (best first), the beam's KL [W], and whether the new best is a
         candidate (not a prompt already in the beam)."""
         table = self.lm.embedding_matrix(params)
         table32 = table.astype(jnp.float32)
         allowed = jnp.asarray(self.allowed)
+        # Depends on the weights alone: under the driver's vmap it is computed once for all targets.
+        fixed = self.fixed_prefix_cache(params) if self.reuse_prefix else None
 
         def loss(x):
-            return kl_from_logits(p, self.logits(params, x), log_p)
+            logits = self.logits_after(params, fixed, x) if self.reuse_prefix else self.logits(params, x)
+            return kl_from_logits(p, logits, log_p)
 
         current_kl, g = jax.vmap(jax.value_and_grad(loss))(table32[ids])  # [W], [W, L, d]
         positions, tokens, valid = self._propose(table32, allowed, g, ids, step, jax.random.fold_in(key, step))
         candidates = jnp.where(
             jnp.arange(self.prompt_len) == positions[..., None], tokens[..., None], ids[:, None, :]
-        ).reshape(-1, self.prompt_len)  # [W * C, L]
-        candidate_kl = jnp.where(valid.reshape(-1), self.candidate_kl(params, table, p, log_p, candidates), jnp.inf)
+        )  # [W, C, L]
+        candidate_kl = self.beam_candidate_kl(params, table, fixed, p, log_p, ids, candidates, positions)
+        candidate_kl = jnp.where(valid, candidate_kl, jnp.inf).reshape(-1)
+        candidates = candidates.reshape(-1, self.prompt_len)
         # The current beam comes first, so on ties it stays (and a beam that cannot improve does not move).
         pool = jnp.concatenate([ids, candidates])
         pool_kl = jnp.concatenate([current_kl, candidate_kl])
@@ -399,7 +476,9 @@ def _check_allowed(ids: np.ndarray, allowed: np.ndarray, what: str) -> None:
     ids = np.asarray(ids)
     outside = ids[(ids < 0) | (ids >= len(allowed))]
     if outside.size:
-        raise ValueError(f"{what} has token ids outside the vocabulary [0, {len(allowed)}): {sorted(set(outside.tolist()))[:10]}")
+        raise ValueError(
+            f"{what} has token ids outside the vocabulary [0, {len(allowed)}): {sorted(set(outside.tolist()))[:10]}"
+        )
     banned = sorted(set(ids[~allowed[ids]].tolist()))
     if banned:
         raise ValueError(
@@ -407,6 +486,41 @@ def _check_allowed(ids: np.ndarray, allowed: np.ndarray, what: str) -> None:
             + (f" and {len(banned) - 10} more" if len(banned) > 10 else "")
         )
 
+
+
+def _one_at_a_time(f):
+    """f, whose vmap is a loop over the mapped axis (each element computed as f alone, so a `lax.switch`
+    on a per-element index runs one branch, not all of them under a select).
+
+    Where the mapped arrays live on a mesh with the driver's target axis (`parallel.TARGET_AXIS`), each
+    device loops over its own share (`shard_map`): a plain loop over a sharded axis would be gathered and
+    run whole on every device.
+    """
+    f = jax.custom_batching.custom_vmap(f)
+
+    @f.def_vmap
+    def rule(axis_size, in_batched, *args):
+        leaves, tree = jax.tree.flatten(list(args))
+        flags = jax.tree.leaves(list(in_batched))
+        mapped = [a for a, batched in zip(leaves, flags) if batched]
+        shared = [a for a, batched in zip(leaves, flags) if not batched]
+
+        def loop(mapped, shared):
+            def one(element):
+                element, rest = iter(element), iter(shared)
+                return f(*jax.tree.unflatten(tree, [next(element) if b else next(rest) for b in flags]))
+
+            return jax.lax.map(one, mapped)
+
+        mesh = jax.typeof(mapped[0]).sharding.mesh
+        devices = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(parallel.TARGET_AXIS, 1)
+        if devices > 1 and axis_size % devices == 0:
+            spec = PartitionSpec(parallel.TARGET_AXIS)
+            loop = jax.shard_map(loop, mesh=mesh, in_specs=(spec, PartitionSpec()), out_specs=spec)
+        out = loop(mapped, shared)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return f
 
 
 # -- Driving it ------------------------------------------------------------------------------------------
