@@ -42,6 +42,15 @@ class PromptResults:
         extra = self.metadata.drop(columns=[c for c in self.metadata.columns if c in table.columns])
         return pd.concat([table, extra.reset_index(drop=True)], axis=1)
 
+    def save_peft(self, directory, target_ids=None) -> list:
+        """PEFT adapters of the found prompts (soft: PROMPT_TUNING, prefix: PREFIX_TUNING) that
+        `peft.PeftModel.from_pretrained(model, path)` loads: with one target (an int, or a result of one
+        target), `directory` itself; with several (default: all), `directory/target_<id>` each. Returns the
+        adapter directories. See `distprompt_jax.prompting.peft_export`."""
+        from distprompt_jax.prompting.peft_export import save_peft
+
+        return save_peft(self, directory, target_ids)
+
 
 # (bound method, its KL column, the gap column) joined beside every row by `with_bound_columns`.
 BOUND_COLUMNS = (("bound", "kl_bound", "gap_to_bound"), ("bound_norm", "kl_bound_norm", "gap_to_norm_bound"))
