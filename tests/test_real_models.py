@@ -163,3 +163,33 @@ def test_the_default_recipe_reaches_targets_whose_bound_is_near_zero_on_smollm2(
     result = soft_prompt(lm, np.stack([own, one_hot]))
     assert np.all(result.columns["kl_bound"] < 0.01), result.columns["kl_bound"]
     assert np.all(result.columns["gap_to_bound"] <= 0.05), result.columns["kl"]
+
+
+def test_peft_on_the_same_gguf_gives_our_distribution_for_an_exported_soft_prompt_and_prefix(reference, tmp_path):
+    import json
+
+    import torch
+    from peft import PeftModel
+
+    from distprompt_jax import PrefixPromptConfig, SoftPromptConfig, prefix_prompt, soft_prompt
+    from distprompt_jax.models.kv_cache import KVCache
+
+    lm = load_model("smollm2-135m")
+    model, _ = reference("smollm2-135m")
+    ids = lm.encode("The capital of France is")
+    target = np.asarray(jax.nn.softmax(lm.logits(lm.params, lm.embed(lm.params, ids))), np.float64)[None]
+    short = dict(max_steps=3, slots=1, restarts=1)
+    for result in (soft_prompt(lm, target, SoftPromptConfig(**short), with_bound=False),
+                   prefix_prompt(lm, target, PrefixPromptConfig(**short), with_bound=False)):
+        [adapter] = result.save_peft(tmp_path / result.method)
+        usage = json.loads((adapter / "distprompt.json").read_text())
+        assert usage["gguf"] == registry.REGISTRY["smollm2-135m"].filename
+        peft_model = PeftModel.from_pretrained(model, str(adapter)).eval()  # wraps; the base model is unchanged
+        with torch.no_grad():
+            theirs = peft_model(input_ids=torch.as_tensor([usage["input_ids"]], dtype=torch.long)).logits[0, -1]
+        suffix = lm.embed(lm.params, np.asarray(usage["input_ids"], np.int32))
+        if result.method == "soft":  # no suffix: read after the virtual tokens
+            ours = lm.logits(lm.params, result.arrays["prompt"][0])
+        else:  # read at BOS (<|im_start|>) after the 10 positions of 30 layers' 3 key/value heads
+            ours = lm.logits(lm.params, suffix, KVCache(result.arrays["keys"][0], result.arrays["values"][0]))
+        assert kl_rows(theirs.float().numpy()[None], np.asarray(ours)[None]).max() <= 1e-5, result.method
