@@ -1,7 +1,11 @@
-"""Hard-prompt engine benchmark on smollm2-135m (L = 10), against PyTorch measured in the same run.
+"""Hard-prompt engine benchmark on smollm2-135m, against PyTorch measured in the same run.
 
     python bench/bench_hard.py [--targets 64] [--candidates 128] [--torch-targets 2] [--paired 3]
                                [--quality 32] [--hotflip-iterations 4] [--gcg-iterations 2]
+    python bench/bench_hard.py --reuse [--lengths 10 20] [--reuse-reps 3] [--reuse-cycles 1]
+                               [--iteration-targets 64] [--iterations 3]
+    python bench/bench_hard.py --strategies hotflip,gcg,gcg_n2,soft_hotflip [--strategy-targets 32]
+                               [--budget 12800] [--out results.csv]
 
 1. Candidate evaluations per second: the engine's batched candidate evaluation (every target's candidate
    prompts through `vmap` over targets of the per-target `lax.map` in blocks of `candidate_block`, KL of
@@ -14,6 +18,23 @@
 2. KL reached vs iterations, both modes at their defaults (hotflip k = 64, one position per iteration;
    GCG B = 128 swaps from the top-64), on `--quality` vanilla targets with entropies spread from 0 to
    ln|V|, run one iteration per compiled segment so each iteration is timed (the first includes compiling).
+3. `--reuse`: candidates computed from their swapped position on after the prompt's cached keys/values
+   (`reuse_prefix=True`, the default) against candidates computed whole, at each of `--lengths`:
+   a. the search's own candidate evaluation (`HardProblem.beam_candidate_kl`, vmapped over targets as the
+      driver does), hotflip k = 64 with target t swapping position t mod L (`--reuse-cycles` × L targets:
+      every split point equally often, the average over a cycle of positions) and GCG B = 128 swaps at
+      uniform positions; whole and cached timed alternately `--reuse-reps` times, medians; the largest KL
+      difference between the paths is printed;
+   b. whole search iterations (gradient, top-k, candidates) for `--iteration-targets` targets, both
+      modes, `--iterations` iterations of one compiled segment each; the median of the iterations after
+      the first (which compiles). Cycling hotflip's iteration t swaps position t − 1, so the few
+      iterations timed see the early, least-cached positions: a conservative ratio.
+4. `--strategies`: search variants at an equal budget of candidate evaluations per target (`--budget`;
+   12,800 = the default 200 hotflip iterations of k = 64), each run to its whole budget (patience off), on
+   `--strategy-targets` vanilla targets spread over entropy, with the certified `unembedding_bound` beside
+   each KL: mean / median KL and gap to the bound per entropy band after a quarter, half and all of the
+   budget, targets left at their initial prompt, and wall time. See STRATEGIES for what each name runs; a
+   soft warm start is charged 3 candidate evaluations per soft step it ran (a value_and_grad of the prompt).
 
 Everything here is compute-bound on a CPU: one candidate forward is ~2.2 GFLOP, so 64 × 128 candidates
 are ~18 TFLOP, and one iteration on 32 targets is ~2,100 (hotflip) or ~4,200 (GCG) forwards' worth. The
@@ -98,16 +119,163 @@ def torch_loop(hf, probs: np.ndarray, candidates: np.ndarray):
         return timed(lambda: np.stack([one(p, ids) for p, ids in zip(probs, candidates)]))
 
 
-def quality(lm, probs: np.ndarray, mode: str, iterations: int):
+def quality(lm, probs: np.ndarray, mode: str, iterations: int, **fields):
     """Best KL [T, iterations] and seconds per iteration, one compiled segment per iteration."""
     from distprompt_jax.prompting.engine import run_method
     from distprompt_jax.prompting.hard import HardMethod, HardPromptConfig
 
-    config = HardPromptConfig(mode=mode, max_steps=iterations, segment_steps=1, slots=len(probs))
+    config = HardPromptConfig(mode=mode, max_steps=iterations, segment_steps=1, slots=len(probs), **fields)
     elapsed = []
-    result = run_method(HardMethod(lm, config), lm, probs, on_segment=lambda info: elapsed.append(info.seconds))
+    result = run_method(HardMethod(lm, config), lm, probs, on_segment=lambda info: elapsed.append(info.seconds),
+                        progress=False)
     seconds = np.diff([0.0, *elapsed]).tolist()
     return result.columns, result.arrays["kl_path"], seconds
+
+
+def reuse_evaluation(lm, length: int, mode: str, n_targets: int, reps: int, seed: int = 0):
+    """(whole, cached) candidate evaluations/s of the search's own evaluation and the largest |KL difference|."""
+    from distprompt_jax.prompting.hard import HardProblem, HardPromptConfig, candidate_mask
+    from distprompt_jax.prompting.objective import safe_log
+
+    rng = np.random.default_rng(seed)
+    allowed = np.flatnonzero(candidate_mask(lm))
+    per_target = 64 if mode == "hotflip" else 128
+    probs = jnp.asarray(random_targets(n_targets, lm.vocab_size, seed=seed))
+    ids = rng.choice(allowed, (n_targets, length)).astype(np.int32)
+    if mode == "hotflip":  # target t swaps position t mod L, as cycling hotflip's iteration t does
+        starts = np.repeat((np.arange(n_targets) % length)[:, None], per_target, axis=1)
+    else:
+        starts = rng.integers(0, length, (n_targets, per_target))
+    swapped = rng.choice(allowed, (n_targets, per_target))
+    candidates = np.where(np.arange(length) == starts[..., None], swapped[..., None], ids[:, None]).astype(np.int32)
+    args = [jnp.asarray(a) for a in (ids, candidates, starts.astype(np.int32))]
+
+    def compiled(reuse: bool):
+        problem = HardProblem.build(lm, HardPromptConfig(prompt_len=length, mode=mode, reuse_prefix=reuse))
+
+        def evaluate(params, p, ids, candidates, starts):
+            table, fixed = lm.embedding_matrix(params), problem.fixed_prefix_cache(params)
+
+            def one(p, ids, candidates, starts):  # one target, a beam of one
+                return problem.beam_candidate_kl(params, table, fixed, p, safe_log(p), ids[None], candidates[None],
+                                                 starts[None])[0]
+
+            return jax.vmap(one)(p, ids, candidates, starts)
+
+        run = jax.jit(evaluate).lower(lm.params, probs, *args).compile()
+        return lambda: np.asarray(jax.block_until_ready(run(lm.params, probs, *args)))
+
+    whole, cached = compiled(False), compiled(True)
+    difference = np.abs(whole() - cached()).max()  # also the warm-up
+    rounds = [(timed(whole)[0], timed(cached)[0]) for _ in range(reps)]  # alternately: the load drifts
+    whole_s, cached_s = (float(np.median(r)) for r in zip(*rounds))
+    return candidates[..., 0].size / whole_s, candidates[..., 0].size / cached_s, difference
+
+
+def reuse_section(lm, args):
+    print(f"\n## Reusing the shared prefix: candidate evaluations/s, whole vs cached (median of {args.reuse_reps}, "
+          "alternating)\n")
+    print("| L | mode | targets × candidates | whole | cached | speed-up | max |ΔKL| |")
+    print("|---:|---|---|---:|---:|---:|---:|")
+    for length in args.lengths:
+        for mode in ("hotflip", "gcg"):
+            n = args.reuse_cycles * length
+            whole, cached, difference = reuse_evaluation(lm, length, mode, n, args.reuse_reps)
+            per_target = 64 if mode == "hotflip" else 128
+            print(f"| {length} | {mode} | {n} × {per_target} | {whole:.1f} | {cached:.1f} | {cached / whole:.2f}× | "
+                  f"{difference:.1e} |", flush=True)
+    if not args.iteration_targets:
+        return
+    probs = random_targets(args.iteration_targets, lm.vocab_size, seed=1)
+    print(f"\n## Whole iterations, {args.iteration_targets} targets (median of iterations 2..{args.iterations})\n")
+    print("| L | mode | whole s/it | cached s/it | speed-up | cached it/s | cached candidate evals/s | same path |")
+    print("|---:|---|---:|---:|---:|---:|---:|---|")
+    for length in args.lengths:
+        for mode in ("hotflip", "gcg"):
+            runs = [quality(lm, probs, mode, args.iterations, prompt_len=length, reuse_prefix=reuse)
+                    for reuse in (False, True)]
+            whole_s, cached_s = (float(np.median(r[2][1:])) for r in runs)
+            same = np.array_equal(runs[0][1], runs[1][1]) or bool(np.allclose(runs[0][1], runs[1][1], rtol=1e-5))
+            per_target = 64 if mode == "hotflip" else 128
+            print(f"| {length} | {mode} | {whole_s:.1f} | {cached_s:.1f} | {whole_s / cached_s:.2f}× | "
+                  f"{1 / cached_s:.3f} | {len(probs) * per_target / cached_s:.1f} | {same} |", flush=True)
+
+
+# name -> (HardPromptConfig fields, candidate evaluations per iteration, soft warm-start steps or 0)
+STRATEGIES = {
+    "hotflip": (dict(), 64, 0),  # the default: k = 64 at one position per iteration, cycling
+    "hotflip_best": (dict(positions="best"), 64, 0),
+    "hotflip_beam4": (dict(beam_width=4, k=16), 64, 0),
+    "gcg": (dict(mode="gcg"), 128, 0),  # B = 128 single swaps from the per-position top-64
+    "gcg_n2": (dict(mode="gcg", n_replace=2), 128, 0),
+    "gcg_n3": (dict(mode="gcg", n_replace=3), 128, 0),
+    "gcg_beam4": (dict(mode="gcg", beam_width=4, num_swaps=32), 128, 0),
+    "gcg_k256": (dict(mode="gcg", k=256), 128, 0),
+    "soft_hotflip": (dict(), 64, 300),  # 300 soft steps (one attempt), projected, then hotflip
+    "soft_gcg": (dict(mode="gcg"), 128, 300),
+    "hotflip_roundtrip": (dict(round_trip_prompts=True), 64, 0),
+    "gcg_roundtrip": (dict(mode="gcg", round_trip_prompts=True), 128, 0),
+}
+BANDS = ((0.0, 3.0), (3.0, 6.0), (6.0, 9.0), (9.0, np.inf))
+
+
+def run_strategy(lm, targets, name: str, budget: int):
+    """(per-target DataFrame, seconds): KL after a quarter, half and all of `budget` evaluations per target."""
+    import pandas as pd
+
+    from distprompt_jax import SoftPromptConfig, soft_prompt
+    from distprompt_jax.prompting.hard import HardPromptConfig, hard_prompt, project_soft_prompts
+
+    fields, per_iteration, soft_steps = STRATEGIES[name]
+    start = time.perf_counter()
+    init_ids, spent = None, np.zeros(len(targets.probs))
+    if soft_steps:
+        soft = soft_prompt(lm, targets, SoftPromptConfig(max_steps=soft_steps, restarts=1))
+        init_ids, spent = project_soft_prompts(lm, soft), 3.0 * soft.columns["steps"]
+    iterations = int((budget - spent.max()) // per_iteration)
+    config = HardPromptConfig(max_steps=iterations, patience=iterations, **fields)
+    result = hard_prompt(lm, targets, config, init_ids=init_ids)
+    seconds = time.perf_counter() - start
+    path = result.arrays["kl_path"]
+    table = pd.DataFrame({"strategy": name, "entropy": targets.metadata["entropy"].to_numpy(),
+                          "initial_kl": result.columns["initial_kl"], "kl": result.columns["kl"],
+                          "best_step": result.columns["best_step"], "steps": result.columns["steps"],
+                          "round_trips": result.columns.get("round_trips", np.nan), "spent_before": spent})
+    for column, fraction in (("kl_quarter", 0.25), ("kl_half", 0.5)):
+        table[column] = path[:, max(0, int(fraction * iterations) - 1)]
+    table["evaluations"] = spent + per_iteration * table["steps"]
+    return table, seconds
+
+
+def strategies_section(lm, args):
+    import pandas as pd
+
+    from distprompt_jax import unembedding_bound
+    from distprompt_jax.targets import vanilla_targets
+
+    entropies = np.linspace(0.25, np.log(lm.vocab_size) - 0.25, args.strategy_targets)
+    targets = vanilla_targets(lm.vocab_size, entropies, seed=args.seed, progress=False)
+    bound = unembedding_bound(lm, targets).columns["kl"]
+    print(f"\n## Strategies at {args.budget} candidate evaluations per target, {len(entropies)} vanilla targets "
+          f"(h {entropies.min():.2f} … {entropies.max():.2f}, seed {args.seed}), certified bound beside\n", flush=True)
+    print("| strategy | mean KL | median KL | median gap | h∈[0,3): median KL / gap | [3,6) | [6,9) | ≥9 | "
+          "mean KL at ¼ budget | at ½ | never improved | seconds |")
+    print("|---|" + "---:|" * 11, flush=True)
+    tables = []
+    for name in args.strategies.split(","):
+        table, seconds = run_strategy(lm, targets, name, args.budget)
+        table["bound"], table["seconds"] = bound, seconds
+        tables.append(table)
+        gap = table.kl - table.bound
+        stuck = int(np.sum(table.best_step == 0))
+        cells = [f"{table.kl.mean():.3f}", f"{table.kl.median():.3f}", f"{gap.median():.3f}"]
+        for lo, hi in BANDS:
+            band = (table.entropy >= lo) & (table.entropy < hi)
+            cells.append(f"{table.kl[band].median():.2f} / {gap[band].median():.2f}" if band.any() else "")
+        cells += [f"{table.kl_quarter.mean():.3f}", f"{table.kl_half.mean():.3f}", str(stuck), f"{seconds:.0f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+        if args.out:
+            pd.concat(tables).to_csv(args.out, index=False)
 
 
 def main():
@@ -119,7 +287,32 @@ def main():
     parser.add_argument("--quality", type=int, default=32, help="targets for KL vs iterations (0 to skip)")
     parser.add_argument("--hotflip-iterations", type=int, default=4)
     parser.add_argument("--gcg-iterations", type=int, default=2)
+    parser.add_argument("--reuse", action="store_true", help="run only section 3, whole vs cached candidates")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[10, 20])
+    parser.add_argument("--reuse-reps", type=int, default=3)
+    parser.add_argument("--reuse-cycles", type=int, default=1, help="targets = cycles × L in section 3a")
+    parser.add_argument("--iteration-targets", type=int, default=64, help="section 3b (0 to skip)")
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--strategies", default="", help="run only section 4: comma-separated STRATEGIES names")
+    parser.add_argument("--strategy-targets", type=int, default=32)
+    parser.add_argument("--budget", type=int, default=12_800, help="candidate evaluations per target")
+    parser.add_argument("--seed", type=int, default=0, help="vanilla targets' seed in section 4")
+    parser.add_argument("--out", default="", help="section 4's per-target table (CSV)")
     args = parser.parse_args()
+    if args.strategies:
+        from distprompt_jax import load_model
+
+        print(f"# {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.devices()[0].platform}), "
+              f"{time.strftime('%Y-%m-%d %H:%M')}, load {os.getloadavg()[0]:.2f}")
+        strategies_section(load_model(MODEL), args)
+        return
+    if args.reuse:
+        from distprompt_jax import load_model
+
+        print(f"# {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.devices()[0].platform}), "
+              f"{time.strftime('%Y-%m-%d %H:%M')}, load {os.getloadavg()[0]:.2f}")
+        reuse_section(load_model(MODEL), args)
+        return
 
     import torch
     from transformers import AutoModelForCausalLM

@@ -183,6 +183,10 @@ def test_bad_configs_and_inputs_are_named(peaked_lm):
         ({"mode": "gcg", "positions": "best"}, "applies to mode='hotflip' only"),
         ({"prompt_len": 10, "patience": 5}, "patience=5 is less than prompt_len=10"),
         ({"num_swaps": 0}, "num_swaps must be at least 1"),
+        ({"mode": "gcg", "n_replace": 11}, "n_replace must be between 1 and prompt_len=10"),
+        ({"n_replace": 2}, "n_replace > 1 applies to mode='gcg' only"),
+        ({"reuse_rounds": "slot"}, "reuse_rounds must be one of"),
+        ({"round_trip_prompts": True}, "round_trip_prompts needs the model's tokenizer"),
         ({"ascii_only": True}, "ascii_only needs the model's tokenizer"),
         ({"init": "text"}, "init_text is given exactly when init='text'"),
         ({"init_token": 1}, r"init_token has tokens the search may not use .*\[1\]"),
@@ -246,13 +250,14 @@ def test_prompts_inside_the_chat_template(peaked_lm):
     HardPromptConfig(prompt_len=5, mode="gcg", init="random", k=16, num_swaps=40, max_steps=8, slots=4,
                      candidate_block=16, prefix=(7,)),
 ], ids=["hotflip-beam-context", "gcg-prefix"])
-def test_reusing_the_shared_prefix_takes_the_same_path(peaked_lm, config):
+@pytest.mark.parametrize("rounds", ["target", "pool"])
+def test_reusing_the_shared_prefix_takes_the_same_path(peaked_lm, config, rounds):
     """Candidates computed from their first swapped position on, after the prompt's cached keys/values (and the
     fixed prefix's), take the search down exactly the path of candidates computed whole (same seed). That a
     target's path does not depend on the device count is test_deterministic_...'s, with the cache on."""
     lm = peaked_lm("qwen3")
     targets = random_targets(6, lm.vocab_size, seed=2)
-    cached = hard_prompt(lm, targets, config)
+    cached = hard_prompt(lm, targets, dataclasses.replace(config, reuse_rounds=rounds))
     whole = hard_prompt(lm, targets, dataclasses.replace(config, reuse_prefix=False))
     np.testing.assert_array_equal(cached.arrays["token_ids"], whole.arrays["token_ids"])
     np.testing.assert_array_equal(cached.columns["steps"], whole.columns["steps"])
@@ -272,11 +277,61 @@ def test_candidates_after_the_shared_prefix_have_their_whole_kl(peaked_lm, famil
     starts = rng.integers(0, 6, (3, 20))
     candidates = np.where(np.arange(6) >= starts[..., None], rng.integers(3, lm.vocab_size, (3, 20, 6)), ids[:, None])
 
-    def both(params, p, ids, candidates, starts):
-        table, log_p = lm.embedding_matrix(params), safe_log(p)
-        cached = problem.shared_prefix_kl(params, table, problem.fixed_prefix_cache(params), p, log_p, ids,
-                                          candidates, starts)
-        return cached, problem.candidate_kl(params, table, p, log_p, candidates)
+    @jax.jit
+    def kl(params, p, ids, candidates, starts):
+        table, log_p, fixed = lm.embedding_matrix(params), safe_log(p), problem.fixed_prefix_cache(params)
+        whole = jax.vmap(problem.candidate_kl, in_axes=(None, None, 0, 0, 0))(params, table, p, log_p, candidates)
+        by_target, pooled = (problem.prompts_candidate_kl(params, table, fixed, p, log_p, ids, candidates, starts,
+                                                          round_units) for round_units in (1, 3))
+        return whole, by_target, pooled
 
-    cached, whole = jax.jit(jax.vmap(both, in_axes=(None, 0, 0, 0, 0)))(lm.params, p, ids, candidates, starts)
-    np.testing.assert_allclose(cached, whole, rtol=1e-5, atol=1e-6)
+    whole, by_target, pooled = kl(lm.params, p, ids, candidates, starts)
+    np.testing.assert_allclose(by_target, whole, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pooled, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_multi_token_swaps_place_only_allowed_tokens(peaked_lm):
+    lm = dataclasses.replace(peaked_lm("llama"), tokenizer=tiny_tokenizer(296))
+    filters = dict(ascii_only=True, printable_only=True, no_whitespace_only=True, round_trip_tokens=True)
+    config = HardPromptConfig(prompt_len=5, mode="gcg", n_replace=3, k=200, num_swaps=64, **filters)
+    problem = HardProblem.build(lm, config)
+    allowed = candidate_mask(lm, config)
+    rng = np.random.default_rng(5)
+    ids = rng.choice(np.flatnonzero(allowed), (2, 5))  # a beam of two
+    # Gradients that favour the banned tokens most: the top-200 of some positions reach into them.
+    table = np.asarray(lm.embedding_matrix(lm.params), np.float32)
+    g = -np.where(allowed, 0.1, 1.0)[None, None, :] @ table + rng.normal(size=(2, 5, lm.d_model))
+
+    candidates, starts, valid = jax.jit(problem._candidates, static_argnums=())(
+        jax.numpy.asarray(table), jax.numpy.asarray(allowed), jax.numpy.asarray(g, jax.numpy.float32), ids, 0,
+        jax.random.key(0))
+    candidates, starts, valid = map(np.asarray, (candidates, starts, valid))
+    assert candidates.shape == (2, 64, 5) and valid.all()
+    assert allowed[candidates].all()
+    changed = candidates != ids[:, None, :]
+    np.testing.assert_array_equal(changed.sum(-1), 3)  # three distinct positions, each a new token
+    np.testing.assert_array_equal(starts, changed.argmax(-1))  # equal to the prompt before its start
+
+    targets = targets_of(lm, [[5, 9, 10, 6, 1], [20, 30, 40, 50, 2]])  # reachable only with banned tokens
+    result = hard_prompt(lm, targets, dataclasses.replace(config, k=32, max_steps=4, slots=2))
+    assert allowed[result.arrays["token_ids"]].all()
+    assert np.all(result.columns["kl"] < result.columns["initial_kl"])
+
+
+def test_round_trip_filter_keeps_only_prompts_that_round_trip(peaked_lm):
+    lm = dataclasses.replace(peaked_lm("llama"), tokenizer=tiny_tokenizer(296))
+    # Targets the model gives after prompts holding tokens that do not survive decode → encode ("x.y", " ",
+    # "\t\n", U+FFFD): an unfiltered search is drawn to them.
+    prompts = [[9, 7, 9], [8, 9, 8], [10, 9, 7], [7, 8, 9]]
+    targets = targets_of(lm, prompts)
+    assert not round_trips(lm.tokenizer, prompts).any()
+    config = HardPromptConfig(prompt_len=3, k=64, max_steps=12, slots=4)
+    free = hard_prompt(lm, targets, config)
+    kept = hard_prompt(lm, targets, dataclasses.replace(config, round_trip_prompts=True))
+    assert not free.columns["round_trips"].all()
+    assert kept.columns["round_trips"].all()
+    assert np.all(kept.columns["kl"] < kept.columns["initial_kl"])
+    # An initial prompt that fails counts as +inf: the search leaves it for the first candidate that passes.
+    start = np.tile([9, 4, 4], (4, 1))  # ("x.y the the"; cycling hotflip swaps the first position first)
+    from_failing = hard_prompt(lm, targets, dataclasses.replace(config, round_trip_prompts=True), init_ids=start)
+    assert from_failing.columns["round_trips"].all() and np.isfinite(from_failing.columns["kl"]).all()

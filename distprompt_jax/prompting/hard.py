@@ -8,13 +8,16 @@ needs no sampling — and the best is kept if it beats the current prompt.
 
 - mode "hotflip" (the paper's method): the k candidates of one position per iteration, cycling through the
   positions (or the k best (position, token) pairs over all positions), with an optional beam of prompts.
-- mode "gcg" (Zou et al. 2023): B single-position swaps sampled uniformly from the per-position top-k.
+- mode "gcg" (Zou et al. 2023): B swaps sampled uniformly from the per-position top-k, each changing
+  `n_replace` distinct positions (nanoGCG's n_replace; 1 in the paper).
 
 A candidate equals its prompt before its (first) swapped position i, so by default it is computed from i on,
 after the prompt's keys/values (`reuse_prefix`; the fixed prefix's are computed once per iteration for all
 targets, from the weights alone). Split points are static shapes: candidates sorted by i run in blocks, each
-block through a `lax.switch` over the L split points, one target at a time (`_one_at_a_time`: vmapped, a
-switch would run every branch). Cycling hotflip saves half the prompt on average; measured in BENCHMARKS.md.
+block from its smallest i through a `lax.switch` over the L split points, each target's blocks alone on a
+CPU, all targets' blocks sorted together on an accelerator (`reuse_rounds`). Under the driver's vmap a
+switch would run every branch, so the evaluation sees the whole batch of targets (`_over_targets`). Cycling
+hotflip saves half the prompt on average; measured in BENCHMARKS.md.
 
 The search is a pure function of (target, its index in the set, config): `HardProblem` is one target's
 search, and the solver driver (distprompt_jax.solve) runs a pool of them side by side under vmap, their
@@ -54,6 +57,10 @@ from distprompt_jax.tokens import ordinary_token_mask
 
 MODES = ("hotflip", "gcg")
 POSITIONS = ("cycle", "best")
+REUSE_ROUNDS = ("target", "pool")
+# With round_trip_prompts, twice the candidates are proposed and the first that survive decode → encode are
+# evaluated (a byte-level BPE loses a few in ten single swaps to merges with their neighbours).
+ROUND_TRIP_OVERSAMPLE = 2
 INITS = ("repeat", "random", "text")
 DEFAULT_INIT_TEXT = " the"  # the repeated common token of init="repeat", where the tokenizer has it as one token
 
@@ -67,6 +74,7 @@ class HardPromptConfig:
     mode: str = "hotflip"  # "hotflip" | "gcg"
     k: int = 64  # candidates per position: the k tokens with the lowest gradient score
     num_swaps: int = 128  # gcg: B swaps sampled from the per-position top-k each iteration
+    n_replace: int = 1  # gcg: positions each swap changes (distinct, each a token from its top-k), as nanoGCG's
     positions: str = "cycle"  # hotflip: "cycle" (position t mod L at iteration t) | "best" (k best pairs overall)
     beam_width: int = 1  # prompts kept per target; each proposes its own candidates
     max_steps: int = 200  # iterations
@@ -86,6 +94,10 @@ class HardPromptConfig:
     printable_only: bool = False  # candidates: no control characters (but space, tab, newline), no partial UTF-8
     no_whitespace_only: bool = False  # candidates: tokens with some non-whitespace text
     round_trip_tokens: bool = False  # candidates: tokens whose text encodes back to that one token
+    # candidates: prompts whose decoded text encodes back to exactly them, checked on the host for every
+    # candidate during the search (nanoGCG's filter_ids), so every prompt the search keeps round-trips; an
+    # initial prompt that does not counts as KL +inf (the first valid candidate replaces it)
+    round_trip_prompts: bool = False
     seed: int = 0
     slots: int | str | None = None  # targets searched at once; None: 32 on a CPU, 1024 on an accelerator;
     #                                 "auto": sized from XLA's memory analysis to half the free memory
@@ -95,6 +107,11 @@ class HardPromptConfig:
     # computed whole (the path before the cache, for comparison). Not with shard_params, where no device
     # holds the whole model: that runs the whole-candidate path.
     reuse_prefix: bool = True
+    # How candidates after a shared prefix are batched: "target": each target's blocks alone (its results never
+    # depend on the other targets); "pool": the blocks of all targets on a device together, sorted by start,
+    # a round of one block per prompt from its smallest start (larger calls, for accelerators; a target's KLs
+    # then round differently in different company). None: "target" on a CPU, "pool" on an accelerator.
+    reuse_rounds: str | None = None
     segment_steps: int = 5  # iterations per compiled call: finished targets' slots are refilled between calls
     refill_at: int | None = None  # end a segment early once this many slots are free (None: slots // 16, ≥ 1)
     top_k: int = 10  # for the top-k overlap figure
@@ -112,8 +129,14 @@ class HardPromptConfig:
             fail(f"candidate_block must be positive or None, got {self.candidate_block}")
         if self.mode not in MODES:
             fail(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.reuse_rounds is not None and self.reuse_rounds not in REUSE_ROUNDS:
+            fail(f"reuse_rounds must be one of {REUSE_ROUNDS} or None, got {self.reuse_rounds!r}")
         if self.positions not in POSITIONS:
             fail(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if not 1 <= self.n_replace <= self.prompt_len:
+            fail(f"n_replace must be between 1 and prompt_len={self.prompt_len}, got {self.n_replace}")
+        if self.n_replace > 1 and self.mode != "gcg":
+            fail("n_replace > 1 applies to mode='gcg' only")
         if self.mode != "hotflip" and self.positions != "cycle":
             fail(f"positions={self.positions!r} applies to mode='hotflip' only")
         if self.init_token is not None and self.init != "repeat":
@@ -126,7 +149,8 @@ class HardPromptConfig:
                 "position every prompt_len iterations, so a target would stop before every position was tried"
             )
         if lm.tokenizer is None:
-            for name in ("ascii_only", "printable_only", "no_whitespace_only", "round_trip_tokens"):
+            for name in ("ascii_only", "printable_only", "no_whitespace_only", "round_trip_tokens",
+                         "round_trip_prompts"):
                 if getattr(self, name):
                     fail(f"{name} needs the model's tokenizer, and {lm.name} was loaded without one")
             if isinstance(self.init_token, str):
@@ -207,6 +231,7 @@ class HardProblem:
     mode: str
     k: int
     num_swaps: int
+    n_replace: int
     positions: str
     beam_width: int
     max_steps: int
@@ -215,9 +240,11 @@ class HardProblem:
     floor_tolerance: float
     candidate_block: int | None
     reuse_prefix: bool
+    reuse_rounds: str
     top_k: int
     context: context_lib.FixedContext
     filters: tuple[bool, bool, bool, bool]  # ascii_only, printable_only, no_whitespace_only, round_trip_tokens
+    round_trip_prompts: bool
     init_kind: str  # config.init, or "given": the caller's per-target ids (input "init_ids")
     start_ids: tuple[int, ...] | None  # the initial prompt of init="repeat" / "text"
     allowed: np.ndarray = dataclasses.field(compare=False, repr=False)  # bool [V]: a function of lm and filters
@@ -245,11 +272,15 @@ class HardProblem:
             start_ids = np.full(config.prompt_len, _init_token(lm, config, allowed), np.int32)
         return cls(
             lm=model_structure(lm), prompt_len=config.prompt_len, mode=config.mode, k=config.k,
-            num_swaps=config.num_swaps, positions=config.positions, beam_width=config.beam_width,
+            num_swaps=config.num_swaps, n_replace=config.n_replace, positions=config.positions,
+            beam_width=config.beam_width,
             max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta,
             floor_tolerance=config.floor_tolerance, candidate_block=config.candidate_block,
-            reuse_prefix=config.reuse_prefix and not config.shard_params, top_k=config.top_k, context=context,
+            reuse_prefix=config.reuse_prefix and not config.shard_params,
+            reuse_rounds=config.reuse_rounds or ("target" if jax.default_backend() == "cpu" else "pool"),
+            top_k=config.top_k, context=context,
             filters=(config.ascii_only, config.printable_only, config.no_whitespace_only, config.round_trip_tokens),
+            round_trip_prompts=config.round_trip_prompts,
             init_kind="given" if given_init else config.init,
             start_ids=None if start_ids is None else tuple(int(i) for i in start_ids), allowed=allowed,
         )
@@ -258,12 +289,13 @@ class HardProblem:
         """Next-token logits of prompt embeddings x [L, d] inside the fixed context."""
         return self.lm.logits(params, self.context.around(params, self.lm, x))
 
-    def _propose(self, table32, allowed, g, ids, step, key):
-        """Candidate swaps of each beam member: (positions, tokens, valid), each [W, C].
+    def _propose(self, table32, allowed, g, ids, step, key, count: int):
+        """`count` candidates of each beam member: (positions [W, count, n], tokens [W, count, n], valid
+        [W, count]), a candidate placing tokens[..., r] at positions[..., r] (n = n_replace for GCG, else 1).
 
         A token's score at position i is (e_w − e_i)·g_i, the first-order change of the loss; candidates
-        are the lowest scores among allowed tokens other than the current one. A candidate whose score
-        is +inf (fewer allowed tokens than k) is marked invalid.
+        are the lowest scores among allowed tokens other than the current one. A candidate with a score
+        of +inf (fewer allowed tokens than asked for) is marked invalid.
         """
         L, V = self.prompt_len, self.lm.vocab_size
 
@@ -274,19 +306,58 @@ class HardProblem:
 
         if self.mode == "hotflip" and self.positions == "cycle":
             position = step % L
-            neg, tokens = jax.lax.top_k(-scores(g[:, position], ids[:, position]), self.k)  # [W, k]
-            return jnp.full(tokens.shape, position), tokens, jnp.isfinite(neg)
-        neg, tokens = jax.lax.top_k(-scores(g, ids), self.k)  # [W, L, k]
-        if self.mode == "hotflip":  # the k best (position, token) pairs: they lie among the per-position top-k
-            best_neg, flat = jax.lax.top_k(neg.reshape(-1, L * self.k), self.k)
-            best_tokens = jnp.take_along_axis(tokens.reshape(-1, L * self.k), flat, axis=1)
-            return flat // self.k, best_tokens, jnp.isfinite(best_neg)
-        shape = (ids.shape[0], self.num_swaps)
+            neg, tokens = jax.lax.top_k(-scores(g[:, position], ids[:, position]), min(count, V))  # [W, count]
+            return jnp.full(tokens.shape + (1,), position), tokens[..., None], jnp.isfinite(neg)
+        top = min(self.k if self.mode == "gcg" else count, V)
+        neg, tokens = jax.lax.top_k(-scores(g, ids), top)  # [W, L, top]
+        if self.mode == "hotflip":  # the best (position, token) pairs: they lie among the per-position top ones
+            best_neg, flat = jax.lax.top_k(neg.reshape(-1, L * top), count)
+            best_tokens = jnp.take_along_axis(tokens.reshape(-1, L * top), flat, axis=1)
+            return (flat // top)[..., None], best_tokens[..., None], jnp.isfinite(best_neg)
+        # GCG: n_replace distinct positions per candidate, each a token drawn from that position's top-k.
+        shape = (ids.shape[0], count)
         key_position, key_rank = jax.random.split(key)
-        position = jax.random.randint(key_position, shape, 0, L)
-        rank = jax.random.randint(key_rank, shape, 0, self.k)
-        member = jnp.arange(shape[0])[:, None]
-        return position, tokens[member, position, rank], jnp.isfinite(neg[member, position, rank])
+        position = jnp.argsort(jax.random.uniform(key_position, shape + (L,)), axis=-1)[..., : self.n_replace]
+        rank = jax.random.randint(key_rank, shape + (self.n_replace,), 0, self.k)
+        member = jnp.arange(shape[0])[:, None, None]
+        valid = jnp.all(jnp.isfinite(neg[member, position, rank]), axis=-1)
+        return position, tokens[member, position, rank], valid
+
+    def _candidates(self, table32, allowed, g, ids, step, key):
+        """Each beam member's candidate prompts [W, C, L], the positions before which they equal the member
+        [W, C], and whether each is valid [W, C]; with `round_trip_prompts`, the first C of twice as many
+        proposals whose text encodes back to them (the rest are not worth a forward)."""
+        count = {"hotflip": self.k, "gcg": self.num_swaps}[self.mode]
+        asked = count * (ROUND_TRIP_OVERSAMPLE if self.round_trip_prompts else 1)
+        positions, tokens, valid = self._propose(table32, allowed, g, ids, step, key, asked)
+        candidates = jnp.broadcast_to(ids[:, None, :], positions.shape[:2] + (self.prompt_len,))
+        for r in range(positions.shape[-1]):
+            candidates = jnp.where(jnp.arange(self.prompt_len) == positions[..., r, None], tokens[..., r, None],
+                                   candidates)
+        starts = jnp.min(positions, axis=-1)
+        if self.round_trip_prompts:
+            valid &= self._round_trips(candidates)
+            # Valid candidates first, in their order of proposal (best score first for hotflip).
+            first = jnp.argsort(~valid, axis=1, stable=True)[:, :count]
+
+            def take(a):
+                return jnp.take_along_axis(a, first.reshape(first.shape + (1,) * (a.ndim - 2)), axis=1)
+
+            candidates, starts, valid = take(candidates), take(starts), take(valid)
+        return candidates, starts, valid
+
+    def _round_trips(self, prompts):
+        """bool [...]: whether each prompt [..., L] survives decode → encode, checked on the host."""
+        tokenizer, length = self.lm.tokenizer, self.prompt_len
+
+        def check(prompts):
+            prompts = np.asarray(prompts)
+            return round_trips(tokenizer, prompts.reshape(-1, length)).reshape(prompts.shape[:-1])
+
+        def on_host(prompts):  # [S, ..., L]: every target's on this device, one call
+            return jax.pure_callback(check, jax.ShapeDtypeStruct(prompts.shape[:-1], jnp.bool_), prompts)
+
+        return _over_targets(on_host)(prompts)
 
     def candidate_kl(self, params, table, p, log_p, candidates):
         """Exact KL of each candidate prompt [M, L] -> [M], each computed whole, `candidate_block` at a time."""
@@ -313,47 +384,76 @@ class HardProblem:
             x = jnp.concatenate([x.astype(self.lm.dtype), jnp.broadcast_to(suffix, x.shape[:-2] + suffix.shape)], -2)
         return self.lm.logits(params, x, cache=fixed)
 
-    def shared_prefix_kl(self, params, table, fixed, p, log_p, ids, candidates, starts):
-        """Exact KL of candidates [C, L] of the prompt ids [L] -> [C], where candidate c equals ids before
-        position starts[c]: the prompt's keys/values are computed once, and each candidate only from its block's
-        first start on.
+    def prompts_candidate_kl(self, params, table, fixed, p, log_p, ids, candidates, starts, round_units: int):
+        """Exact KL of the candidates of N prompts -> [N, C]: p, log_p [N, V], ids [N, L], candidates [N, C, L],
+        starts [N, C], where candidate c of prompt n equals ids[n] before position starts[n, c].
 
-        Candidates are sorted by start and taken `candidate_block` at a time; a block runs from its smallest
-        start (a `lax.switch` over the L split points, so each compiles its own shapes). Under vmap the
-        evaluation loops over the mapped axis (`_one_at_a_time`): a vmapped switch would run every branch.
+        Each prompt's keys/values are computed once; a candidate is computed only from a split point on, after
+        them. A prompt's candidates, sorted by start, form blocks of `candidate_block`; the blocks of all N
+        prompts, sorted by start, run in rounds of `round_units` blocks, each round from its smallest start
+        (a `lax.switch` over the L split points, so each compiles its own shapes). With one block a round, a
+        prompt's results do not depend on the other prompts; larger rounds batch more work per call.
         """
-        n, length = candidates.shape
-        block = min(self.candidate_block or n, n)
-        n_blocks = -(-n // block)
-        order = jnp.argsort(starts, stable=True)
+        n, count, length = candidates.shape
+        block = min(self.candidate_block or count, count)
+        n_blocks = -(-count // block)
+        order = jnp.argsort(starts, axis=1, stable=True)
         # The last candidate repeated fills the last block: a harmless duplicate whose result is dropped.
-        order = jnp.concatenate([order, jnp.full(n_blocks * block - n, order[-1])])
-        blocks = candidates[order].reshape(n_blocks, block, length)
-        block_starts = starts[order].reshape(n_blocks, block)[:, 0]
-        prompt_cache = self.lm.prefix_cache(params, table[ids]) if fixed is None else (
-            self.lm.extend_cache(params, fixed, table[ids]))
+        order = jnp.concatenate([order, jnp.repeat(order[:, -1:], n_blocks * block - count, axis=1)], axis=1)
+        blocks = jnp.take_along_axis(candidates, order[..., None], axis=1).reshape(n * n_blocks, block, length)
+        block_starts = jnp.take_along_axis(starts, order, axis=1).reshape(n * n_blocks, block)[:, 0]
+        block_prompt = jnp.repeat(jnp.arange(n), n_blocks)
+        n_rounds = -(-len(blocks) // round_units)
+        rounds = jnp.argsort(block_starts, stable=True)
+        rounds = jnp.concatenate([rounds, jnp.full(n_rounds * round_units - len(blocks), rounds[-1])])
+        x = table[ids]
+        prompt_cache = self.lm.prefix_cache(params, x) if fixed is None else self.lm.extend_cache(params, fixed, x)
         fixed_length = len(self.context.prefix_ids)
 
         def from_position(split):
-            def run(block_ids):  # [block, L], every candidate equal to ids before `split`
+            def run(round_blocks):  # [round_units] blocks, every candidate equal to its prompt before `split`
+                prompts = block_prompt[round_blocks]
+                x = table[blocks[round_blocks][:, :, split:]]  # [round_units, block, L - split, d]
                 shared = fixed_length + split
-                cache = None if shared == 0 else KVCache(prompt_cache.keys[:, :shared], prompt_cache.values[:, :shared])
-                logits = self.logits_after(params, cache, table[block_ids[:, split:]])
-                return jax.vmap(kl_from_logits, in_axes=(None, 0, None))(p, logits, log_p)
+                if shared:
+                    cache = KVCache(prompt_cache.keys[prompts, :, :shared], prompt_cache.values[prompts, :, :shared])
+                    logits = jax.vmap(lambda x, cache: self.logits_after(params, cache, x))(x, cache)
+                else:
+                    logits = self.logits_after(params, None, x)
+                kl = jax.vmap(kl_from_logits, in_axes=(None, 0, None))  # one prompt's block
+                return jax.vmap(kl)(p[prompts], logits, log_p[prompts])
 
             return run
 
         branches = [from_position(split) for split in range(length)]
-        sorted_kl = jax.lax.map(lambda b: jax.lax.switch(b[1], branches, b[0]), (blocks, block_starts)).reshape(-1)
-        return jnp.zeros(n, sorted_kl.dtype).at[order[:n]].set(sorted_kl[:n])
+        round_kl = jax.lax.map(lambda r: jax.lax.switch(block_starts[r[0]], branches, r),
+                               rounds.reshape(n_rounds, round_units))
+        block_kl = jnp.zeros((len(blocks), block), round_kl.dtype).at[rounds].set(round_kl.reshape(-1, block))
+        sorted_kl = block_kl.reshape(n, n_blocks * block)
+        return jnp.zeros((n, count), sorted_kl.dtype).at[jnp.arange(n)[:, None], order].set(sorted_kl)[:, :count]
 
     def beam_candidate_kl(self, params, table, fixed, p, log_p, ids, candidates, starts):
-        """KL of every beam member's candidates [W, C, L] (members ids [W, L], starts [W, C]) -> [W, C]."""
+        """KL of one target's beam members' candidates [W, C, L] (members ids [W, L], starts [W, C]) -> [W, C].
+
+        Under vmap over targets (the driver's slots), the members of all targets (on each device) form the
+        batch of prompts of `prompts_candidate_kl` (`_over_targets`), with rounds of one block ("target") or of
+        one block per prompt ("pool"), as `reuse_rounds` says.
+        """
         if not self.reuse_prefix:
-            return self.candidate_kl(params, table, p, log_p, candidates.reshape(-1, self.prompt_len)).reshape(
-                starts.shape)
-        evaluate = _one_at_a_time(self.shared_prefix_kl)
-        return jax.lax.map(lambda member: evaluate(params, table, fixed, p, log_p, *member), (ids, candidates, starts))
+            flat = candidates.reshape(-1, self.prompt_len)
+            return self.candidate_kl(params, table, p, log_p, flat).reshape(starts.shape)
+        return _over_targets(self._targets_candidate_kl, shared=3)(params, table, fixed, p, log_p, ids, candidates,
+                                                                    starts)
+
+    def _targets_candidate_kl(self, params, table, fixed, p, log_p, ids, candidates, starts):
+        """`beam_candidate_kl` of S targets at once ([S, ...] each): their W members are S × W prompts."""
+        targets, width, length = ids.shape
+        round_units = 1 if self.reuse_rounds == "target" else targets * width
+        kl = self.prompts_candidate_kl(
+            params, table, fixed, jnp.repeat(p, width, axis=0), jnp.repeat(log_p, width, axis=0),
+            ids.reshape(-1, length), candidates.reshape(targets * width, -1, length),
+            starts.reshape(targets * width, -1), round_units)
+        return kl.reshape(starts.shape)
 
     def _iterate(self, params, p, log_p, ids, step, key):
         """One iteration: the new beam [W, L] (best first), the beam's KL [W], and whether the new best is a
@@ -369,11 +469,10 @@ class HardProblem:
             return kl_from_logits(p, logits, log_p)
 
         current_kl, g = jax.vmap(jax.value_and_grad(loss))(table32[ids])  # [W], [W, L, d]
-        positions, tokens, valid = self._propose(table32, allowed, g, ids, step, jax.random.fold_in(key, step))
-        candidates = jnp.where(
-            jnp.arange(self.prompt_len) == positions[..., None], tokens[..., None], ids[:, None, :]
-        )  # [W, C, L]
-        candidate_kl = self.beam_candidate_kl(params, table, fixed, p, log_p, ids, candidates, positions)
+        if self.round_trip_prompts:  # only an initial prompt can fail: it gives way to any candidate
+            current_kl = jnp.where(self._round_trips(ids), current_kl, jnp.inf)
+        candidates, starts, valid = self._candidates(table32, allowed, g, ids, step, jax.random.fold_in(key, step))
+        candidate_kl = self.beam_candidate_kl(params, table, fixed, p, log_p, ids, candidates, starts)
         candidate_kl = jnp.where(valid, candidate_kl, jnp.inf).reshape(-1)
         candidates = candidates.reshape(-1, self.prompt_len)
         # The current beam comes first, so on ties it stays (and a beam that cannot improve does not move).
@@ -407,8 +506,9 @@ class HardProblem:
         else:
             ids = jnp.asarray(self.start_ids, jnp.int32)
         initial_kl = self.prompt_kl(params, p, log_p, ids)
+        best = jnp.where(self._round_trips(ids), initial_kl, jnp.inf) if self.round_trip_prompts else initial_kl
         return HardState(
-            progress=Progress(jnp.int32(0), initial_kl, jnp.asarray(self.max_steps > 0)),
+            progress=Progress(jnp.int32(0), best, jnp.asarray(self.max_steps > 0)),
             patience=Patience.start(),
             ids=jnp.broadcast_to(ids, (self.beam_width, self.prompt_len)),
             best_ids=ids, best_step=jnp.int32(0), initial_kl=initial_kl,
@@ -488,39 +588,38 @@ def _check_allowed(ids: np.ndarray, allowed: np.ndarray, what: str) -> None:
 
 
 
-def _one_at_a_time(f):
-    """f, whose vmap is a loop over the mapped axis (each element computed as f alone, so a `lax.switch`
-    on a per-element index runs one branch, not all of them under a select).
+def _over_targets(batched, shared: int = 0):
+    """A per-target function made of `batched`, which takes `shared` arguments common to all targets and then
+    per-target arrays with a leading target axis. Vmapped over targets (the driver's slots), it is one call of
+    `batched` on each device's targets: the batch can be regrouped (candidates of all targets sorted by their
+    split point), a `lax.switch` keeps a scalar index (vmapped, it would run every branch) and a host callback
+    sees its own device's share.
 
-    Where the mapped arrays live on a mesh with the driver's target axis (`parallel.TARGET_AXIS`), each
-    device loops over its own share (`shard_map`): a plain loop over a sharded axis would be gathered and
-    run whole on every device.
+    Where the targets live on a mesh with the driver's target axis (`parallel.TARGET_AXIS`), each device runs
+    its own share (`shard_map`): left to the partitioner, the work would be gathered onto every device.
     """
-    f = jax.custom_batching.custom_vmap(f)
 
-    @f.def_vmap
+    @jax.custom_batching.custom_vmap
+    def per_target(*args):
+        out = batched(*args[:shared], *(a[None] for a in args[shared:]))
+        return jax.tree.map(lambda a: a[0], out)
+
+    @per_target.def_vmap
     def rule(axis_size, in_batched, *args):
-        leaves, tree = jax.tree.flatten(list(args))
-        flags = jax.tree.leaves(list(in_batched))
-        mapped = [a for a, batched in zip(leaves, flags) if batched]
-        shared = [a for a, batched in zip(leaves, flags) if not batched]
-
-        def loop(mapped, shared):
-            def one(element):
-                element, rest = iter(element), iter(shared)
-                return f(*jax.tree.unflatten(tree, [next(element) if b else next(rest) for b in flags]))
-
-            return jax.lax.map(one, mapped)
-
-        mesh = jax.typeof(mapped[0]).sharding.mesh
+        if any(jax.tree.leaves(in_batched[:shared])):
+            raise NotImplementedError("the shared arguments are one for all targets")
+        per = [a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+               for a, batched in zip(args[shared:], in_batched[shared:])]
+        run = batched
+        mesh = jax.typeof(per[0]).sharding.mesh
         devices = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(parallel.TARGET_AXIS, 1)
         if devices > 1 and axis_size % devices == 0:
-            spec = PartitionSpec(parallel.TARGET_AXIS)
-            loop = jax.shard_map(loop, mesh=mesh, in_specs=(spec, PartitionSpec()), out_specs=spec)
-        out = loop(mapped, shared)
+            split, whole = PartitionSpec(parallel.TARGET_AXIS), PartitionSpec()
+            run = jax.shard_map(batched, mesh=mesh, in_specs=(whole,) * shared + (split,) * len(per), out_specs=split)
+        out = run(*args[:shared], *per)
         return out, jax.tree.map(lambda _: True, out)
 
-    return f
+    return per_target
 
 
 # -- Driving it ------------------------------------------------------------------------------------------
