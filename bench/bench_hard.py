@@ -34,7 +34,8 @@
    `--strategy-targets` vanilla targets spread over entropy, with the certified `unembedding_bound` beside
    each KL: mean / median KL and gap to the bound per entropy band after a quarter, half and all of the
    budget, targets left at their initial prompt, and wall time. See STRATEGIES for what each name runs; a
-   soft warm start is charged 3 candidate evaluations per soft step it ran (a value_and_grad of the prompt).
+   soft warm start (`--soft-steps`, one attempt, no bound) is charged 3 candidate evaluations per soft step it
+   ran (a value_and_grad of the prompt).
 
 Everything here is compute-bound on a CPU: one candidate forward is ~2.2 GFLOP, so 64 × 128 candidates
 are ~18 TFLOP, and one iteration on 32 targets is ~2,100 (hotflip) or ~4,200 (GCG) forwards' worth. The
@@ -173,6 +174,13 @@ def reuse_evaluation(lm, length: int, mode: str, n_targets: int, reps: int, seed
 
 
 def reuse_section(lm, args):
+    if args.reuse_cycles:
+        reuse_evaluation_table(lm, args)
+    if args.iteration_targets:
+        reuse_iteration_table(lm, args)
+
+
+def reuse_evaluation_table(lm, args):
     print(f"\n## Reusing the shared prefix: candidate evaluations/s, whole vs cached (median of {args.reuse_reps}, "
           "alternating)\n")
     print("| L | mode | targets × candidates | whole | cached | speed-up | max |ΔKL| |")
@@ -184,8 +192,9 @@ def reuse_section(lm, args):
             per_target = 64 if mode == "hotflip" else 128
             print(f"| {length} | {mode} | {n} × {per_target} | {whole:.1f} | {cached:.1f} | {cached / whole:.2f}× | "
                   f"{difference:.1e} |", flush=True)
-    if not args.iteration_targets:
-        return
+
+
+def reuse_iteration_table(lm, args):
     probs = random_targets(args.iteration_targets, lm.vocab_size, seed=1)
     print(f"\n## Whole iterations, {args.iteration_targets} targets (median of iterations 2..{args.iterations})\n")
     print("| L | mode | whole s/it | cached s/it | speed-up | cached it/s | cached candidate evals/s | same path |")
@@ -201,7 +210,7 @@ def reuse_section(lm, args):
                   f"{1 / cached_s:.3f} | {len(probs) * per_target / cached_s:.1f} | {same} |", flush=True)
 
 
-# name -> (HardPromptConfig fields, candidate evaluations per iteration, soft warm-start steps or 0)
+# name -> (HardPromptConfig fields, candidate evaluations per iteration, whether a soft prompt starts it)
 STRATEGIES = {
     "hotflip": (dict(), 64, 0),  # the default: k = 64 at one position per iteration, cycling
     "hotflip_best": (dict(positions="best"), 64, 0),
@@ -211,29 +220,29 @@ STRATEGIES = {
     "gcg_n3": (dict(mode="gcg", n_replace=3), 128, 0),
     "gcg_beam4": (dict(mode="gcg", beam_width=4, num_swaps=32), 128, 0),
     "gcg_k256": (dict(mode="gcg", k=256), 128, 0),
-    "soft_hotflip": (dict(), 64, 300),  # 300 soft steps (one attempt), projected, then hotflip
-    "soft_gcg": (dict(mode="gcg"), 128, 300),
+    "soft_hotflip": (dict(), 64, True),  # --soft-steps soft steps (one attempt), projected, then hotflip
+    "soft_gcg": (dict(mode="gcg"), 128, True),
     "hotflip_roundtrip": (dict(round_trip_prompts=True), 64, 0),
     "gcg_roundtrip": (dict(mode="gcg", round_trip_prompts=True), 128, 0),
 }
 BANDS = ((0.0, 3.0), (3.0, 6.0), (6.0, 9.0), (9.0, np.inf))
 
 
-def run_strategy(lm, targets, name: str, budget: int):
+def run_strategy(lm, targets, name: str, budget: int, soft_steps: int):
     """(per-target DataFrame, seconds): KL after a quarter, half and all of `budget` evaluations per target."""
     import pandas as pd
 
     from distprompt_jax import SoftPromptConfig, soft_prompt
     from distprompt_jax.prompting.hard import HardPromptConfig, hard_prompt, project_soft_prompts
 
-    fields, per_iteration, soft_steps = STRATEGIES[name]
+    fields, per_iteration, from_soft = STRATEGIES[name]
     start = time.perf_counter()
     init_ids, spent = None, np.zeros(len(targets.probs))
-    if soft_steps:
+    if from_soft:
         soft = soft_prompt(lm, targets, SoftPromptConfig(max_steps=soft_steps, restarts=1))
         init_ids, spent = project_soft_prompts(lm, soft), 3.0 * soft.columns["steps"]
     iterations = int((budget - spent.max()) // per_iteration)
-    config = HardPromptConfig(max_steps=iterations, patience=iterations, **fields)
+    config = HardPromptConfig(max_steps=iterations, patience=max(iterations, PROMPT_LEN), **fields)
     result = hard_prompt(lm, targets, config, init_ids=init_ids)
     seconds = time.perf_counter() - start
     path = result.arrays["kl_path"]
@@ -263,7 +272,7 @@ def strategies_section(lm, args):
     print("|---|" + "---:|" * 11, flush=True)
     tables = []
     for name in args.strategies.split(","):
-        table, seconds = run_strategy(lm, targets, name, args.budget)
+        table, seconds = run_strategy(lm, targets, name, args.budget, args.soft_steps)
         table["bound"], table["seconds"] = bound, seconds
         tables.append(table)
         gap = table.kl - table.bound
@@ -290,13 +299,14 @@ def main():
     parser.add_argument("--reuse", action="store_true", help="run only section 3, whole vs cached candidates")
     parser.add_argument("--lengths", type=int, nargs="+", default=[10, 20])
     parser.add_argument("--reuse-reps", type=int, default=3)
-    parser.add_argument("--reuse-cycles", type=int, default=1, help="targets = cycles × L in section 3a")
+    parser.add_argument("--reuse-cycles", type=int, default=1, help="targets = cycles × L in section 3a (0 skips)")
     parser.add_argument("--iteration-targets", type=int, default=64, help="section 3b (0 to skip)")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--strategies", default="", help="run only section 4: comma-separated STRATEGIES names")
     parser.add_argument("--strategy-targets", type=int, default=32)
     parser.add_argument("--budget", type=int, default=12_800, help="candidate evaluations per target")
     parser.add_argument("--seed", type=int, default=0, help="vanilla targets' seed in section 4")
+    parser.add_argument("--soft-steps", type=int, default=300, help="soft steps of the soft_* warm starts")
     parser.add_argument("--out", default="", help="section 4's per-target table (CSV)")
     args = parser.parse_args()
     if args.strategies:
