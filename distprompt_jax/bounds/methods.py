@@ -173,8 +173,10 @@ class BoundMethod:
 
     def options(self, slots: int) -> DriverOptions:
         c = self.config
+        # A full pool to the end: a compacted tail would change the float32 rounding of the last targets' solves,
+        # and a certificate's residuals would then depend on how the targets were split over processes.
         return DriverOptions(slots=slots, segment_steps=c.segment_steps, refill_at=c.refill_at, seed=c.seed,
-                             desc="unembedding bound")
+                             compact_tail=False, desc="unembedding bound")
 
     def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
         probs = np.asarray(probs, np.float32)
@@ -248,7 +250,7 @@ class NormMethod:
     def options(self, slots: int) -> DriverOptions:
         c = self.config
         return DriverOptions(slots=slots, segment_steps=c.segment_steps, refill_at=c.refill_at, seed=c.seed,
-                             attempts=c.restarts, desc="norm-constrained bound")
+                             attempts=c.restarts, compact_tail=False, desc="norm-constrained bound")  # as BoundMethod
 
     def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
         probs = np.asarray(probs, np.float32)

@@ -154,6 +154,16 @@ class GradientMethod:
     def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
         return {"p": np.asarray(probs, np.float32)}
 
+    def split_reports(self, reports: dict[str, np.ndarray], array_results: tuple[str, ...],
+                      prompt_len: int) -> tuple[dict, dict]:
+        """(columns, arrays) of the driver's reports: `kl` first (the figure every table is read for), then the
+        other scalars, the config's template and `prompt_len`; `array_results` (prompts, keys) as arrays."""
+        columns = {"kl": reports["kl"]} | {k: v for k, v in reports.items() if k not in array_results}
+        n = len(columns["kl"])
+        columns["template"] = np.full(n, self.config.template)
+        columns["prompt_len"] = np.full(n, prompt_len)
+        return columns, {k: v for k, v in reports.items() if k in array_results}
+
     def run_info(self) -> dict:
         """What a result needs beside its rows to be used elsewhere (`PromptResults.save_peft`): the model
         and its attention shape, and the fixed tokens around the optimized part."""

@@ -292,9 +292,6 @@ class PrefixMethod(GradientMethod):
         self._problem = PrefixProblem.build(lm, config)
 
     def columns(self, reports: dict[str, np.ndarray]) -> tuple[dict, dict]:
-        columns = {"kl": reports["kl"]} | {k: v for k, v in reports.items() if k not in ARRAY_RESULTS}
-        n = len(columns["kl"])
-        columns["template"] = np.full(n, self.config.template)
-        columns["prompt_len"] = np.full(n, self.config.prompt_len)
-        columns["reparam_hidden"] = np.full(n, self.config.reparam_hidden or 0)
-        return columns, {k: v for k, v in reports.items() if k in ARRAY_RESULTS}
+        columns, arrays = self.split_reports(reports, ARRAY_RESULTS, self.config.prompt_len)
+        columns["reparam_hidden"] = np.full(len(columns["kl"]), self.config.reparam_hidden or 0)
+        return columns, arrays

@@ -254,11 +254,8 @@ class SoftMethod(GradientMethod):
         return inputs
 
     def columns(self, reports: dict[str, np.ndarray]) -> tuple[dict, dict]:
-        # kl first: the figure every table is read for.
-        columns = {"kl": reports["kl"]} | {k: v for k, v in reports.items() if k not in ARRAY_RESULTS}
-        columns["template"] = np.full(len(columns["kl"]), self.config.template)
-        arrays = {k: v for k, v in reports.items() if k in ARRAY_RESULTS}
-        columns["prompt_len"] = np.full(len(columns["kl"]), 0 if self._problem.intervening else self.config.prompt_len)
+        columns, arrays = self.split_reports(reports, ARRAY_RESULTS,
+                                             0 if self._problem.intervening else self.config.prompt_len)
         if "nearest_tokens" in arrays and self.lm.tokenizer is not None:
             columns["nearest_text"] = np.array(self.lm.tokenizer.batch_decode(arrays["nearest_tokens"].tolist()))
         return columns, arrays
