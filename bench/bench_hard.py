@@ -4,8 +4,8 @@
                                [--quality 32] [--hotflip-iterations 4] [--gcg-iterations 2]
     python bench/bench_hard.py --reuse [--lengths 10 20] [--reuse-reps 3] [--reuse-cycles 1]
                                [--iteration-targets 64] [--iterations 3]
-    python bench/bench_hard.py --strategies hotflip,gcg,gcg_n2,soft_hotflip [--strategy-targets 32]
-                               [--budget 12800] [--out results.csv]
+    python bench/bench_hard.py --strategies hotflip,gcg,gcg_n2,soft_hotflip [--strategy-targets 32 | --entropies
+                               0.5,1,3] [--seed 0] [--budget 12800] [--soft-steps 300] [--out results.csv]
 
 1. Candidate evaluations per second: the engine's batched candidate evaluation (every target's candidate
    prompts through `vmap` over targets of the per-target `lax.map` in blocks of `candidate_block`, KL of
@@ -262,7 +262,8 @@ def strategies_section(lm, args):
     from distprompt_jax import unembedding_bound
     from distprompt_jax.targets import vanilla_targets
 
-    entropies = np.linspace(0.25, np.log(lm.vocab_size) - 0.25, args.strategy_targets)
+    entropies = (np.array([float(h) for h in args.entropies.split(",")]) if args.entropies
+                 else np.linspace(0.25, np.log(lm.vocab_size) - 0.25, args.strategy_targets))
     targets = vanilla_targets(lm.vocab_size, entropies, seed=args.seed, progress=False)
     bound = unembedding_bound(lm, targets).columns["kl"]
     print(f"\n## Strategies at {args.budget} candidate evaluations per target, {len(entropies)} vanilla targets "
@@ -303,7 +304,8 @@ def main():
     parser.add_argument("--iteration-targets", type=int, default=64, help="section 3b (0 to skip)")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--strategies", default="", help="run only section 4: comma-separated STRATEGIES names")
-    parser.add_argument("--strategy-targets", type=int, default=32)
+    parser.add_argument("--strategy-targets", type=int, default=32, help="spread from 0.25 to ln|V| − 0.25 nats")
+    parser.add_argument("--entropies", default="", help="section 4's target entropies instead (comma-separated)")
     parser.add_argument("--budget", type=int, default=12_800, help="candidate evaluations per target")
     parser.add_argument("--seed", type=int, default=0, help="vanilla targets' seed in section 4")
     parser.add_argument("--soft-steps", type=int, default=300, help="soft steps of the soft_* warm starts")

@@ -608,8 +608,8 @@ def _over_targets(batched, shared: int = 0):
     def rule(axis_size, in_batched, *args):
         if any(jax.tree.leaves(in_batched[:shared])):
             raise NotImplementedError("the shared arguments are one for all targets")
-        per = [a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
-               for a, batched in zip(args[shared:], in_batched[shared:])]
+        per = [a if mapped else jnp.broadcast_to(a, (axis_size,) + a.shape)
+               for a, mapped in zip(args[shared:], in_batched[shared:])]
         run = batched
         mesh = jax.typeof(per[0]).sharding.mesh
         devices = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(parallel.TARGET_AXIS, 1)
