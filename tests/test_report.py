@@ -345,3 +345,107 @@ def test_gap_table_and_band_figure(tmp_path):
         report.kl_gap_table(found, norm)
     paths = report.plot_bound_band(found, bound, tmp_path / "band.png")
     assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.stat().st_size > 1000 for p in paths)
+
+
+# --- the expressivity ladder -----------------------------------------------------------------------------
+
+
+def ladder_results(kls: dict[str, list[float]], kinds=None, entropies=None) -> pd.DataFrame:
+    """Result rows of the rungs in `kls` (method -> KL per target), as the sweep writes them."""
+    n = len(next(iter(kls.values())))
+    kinds = kinds or ["vanilla"] * n
+    entropies = entropies if entropies is not None else np.linspace(0.5, 10.0, n)
+    rows = [{"target_id": i, "method": method, "model": "m", "kind": kinds[i], "target_entropy": entropies[i],
+             "kl": kl, "primal": kl, "certified": np.isfinite(kl)}
+            for method, values in kls.items() for i, kl in enumerate(values)]
+    return pd.DataFrame(rows)
+
+
+def test_the_ladder_table_puts_the_rungs_in_ladder_order():
+    results = ladder_results({"bound": [0.1, np.nan], "soft-L2": [9.0, 9.0], "prefix": [0.5, 0.6],
+                              "hard": [2.0, 3.0], "soft": [1.0, 1.5]})
+    assert statistics.ladder_rungs(results) == ["hard", "soft", "prefix", "bound"]
+    table = statistics.ladder_table(results)
+    assert list(table.columns) == ["target_id", "hard", "soft", "prefix", "bound", "kind", "target_entropy"]
+    np.testing.assert_array_equal(table.soft, [1.0, 1.5])
+    assert np.isnan(table.bound[1])
+    with pytest.raises(ValueError, match="several rows for one"):
+        statistics.ladder_table(pd.concat([results, results.head(1)]))
+
+
+def test_rung_inversions_are_counted_per_pair_and_listed_largest_first():
+    tolerance = statistics.RUNG_INVERSION_TOLERANCE
+    # target 0: prefix is 0.2 above soft and 0.1 above hard: prefix's search failed against both.
+    # target 1: soft is 0.04 above hard (within the tolerance) and final_norm 0.06 above prefix: one inversion.
+    # target 2: in order; target 3: bound_norm missing (not compared against it), soft 0.3 above hard.
+    results = ladder_results({
+        "hard": [1.1, 1.00, 2.0, 1.0],
+        "soft": [1.0, 1.04, 1.5, 1.3],
+        "prefix": [1.2, 0.50, 1.0, 0.9],
+        "final_norm": [0.9, 0.56, 0.8, 0.8],
+        "bound_norm": [0.8, 0.40, 0.7, np.nan],
+    })
+    table = statistics.ladder_table(results)
+    found = statistics.rung_inversions(table)
+    assert found[["target_id", "smaller", "larger"]].values.tolist() == [
+        [3, "hard", "soft"], [0, "hard", "prefix"], [0, "soft", "prefix"], [1, "prefix", "final_norm"]]
+    np.testing.assert_allclose(found.excess, [0.3, 0.1, 0.2, 0.06])
+    assert (found.excess > tolerance).all()
+    np.testing.assert_allclose(found.kl_larger - found.kl_smaller, found.excess)
+    counts = statistics.inversion_counts(table).set_index(["smaller", "larger"])
+    assert len(counts) == 10  # every pair of the five rungs
+    assert counts.loc[("hard", "soft")].tolist()[:2] == [4, 1]
+    assert counts.loc[("soft", "prefix")].tolist()[:2] == [4, 1]
+    assert counts.loc[("final_norm", "bound_norm")].tolist()[:2] == [3, 0]
+    assert counts.inversions.sum() == len(found) == 4
+    assert np.isnan(counts.loc[("prefix", "bound_norm"), "max_excess"])
+    # A looser tolerance forgives the small ones.
+    assert statistics.rung_inversions(table, tolerance=0.15).excess.tolist() == pytest.approx([0.3, 0.2])
+
+
+def test_rung_gaps_are_between_neighbouring_rungs_per_kind_and_band():
+    kinds = ["vanilla", "vanilla", "vanilla", "model"]
+    results = ladder_results({"soft": [3.0, 2.0, 1.0, 0.5], "final_norm": [1.0, 1.5, 0.9, 0.5],
+                              "bound": [0.5, np.nan, 0.8, 0.5]}, kinds=kinds, entropies=[1.0, 2.0, 4.0, 4.5])
+    table = statistics.ladder_table(results)
+    gaps = statistics.rung_gaps(table)
+    # prefix did not run: soft's next rung is final_norm.
+    assert sorted(set(zip(gaps.upper, gaps.lower))) == [("final_norm", "bound"), ("soft", "final_norm")]
+    summary = statistics.rung_gap_table(table)
+    rows = {(r.upper, r.lower, r.kind, str(r.entropy_band)): r for r in summary.itertuples()}
+    soft_low = rows[("soft", "final_norm", "vanilla", "0–3")]
+    assert soft_low.targets == 2 and soft_low.median_gap == 1.25 and soft_low.large == 1 and soft_low.is_large
+    assert rows[("soft", "final_norm", "vanilla", "3–6")].median_gap == pytest.approx(0.1)
+    assert not rows[("soft", "final_norm", "model", "3–6")].is_large
+    # The uncertified bound of target 1 leaves it out of final_norm → bound.
+    assert rows[("final_norm", "bound", "vanilla", "0–3")].targets == 1
+    assert list(summary.upper[:3]) == ["soft"] * 3  # pairs in ladder order
+
+
+def test_the_report_draws_the_ladder_and_names_the_inversions(tmp_path):
+    n = 12
+    rng = np.random.default_rng(1)
+    bound = rng.uniform(0.0, 1.0, n)
+    kls = {"bound": bound, "bound_norm": bound + 0.1, "final_norm": bound + 0.2, "prefix": bound + 0.5,
+           "soft": bound + 1.0, "hard": bound + 2.0}
+    kls["prefix"][3] = kls["soft"][3] + 0.4  # prefix's search failed on target 3
+    results = ladder_results({k: list(v) for k, v in kls.items()})
+    results.to_parquet(tmp_path / "results.parquet")
+    text = report.write_report(tmp_path).read_text()
+    assert "## The expressivity ladder" in text and "figures/ladder.png" in text
+    assert (tmp_path / "figures" / "ladder.png").stat().st_size > 5_000
+    assert "**1 rung inversion(s) on 1 target(s)**" in text and "Searches that failed: prefix on 1 target(s)" in text
+    assert "| soft | prefix | 12 | 1 | 0.4000 |" in text
+    assert "| soft | prefix | 3 | vanilla |" in text
+    # Three targets in the first entropy band: hard is 1 nat above soft (large, in bold), final_norm 0.1 above
+    # bound_norm (not).
+    assert "| hard → soft | vanilla | 0–3 | 3 | **1.0000** | 1.0000 | 3 |" in text
+    assert "| final_norm → bound_norm | vanilla | 0–3 | 3 | 0.1000 | 0.1000 | 0 |" in text
+    # In order everywhere: no inversion, said in words.
+    kls["prefix"][3] = bound[3] + 0.5
+    ladder_results({k: list(v) for k, v in kls.items()}).to_parquet(tmp_path / "results.parquet")
+    text = report.write_report(tmp_path).read_text()
+    assert "**No rung inversions**" in text and "(15 pairs)" in text
+    # One search beside the bound: the bound section is its ladder, no second one.
+    ladder_results({"soft": list(kls["soft"]), "bound": list(bound)}).to_parquet(tmp_path / "results.parquet")
+    assert "expressivity ladder" not in report.write_report(tmp_path).read_text()

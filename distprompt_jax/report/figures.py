@@ -9,10 +9,14 @@ import numpy as np
 import pandas as pd
 
 from distprompt_jax.report.statistics import (
+    LADDER,
     MIN_N_INTERVAL,
     binned_summary,
     kl_gap_table,
 )
+
+# One marker per rung of the ladder, so the series stay apart where their lines overlap (and in gray print).
+RUNG_MARKERS = dict(zip(LADDER, ("s", "o", "^", "D", "x", "_")))
 
 
 def _pyplot():
@@ -154,3 +158,31 @@ def plot_bound_band(found_df: pd.DataFrame, bound_df: pd.DataFrame, path) -> lis
     if "target_entropy" not in table.columns:
         raise ValueError("neither table has a target_entropy column")
     return plot_found_vs_bound(table.rename(columns={"kl_found": "kl"}), path)
+
+
+def plot_ladder(table: pd.DataFrame, stem) -> list[Path]:
+    """KL against target entropy per rung of the expressivity ladder, from a `ladder_table` (target_entropy and one
+    KL column per rung): every target a marker, bin means joined by a line, the rungs in ladder order (smallest
+    set first). The certified bound, where it ran, is the black floor; bound_norm, where it ran, gray."""
+    plt = _pyplot()
+    rungs = [rung for rung in LADDER if rung in table.columns]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=150)
+    prompt_rungs = [rung for rung in rungs if rung not in ("bound", "bound_norm")]
+    colors = {rung: f"C{i}" for i, rung in enumerate(prompt_rungs)} | {"bound_norm": "gray", "bound": "black"}
+    for rung in rungs:
+        kl = table[rung]
+        bins = binned_summary(table.target_entropy, kl)
+        floor = rung == "bound"
+        ax.scatter(table.target_entropy, kl, s=30 if floor else 10, marker=RUNG_MARKERS[rung],
+                   alpha=0.8 if floor else 0.4, color=colors[rung], linewidth=0.8)
+        label = "certified bound (floor)" if floor else f"{rung}: bin means"
+        ax.plot(bins.x_mean, bins["mean"], color=colors[rung], linewidth=1.6 if floor else 1.0,
+                marker=RUNG_MARKERS[rung], markersize=4, label=label)
+    if "bound" in rungs and table["bound"].notna().any():
+        ax.set_ylim(bottom=min(0.0, float(np.nanmin(table["bound"].to_numpy(np.float64)))))
+    ax.set_xlabel("target entropy (nats)")
+    ax.set_ylabel("KL(p ‖ q) reached (nats)")
+    ax.set_title("The expressivity ladder: KL per rung above the certified floor")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, stem)

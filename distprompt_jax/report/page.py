@@ -27,11 +27,13 @@ from distprompt_jax.report.statistics import (
     BOOTSTRAP_RESAMPLES,
     ENTROPY_BAND_EDGES,
     GAP_EDGES,
+    LARGE_RUNG_GAP,
     LEVEL,
     MAX_BINS,
     MIN_N_BOOTSTRAP,
     MIN_N_INTERVAL,
     NO_GAP,
+    RUNG_INVERSION_TOLERANCE,
     SMALL_GAP,
     WORST_PER_METHOD,
     adjust_p_values,
@@ -40,9 +42,14 @@ from distprompt_jax.report.statistics import (
     gap_classes,
     gap_counts,
     gap_rows,
+    inversion_counts,
+    ladder_rungs,
+    ladder_table,
     mean_interval,
     method_comparison,
     paired_comparison,
+    rung_gap_table,
+    rung_inversions,
     worst_targets,
 )
 
@@ -55,6 +62,8 @@ LENGTH_METHODS = {
     "soft": ("prompt length", "soft prompt length", "kl_vs_prompt_length"),
     "prefix": ("prefix length", "prefix length", "kl_vs_prefix_length"),
 }
+# Rung inversions listed one by one on the page, at most (all are counted).
+MAX_LISTED_INVERSIONS = 30
 # (report file, figures folder), in order of preference.
 LOCATIONS = (("report.md", "figures"), ("distprompt-report.md", "distprompt-figures"))
 
@@ -195,6 +204,9 @@ def build_report(results: pd.DataFrame, figures_dir: Path, figures_name: str) ->
     gaps = gap_rows(results)
     if gaps is not None:
         lines += _bound_section(gaps, figures_dir, figures_name)
+    # With one search beside the bound, the section above already is its ladder.
+    if len([rung for rung in ladder_rungs(results) if rung != "bound"]) >= 2:
+        lines += _ladder_section(results, figures_dir, figures_name)
     lines += _entropy_section(results, figures_dir, figures_name)
     lines += _tests_section(results, figures_dir, figures_name)
     for method in LENGTH_METHODS:
@@ -380,6 +392,86 @@ def _worst_targets_section(gaps: pd.DataFrame) -> list[str]:
     for row in worst.itertuples():
         lines.append(f"| {row.method} | {row.target_id} | " + (f"{row.kind} | " if kind else "")
                      + f"{row.target_entropy:.2f} | {row.kl:.4f} | {row.kl_bound:.4f} | {row.gap_to_bound:.4f} |")
+    return lines
+
+
+def _ladder_section(results: pd.DataFrame, figures_dir: Path, figures_name: str) -> list[str]:
+    """The rungs of the expressivity ladder on the same targets: KL vs entropy, where neighbouring rungs are far
+    apart, and the inversions (a smaller set beating a larger one)."""
+    table = ladder_table(results)
+    rungs = ladder_rungs(results)
+    figures.plot_ladder(table, figures_dir / "ladder")
+    lines = [
+        "", "## The expressivity ladder", "", f"![KL vs target entropy per rung]({figures_name}/ladder.png)", "",
+        "The rungs' reachable sets nest — hard tokens ⊂ soft prompts ⊂ prefixes (keys and values at every layer) "
+        "⊂ any final-norm output ⊂ any hidden vector — so on each target, up to search error, "
+        "KL(hard) ≥ KL(soft) ≥ KL(prefix) ≥ KL(final_norm) ≥ KL(bound_norm) ≥ KL(bound). final_norm is one free "
+        "vector in place of the final norm's input (gradient search); bound_norm searches the same set by L-BFGS; "
+        f"bound is the certified floor. Rungs in this run: {', '.join(rungs)}. Per rung every target is a marker "
+        "and the bin means (quantile entropy bins) are joined by a line.",
+    ]
+    lines += _rung_gap_lines(table)
+    lines += _inversion_lines(table, rungs)
+    return lines
+
+
+def _rung_gap_lines(table: pd.DataFrame) -> list[str]:
+    gaps = rung_gap_table(table)
+    if gaps.empty:
+        return []
+    kind = "kind" in gaps.columns
+    lines = [
+        "", "### Gaps between neighbouring rungs", "",
+        "Per pair of neighbouring rungs that ran (the smaller set first), target kind and fixed entropy band "
+        f"({_band_text()} nats): KL(smaller set) − KL(larger set) over the targets where both are finite — its "
+        f"median, 90th percentile, and how many targets exceed {LARGE_RUNG_GAP:g} nats. **Bold**: a median gap above "
+        f"{LARGE_RUNG_GAP:g} nats, where the larger set reaches distributions the smaller one does not (or, if the "
+        "larger is a search too, where the smaller one's search fell short). A negative gap is an inversion "
+        "(below).", "",
+        "| rungs | " + ("kind | " if kind else "") + f"entropy (nats) | targets | median gap | 90th pct gap | "
+        f"> {LARGE_RUNG_GAP:g} |", "|---|" + ("---|" if kind else "") + "---|---:|---:|---:|---:|",
+    ]
+    for row in gaps.itertuples():
+        median = f"**{row.median_gap:.4f}**" if row.is_large else f"{row.median_gap:.4f}"
+        lines.append(f"| {row.upper} → {row.lower} | " + (f"{row.kind} | " if kind else "")
+                     + f"{row.entropy_band} | {row.targets} | {median} | {row.p90_gap:.4f} | {row.large} |")
+    return lines
+
+
+def _inversion_lines(table: pd.DataFrame, rungs: list[str]) -> list[str]:
+    counts = inversion_counts(table)
+    inversions = rung_inversions(table)
+    lines = ["", "### Rung inversions", ""]
+    if inversions.empty:
+        return lines + [
+            f"**No rung inversions**: on every target and every pair of rungs ({len(counts)} pairs), the larger "
+            f"set's KL is at most {RUNG_INVERSION_TOLERANCE:g} nats above the smaller set's, as the nesting requires."]
+    failed = inversions.groupby("larger", sort=False).target_id.nunique()
+    failed = [f"{rung} on {failed[rung]} target(s)" for rung in rungs if rung in failed.index]
+    lines.append(
+        f"**{len(inversions)} rung inversion(s) on {inversions.target_id.nunique()} target(s)**: a smaller set's rung "
+        f"reached a KL more than {RUNG_INVERSION_TOLERANCE:g} nats below a larger set's. The larger set reaches "
+        "whatever the smaller one does, so each is the larger set's search failing, not a property of the model: "
+        f"there its KL is only an upper value. Searches that failed: {'; '.join(failed)}.")
+    if (inversions.larger == "bound").any():
+        lines[-1] += (" An inversion against the certified bound is not a search failure: the certificate or the "
+                      "KL evaluation is wrong on that target.")
+    lines += ["", "| smaller set | larger set | targets compared | inversions | largest excess (nats) |",
+              "|---|---|---:|---:|---:|"]
+    lines += [f"| {r.smaller} | {r.larger} | {r.compared} | {r.inversions} | {_nats(r.max_excess)} |"
+              for r in counts.itertuples()]
+    kind = "kind" in inversions.columns
+    entropy = "target_entropy" in inversions.columns
+    shown = inversions.head(MAX_LISTED_INVERSIONS)
+    first = f" (the first {len(shown)})" if len(shown) < len(inversions) else ""
+    lines += ["", f"Inversions, per pair the largest first{first}:", "",
+              "| smaller set | larger set | target_id | " + ("kind | " if kind else "")
+              + ("entropy (nats) | " if entropy else "") + "KL smaller set | KL larger set | excess |",
+              "|---|---|---:|" + ("---|" if kind else "") + ("---:|" if entropy else "") + "---:|---:|---:|"]
+    for r in shown.itertuples():
+        lines.append(f"| {r.smaller} | {r.larger} | {r.target_id} | " + (f"{r.kind} | " if kind else "")
+                     + (f"{r.target_entropy:.2f} | " if entropy else "")
+                     + f"{r.kl_smaller:.4f} | {r.kl_larger:.4f} | {r.excess:.4f} |")
     return lines
 
 

@@ -11,6 +11,9 @@ Honesty rules, each a named constant:
     adjusted together (Benjamini-Hochberg, scipy.stats.false_discovery_control) and shown beside the raw p.
   - a gap to the certified bound (found KL − bound) is counted in fixed classes (`GAP_EDGES`), and only a gap of
     at most `SMALL_GAP` lets a number speak for the model rather than for the search.
+  - the expressivity ladder (`LADDER`): the rungs' reachable sets nest, so a smaller set's rung below a larger
+    set's by more than `RUNG_INVERSION_TOLERANCE` is counted as the larger set's search failing (an inversion),
+    never as a finding; a gap between neighbouring rungs is "large" above `LARGE_RUNG_GAP`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,15 @@ NO_GAP = "no gap"  # the bound is uncertified (or did not run for the target), o
 # Fixed (not quantile) entropy bands, so that every method and every run is counted in the same bands.
 ENTROPY_BAND_EDGES = (3.0, 6.0, 9.0)  # nats: [0, 3), [3, 6), [6, 9), ≥ 9
 WORST_PER_METHOD = 10
+# The expressivity ladder, smallest reachable set first: hard tokens ⊂ input-embedding soft prompts ⊂ prefix keys
+# and values ⊂ any final-norm output (the final_norm rung, and bound_norm's search of the same set) ⊂ any hidden
+# vector (the certified bound). Per target, up to search error, KL falls (or stays) down the ladder.
+LADDER = ("hard", "soft", "prefix", "final_norm", "bound_norm", "bound")
+# nats: a smaller set's rung this much below a larger set's on a target is an inversion: the larger set can reach
+# whatever the smaller reaches, so its search failed there. Above float noise and the searches' own stopping
+# tolerances (floor_tolerance 1e-3), below the gaps the ladder is read for.
+RUNG_INVERSION_TOLERANCE = 0.05
+LARGE_RUNG_GAP = 0.5  # nats: a median gap to the next rung above this is where the larger set pays off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,3 +305,104 @@ def worst_targets(gaps: pd.DataFrame, per_method: int = WORST_PER_METHOD) -> pd.
     ranked = gaps[gaps["gap_to_bound"].notna()].sort_values(
         ["method", "gap_to_bound", "target_id"], ascending=[True, False, True], kind="stable")
     return ranked.groupby("method", sort=False).head(per_method).reset_index(drop=True)
+
+
+def ladder_rungs(results: pd.DataFrame) -> list[str]:
+    """The rungs of `LADDER` that ran (a method of `results`), smallest reachable set first."""
+    present = set(results["method"])
+    return [rung for rung in LADDER if rung in present]
+
+
+def ladder_table(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per target (sorted by target_id): its KL under each rung that ran, one column per rung in ladder
+    order (NaN where a rung has no finite value, as an uncertified bound), then kind and target_entropy where
+    `results` has them."""
+    rungs = ladder_rungs(results)
+    rows = results[results["method"].isin(rungs)]
+    if rows.duplicated(["target_id", "method"]).any():
+        raise ValueError("several rows for one (target_id, method): a ladder compares one KL per rung and target")
+    table = rows.pivot(index="target_id", columns="method", values="kl").reindex(columns=rungs).astype(np.float64)
+    table.columns.name = None
+    targets = results.drop_duplicates("target_id").set_index("target_id")
+    for column in ("kind", "target_entropy"):
+        if column in results.columns:
+            table[column] = targets[column].reindex(table.index)
+    return table.sort_index().reset_index()
+
+
+def _target_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in ("target_id", "kind", "target_entropy") if c in table.columns]
+
+
+def rung_gaps(table: pd.DataFrame) -> pd.DataFrame:
+    """Per target and each pair of neighbouring rungs of a `ladder_table` (the next larger set that ran): `upper`
+    (the smaller set), `lower` (the larger), gap = KL(upper) − KL(lower), NaN where either is missing. Rows by
+    pair in ladder order, then target."""
+    rungs = [c for c in LADDER if c in table.columns]
+    parts = []
+    for upper, lower in itertools.pairwise(rungs):
+        part = table[_target_columns(table)].copy()
+        part.insert(1, "upper", upper)
+        part.insert(2, "lower", lower)
+        part["gap"] = table[upper] - table[lower]
+        parts.append(part)
+    columns = ["target_id", "upper", "lower", *_target_columns(table)[1:], "gap"]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+
+
+def rung_gap_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Where each rung's gap to the next is large: per neighbouring pair (in ladder order), target kind (where
+    known) and `entropy_band`, the targets with a finite gap (`targets`), the median and 90th percentile gap, and
+    how many exceed `LARGE_RUNG_GAP` (`large`); `is_large`: the median does."""
+    gaps = rung_gaps(table)
+    gaps = gaps[np.isfinite(gaps["gap"].to_numpy(np.float64))]
+    pair_order = {pair: i for i, pair in enumerate(itertools.pairwise([c for c in LADDER if c in table.columns]))}
+    gaps = gaps.assign(pair=[pair_order[(u, l)] for u, l in zip(gaps["upper"], gaps["lower"])],
+                       entropy_band=entropy_band(gaps["target_entropy"]) if "target_entropy" in gaps else "all")
+    by = ["pair", "upper", "lower", *(["kind"] if "kind" in gaps.columns else []), "entropy_band"]
+    rows = []
+    for key, group in gaps.groupby(by, sort=True, observed=True):
+        gap = group["gap"].to_numpy(np.float64)
+        median = float(np.median(gap))
+        rows.append({**dict(zip(by, key)), "targets": len(gap), "median_gap": median,
+                     "p90_gap": float(np.percentile(gap, 90)), "large": int(np.sum(gap > LARGE_RUNG_GAP)),
+                     "is_large": median > LARGE_RUNG_GAP})
+    columns = [*by[1:], "targets", "median_gap", "p90_gap", "large", "is_large"]
+    return pd.DataFrame(rows, columns=["pair", *columns])[columns]
+
+
+def rung_inversions(table: pd.DataFrame, tolerance: float = RUNG_INVERSION_TOLERANCE) -> pd.DataFrame:
+    """Every (target, pair of rungs) of a `ladder_table` where the smaller set's rung (`smaller`) reached a KL more
+    than `tolerance` below the larger set's (`larger`): the larger set's search failed there. All pairs count,
+    not only neighbours (hard below prefix is prefix's failure too). Columns: target_id, smaller, larger, kind and
+    target_entropy where known, kl_smaller, kl_larger, excess = kl_larger − kl_smaller; by pair in ladder order,
+    then the largest excess first."""
+    rungs = [c for c in LADDER if c in table.columns]
+    parts = []
+    for smaller, larger in itertools.combinations(rungs, 2):
+        excess = table[larger] - table[smaller]
+        part = table.loc[excess > tolerance, _target_columns(table)].copy()
+        part.insert(1, "smaller", smaller)
+        part.insert(2, "larger", larger)
+        part["kl_smaller"] = table.loc[part.index, smaller]
+        part["kl_larger"] = table.loc[part.index, larger]
+        part["excess"] = excess[part.index]
+        parts.append(part.sort_values(["excess", "target_id"], ascending=[False, True], kind="stable"))
+    columns = ["target_id", "smaller", "larger", *_target_columns(table)[1:], "kl_smaller", "kl_larger", "excess"]
+    found = [p for p in parts if not p.empty]
+    return pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=columns)
+
+
+def inversion_counts(table: pd.DataFrame, tolerance: float = RUNG_INVERSION_TOLERANCE) -> pd.DataFrame:
+    """Per pair of rungs (smaller set first, pairs in ladder order): the targets where both have a KL
+    (`compared`; an infinite KL of the larger set is its search failing too), the inversions among them (see
+    `rung_inversions`) and the largest excess (NaN with none)."""
+    rungs = [c for c in LADDER if c in table.columns]
+    inversions = rung_inversions(table, tolerance)
+    rows = []
+    for smaller, larger in itertools.combinations(rungs, 2):
+        compared = int((table[smaller].notna() & table[larger].notna()).sum())
+        mine = inversions[(inversions["smaller"] == smaller) & (inversions["larger"] == larger)]
+        rows.append({"smaller": smaller, "larger": larger, "compared": compared, "inversions": len(mine),
+                     "max_excess": float(mine["excess"].max()) if len(mine) else np.nan})
+    return pd.DataFrame(rows, columns=["smaller", "larger", "compared", "inversions", "max_excess"])
