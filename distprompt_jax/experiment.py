@@ -5,9 +5,12 @@ A config holds:
     targets.<name>               one recipe per name: kind = vanilla | outlier | model | cross_model | file;
                                  vanilla/outlier take n, entropy_min, entropy_max (< 0: ln|V|) or
                                  entropies_from=<another recipe> (its achieved entropies: matched pairs)
-    methods                      which run: the bounds (bound, bound_norm) first, then soft, prefix and hard in
-                                 the order given; the default (bound, soft) gives every prompt its certified floor
+    methods                      which run: the bounds (bound, bound_norm) first, then soft, prefix, final_norm
+                                 and hard in the order given; the default (bound, soft) gives every prompt its
+                                 certified floor
     soft, prefix, hard, bound    the fields of SoftPromptConfig, PrefixPromptConfig, HardPromptConfig, BoundConfig
+    final_norm                   the final-norm rung of the expressivity ladder: SoftPromptConfig's fields but
+                                 those the rung fixes (`FINAL_NORM_FIXED`); see `final_norm_config`
     prompt_lengths               optional: run each prompt method once per prompt length (KL vs L)
     checkpoint_every             segments between checkpoints of a method's pool
     tensorboard                  also write per-segment scalars as TensorBoard events (needs tensorboardX)
@@ -34,13 +37,29 @@ from distprompt_jax.prompting.soft import SoftPromptConfig
 from distprompt_jax.targets import TargetSet
 from distprompt_jax.targets.io import PROBS_FILE
 
-METHODS = ("soft", "prefix", "hard", "bound", "bound_norm")
+METHODS = ("soft", "prefix", "final_norm", "hard", "bound", "bound_norm")
 BOUND_METHODS = ("bound", "bound_norm")
 TARGET_KINDS = ("vanilla", "outlier", "model", "cross_model", "file")
 DTYPES = ("float32", "bfloat16")
 # The top-level fields a config may have; anything else is a typo or a field this version does not know.
-TOP_LEVEL_FIELDS = ("model", "dtype", "seed", "targets", "methods", "soft", "prefix", "hard", "bound",
+TOP_LEVEL_FIELDS = ("model", "dtype", "seed", "targets", "methods", "soft", "prefix", "final_norm", "hard", "bound",
                     "checkpoint_every", "prompt_lengths", "tensorboard")
+# The final-norm rung (method "final_norm") is the soft engine with one free vector u replacing, at the last
+# position, the residual stream that enters the final norm: logits = unembed(final_norm(u)), u in R^d
+# (SoftPromptConfig.intervention_layer = n_layers, intervention_mode = "replace"). Its reachable set is then
+# exactly "any final-norm output": it contains every prompt's (a soft prompt's or a prefix's output is
+# final_norm(h) for its last hidden state h), and it is the set bound_norm searches (bound_norm optimizes the
+# same final-norm input), inside the unconstrained bound's R^d. Why not SoftPromptConfig's
+# intervention_layer="final_norm": there a vector replaces (or is added to) the final norm's *output*, so it
+# reaches any vector in R^d, the bound's set, and could undercut bound_norm; its "add" and "replace" differ only
+# in the start. Why "replace" rather than "add" at the norm's input (the same set either way): a replaced u
+# starts at N(0, σ²) and Adam moves it at its own scale, while an added v would be a small step on a residual
+# stream whose last-layer entries are often orders of magnitude larger (the norm divides the step away), and the
+# result would depend on the fixed tokens, which here only satisfy the engine (an intervention needs an input).
+FINAL_NORM_INTERVENTION_MODE = "replace"
+# SoftPromptConfig fields the rung fixes (the intervention) or has no use for (one vector, no tokens to start
+# from): a config naming them in config.final_norm is refused.
+FINAL_NORM_FIXED = ("intervention_layer", "intervention_mode", "prompt_len", "init_text", "bank_size")
 # The fields each kind of target recipe reads (besides `kind`).
 RECIPE_FIELDS = {
     "vanilla": ("n", "entropy_min", "entropy_max", "entropies_from", "seed_offset"),
@@ -203,6 +222,16 @@ def prefix_defaults() -> ConfigDict:
     return section_defaults(PrefixPromptConfig)
 
 
+def final_norm_defaults() -> ConfigDict:
+    """The final-norm rung's section: SoftPromptConfig's defaults without `FINAL_NORM_FIXED`, and bos=True (the
+    engine runs the model on fixed tokens, whose last position's final-norm input the vector then replaces)."""
+    section = soft_defaults()
+    for name in FINAL_NORM_FIXED:
+        del section[name]
+    section.bos = True
+    return section
+
+
 def hard_defaults() -> ConfigDict:
     from distprompt_jax.prompting.hard import HardPromptConfig
 
@@ -219,7 +248,8 @@ def base_config(model: str = "smollm2-135m") -> ConfigDict:
     """The fields every experiment config has, at their defaults; configs add target recipes and tune."""
     return ConfigDict(dict(
         model=model, dtype="float32", seed=0, targets=ConfigDict(), methods=("bound", "soft"),
-        soft=soft_defaults(), prefix=prefix_defaults(), hard=hard_defaults(), bound=bound_defaults(),
+        soft=soft_defaults(), prefix=prefix_defaults(), final_norm=final_norm_defaults(), hard=hard_defaults(),
+        bound=bound_defaults(),
         checkpoint_every=4,
         tensorboard=False,
     ))
@@ -237,6 +267,21 @@ def soft_config(config) -> SoftPromptConfig:
 
 def prefix_config(config) -> PrefixPromptConfig:
     return section_config(PrefixPromptConfig, config.get("prefix") or ConfigDict(), "config.prefix")
+
+
+def final_norm_config(config, n_layers: int) -> SoftPromptConfig:
+    """The SoftPromptConfig of the final-norm rung for a model of `n_layers` layers: config.final_norm's fields,
+    the intervention fixed (see `FINAL_NORM_INTERVENTION_MODE`); a field of `FINAL_NORM_FIXED` is refused."""
+    section = config.get("final_norm")
+    section = final_norm_defaults() if section is None else section
+    fixed = sorted(set(section.keys()) & set(FINAL_NORM_FIXED))
+    if fixed:
+        raise ConfigError(
+            f"{', '.join(f'config.final_norm.{name}' for name in fixed)}: the final-norm rung sets the intervention "
+            f"itself (one vector replacing the final norm's input) and has no prompt length or start text; use "
+            f"config.soft with intervention_layer for other interventions")
+    soft = section_config(SoftPromptConfig, section, "config.final_norm")
+    return dataclasses.replace(soft, intervention_layer=n_layers, intervention_mode=FINAL_NORM_INTERVENTION_MODE)
 
 
 def hard_config(config):
@@ -335,7 +380,7 @@ def build_targets(config, lm) -> TargetSet:
 def validate(config, lm=None) -> None:
     """Refuse, naming the field, whatever in `config` cannot run; raises ConfigError (a ValueError).
 
-    Without `lm` nothing is loaded: unknown fields, the four sections' types (and finite floats), the
+    Without `lm` nothing is loaded: unknown fields, the five sections' types (and finite floats), the
     bound's settings, methods, checkpoint_every, prompt_lengths and every target recipe (kinds, fields,
     ranges, entropies_from links, file paths). With the loaded model `lm`, also the prompt engines' own
     checks for the methods that run and whether the targets fit in memory.
@@ -377,13 +422,21 @@ def validate(config, lm=None) -> None:
         for name, config_class in (("soft", SoftPromptConfig), ("prefix", PrefixPromptConfig),
                                    ("hard", HardPromptConfig), ("bound", BoundConfig))
     }
+    # The layer count is the model's; any layer checks the section's own fields before it loads.
+    sections["final_norm"] = final_norm_config(config, n_layers=0)
+    rung = sections["final_norm"]
+    if "final_norm" in methods and not (rung.prefix or rung.suffix or rung.bos or rung.template == "chat"):
+        raise ConfigError("config.final_norm: the rung runs the model on fixed tokens (their last position's "
+                          "final-norm input is what the vector replaces), and none are set: set bos=True, prefix or "
+                          "suffix")
     try:
         sections["bound"].validate()
     except ValueError as err:
         raise ConfigError(f"config.bound: {err}") from None
     _check_recipes(config.get("targets"), None if lm is None else lm.vocab_size)
     if lm is not None:
-        for name in ("soft", "prefix", "hard"):
+        sections["final_norm"] = final_norm_config(config, lm.n_layers)
+        for name in ("soft", "prefix", "final_norm", "hard"):
             if name in methods:
                 try:
                     sections[name].validate(lm)

@@ -46,7 +46,7 @@ import pandas as pd
 
 from distprompt_jax import parallel
 from distprompt_jax.experiment import (
-    BOUND_METHODS, bound_config, hard_config, prefix_config, run_order, soft_config, validate,
+    BOUND_METHODS, bound_config, final_norm_config, hard_config, prefix_config, run_order, soft_config, validate,
 )
 from distprompt_jax.metrics import segment_scalars
 from distprompt_jax.prompting.engine import Method, run_method
@@ -185,12 +185,16 @@ def _load_share(path: Path, vocab_size: int) -> tuple[pd.DataFrame, slice, np.nd
 
 def _method_runs(config, method: str, lm) -> list[tuple[str, object]]:
     """(label, method factory) of each run of `method`: one, or one per entry of `config.prompt_lengths`
-    for the prompt methods."""
+    for the prompt methods (not the final-norm rung: its one vector has no length)."""
     if method in ("bound", "bound_norm"):
         from distprompt_jax.bounds import BoundMethod, NormMethod
 
         method_class = BoundMethod if method == "bound" else NormMethod
         return [(method, lambda: method_class(lm, bound_config(config)))]
+    if method == "final_norm":
+        from distprompt_jax.prompting.soft import SoftMethod
+
+        return [(method, lambda: SoftMethod(lm, final_norm_config(config, lm.n_layers)))]
     if method == "soft":
         from distprompt_jax.prompting.soft import SoftMethod
 

@@ -20,6 +20,7 @@ from distprompt_jax import experiment
 from distprompt_jax.bounds import BoundConfig
 from distprompt_jax.experiment import ConfigError, base_config, section_config, section_defaults, validate
 from distprompt_jax.prompting.hard import HardPromptConfig
+from distprompt_jax.prompting.prefix import PrefixPromptConfig
 from distprompt_jax.prompting.soft import SoftPromptConfig
 
 ROOT = Path(__file__).parent.parent
@@ -29,6 +30,8 @@ CONFIG_FILES = sorted((ROOT / "configs").glob("*.py"))
 EXPECTED_SECTIONS = {
     "cross_tokenizer": {"soft": dict(max_steps=200)},
     "entropy_sweep": {"soft": dict(max_steps=200), "hard": dict(max_steps=40)},
+    "ladder": {"soft": dict(max_steps=200, suffix="\n"), "hard": dict(max_steps=40, suffix="\n"),
+               "prefix": dict(max_steps=200, suffix="\n"), "final_norm": dict(max_steps=200, suffix="\n", bos=False)},
     "lm_targets": {"soft": dict(max_steps=200)},
     "outliers": {"soft": dict(max_steps=200)},
     "prompt_length": {"soft": dict(max_steps=150)},
@@ -135,7 +138,36 @@ def test_every_shipped_config_converts_and_validates(monkeypatch, path):
     changes = EXPECTED_SECTIONS[path.stem]
     assert experiment.soft_config(config) == SoftPromptConfig(**changes.get("soft", {}), seed=5)
     assert experiment.hard_config(config) == HardPromptConfig(**changes.get("hard", {}))
+    assert experiment.prefix_config(config) == PrefixPromptConfig(**changes.get("prefix", {}))
+    assert experiment.final_norm_config(config, n_layers=30) == final_norm_rung(30, **changes.get("final_norm", {}))
     assert experiment.bound_config(config) == BoundConfig(host_threads=2)
+
+
+def final_norm_rung(n_layers: int, **changes) -> SoftPromptConfig:
+    """The final-norm rung's config at the section defaults (bos=True) with `changes`."""
+    return SoftPromptConfig(**{"bos": True, **changes}, intervention_layer=n_layers, intervention_mode="replace")
+
+
+def test_the_final_norm_section_fixes_its_intervention_and_refuses_fields_that_would_change_it(monkeypatch):
+    config = quick_config()
+    config.methods = ("bound", "final_norm")
+    validate(config)
+    assert experiment.final_norm_config(config, n_layers=3) == final_norm_rung(3)
+    parsed = parse_command_line(monkeypatch, quick_config(), "--config.final_norm.learning_rate=0.1",
+                                "--config.final_norm.suffix=(4, 5)", "--config.final_norm.bos=false")
+    assert experiment.final_norm_config(parsed, n_layers=3) == final_norm_rung(3, learning_rate=0.1, suffix=(4, 5),
+                                                                              bos=False)
+    for name in experiment.FINAL_NORM_FIXED:
+        wrong = ConfigDict(config.to_dict())
+        wrong.final_norm[name] = 1
+        with pytest.raises(ConfigError, match=rf"config\.final_norm\.{name}: the final-norm rung sets"):
+            validate(wrong)
+    # The engine runs the model on fixed tokens: none is refused, where the rung runs.
+    config.final_norm.bos = False
+    with pytest.raises(ConfigError, match=r"config\.final_norm: .* none are set: set bos=True"):
+        validate(config)
+    config.methods = ("bound", "soft")
+    validate(config)
 
 
 def test_unknown_fields_are_refused_by_name():
@@ -248,6 +280,8 @@ def test_validate_with_the_model_and_build_targets_refuse_before_work(tiny_hf_di
 
     lm = load_model(tiny_hf_dir("llama")[1])
     validate(quick_config(), lm)
+    with pytest.raises(ConfigError, match=r"config\.final_norm: SoftPromptConfig: init='bank'"):
+        validate(with_changes(methods=("final_norm",), final_norm__init="bank"), lm)
     with pytest.raises(ConfigError, match=r"config\.soft: SoftPromptConfig: top_k=1000 exceeds the vocabulary"):
         validate(with_changes(soft__top_k=1000), lm)
     with pytest.raises(ConfigError, match=r"exceed ln\|V\|"):
