@@ -403,12 +403,12 @@ def _ladder_section(results: pd.DataFrame, figures_dir: Path, figures_name: str)
     figures.plot_ladder(table, figures_dir / "ladder")
     lines = [
         "", "## The expressivity ladder", "", f"![KL vs target entropy per rung]({figures_name}/ladder.png)", "",
-        "The rungs' reachable sets nest — hard tokens ⊂ soft prompts ⊂ prefixes (keys and values at every layer) "
-        "⊂ any final-norm output ⊂ any hidden vector — so on each target, up to search error, "
-        "KL(hard) ≥ KL(soft) ≥ KL(prefix) ≥ KL(final_norm) ≥ KL(bound_norm) ≥ KL(bound). final_norm is one free "
-        "vector in place of the final norm's input (gradient search); bound_norm searches the same set by L-BFGS; "
-        f"bound is the certified floor. Rungs in this run: {', '.join(rungs)}. Per rung every target is a marker "
-        "and the bin means (quantile entropy bins) are joined by a line.",
+        ("The rungs' reachable sets nest — hard tokens ⊂ soft prompts ⊂ prefixes (keys and values at every layer) "
+         "⊂ any final-norm output ⊂ any hidden vector — so on each target, up to search error, "
+         "KL(hard) ≥ KL(soft) ≥ KL(prefix) ≥ KL(final_norm) ≥ KL(bound_norm) ≥ KL(bound). final_norm is one free "
+         "vector in place of the final norm's input (gradient search); bound_norm searches the same set by L-BFGS; "
+         f"bound is the certified floor. Rungs in this run: {', '.join(rungs)}. Per rung every target is a marker "
+         "and the bin means (quantile entropy bins) are joined by a line."),
     ]
     lines += _rung_gap_lines(table)
     lines += _inversion_lines(table, rungs)
@@ -422,14 +422,14 @@ def _rung_gap_lines(table: pd.DataFrame) -> list[str]:
     kind = "kind" in gaps.columns
     lines = [
         "", "### Gaps between neighbouring rungs", "",
-        "Per pair of neighbouring rungs that ran (the smaller set first), target kind and fixed entropy band "
-        f"({_band_text()} nats): KL(smaller set) − KL(larger set) over the targets where both are finite — its "
-        f"median, 90th percentile, and how many targets exceed {LARGE_RUNG_GAP:g} nats. **Bold**: a median gap above "
-        f"{LARGE_RUNG_GAP:g} nats, where the larger set reaches distributions the smaller one does not (or, if the "
-        "larger is a search too, where the smaller one's search fell short). A negative gap is an inversion "
-        "(below).", "",
-        "| rungs | " + ("kind | " if kind else "") + f"entropy (nats) | targets | median gap | 90th pct gap | "
-        f"> {LARGE_RUNG_GAP:g} |", "|---|" + ("---|" if kind else "") + "---|---:|---:|---:|---:|",
+        ("Per pair of neighbouring rungs that ran (the smaller set first), target kind and fixed entropy band "
+         f"({_band_text()} nats): KL(smaller set) − KL(larger set) over the targets where both are finite — its "
+         f"median, 90th percentile, and how many targets exceed {LARGE_RUNG_GAP:g} nats. **Bold**: a median gap "
+         f"above {LARGE_RUNG_GAP:g} nats, where the larger set reaches distributions the smaller one does not (or, "
+         "if the larger is a search too, where the smaller one's search fell short). A negative gap is an "
+         "inversion (below)."), "",
+        ("| rungs | " + ("kind | " if kind else "") + "entropy (nats) | targets | median gap | 90th pct gap | "
+         f"> {LARGE_RUNG_GAP:g} |"), "|---|" + ("---|" if kind else "") + "---|---:|---:|---:|---:|",
     ]
     for row in gaps.itertuples():
         median = f"**{row.median_gap:.4f}**" if row.is_large else f"{row.median_gap:.4f}"
@@ -443,9 +443,9 @@ def _inversion_lines(table: pd.DataFrame, rungs: list[str]) -> list[str]:
     inversions = rung_inversions(table)
     lines = ["", "### Rung inversions", ""]
     if inversions.empty:
-        return lines + [
+        return [*lines, (
             f"**No rung inversions**: on every target and every pair of rungs ({len(counts)} pairs), the larger "
-            f"set's KL is at most {RUNG_INVERSION_TOLERANCE:g} nats above the smaller set's, as the nesting requires."]
+            f"set's KL is at most {RUNG_INVERSION_TOLERANCE:g} nats above the smaller set's, as the nesting requires.")]
     failed = inversions.groupby("larger", sort=False).target_id.nunique()
     failed = [f"{rung} on {failed[rung]} target(s)" for rung in rungs if rung in failed.index]
     lines.append(
