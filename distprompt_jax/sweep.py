@@ -13,7 +13,8 @@ Everything a run produces lives in its workdir:
                            useful and computed target·steps, seconds
     results.parquet        one row per (target, method), written when every method is done; with the bound
                            run, every row also carries kl_bound and gap_to_bound (results.with_bound_columns)
-    prompts/<method>.npz   the prompts of every target, in target order
+    prompts/<method>.npz   the prompts of every target, in target order, and (`RUN_INFO`) the engine's name and
+                           run_info: `load_prompts` reads them back as PromptResults that `save_peft` exports
     run.json               config, package versions, git commit, devices
 
 A killed run (SIGKILL at any moment) rerun with the same command resumes from the last checkpoint: files
@@ -54,6 +55,11 @@ from distprompt_jax.results import PromptResults, with_bound_columns
 from distprompt_jax.solve import PoolCheckpoint, SegmentInfo
 from distprompt_jax.targets import validate_probs
 from distprompt_jax.targets.io import METADATA_FILE, PROBS_FILE
+
+
+# The key, in a method's finished-results files and its prompts file, of a JSON object {"engine": the engine's
+# name, "run_info": what the engine records beside its rows (GradientMethod.run_info; {} where it records none)}.
+RUN_INFO = "run_info"
 
 
 class WorkdirError(ValueError):
@@ -247,20 +253,22 @@ def _run_method(
                 on_slots=lambda n: _record_slots(workdir, label, me, n), floors=floors,
             )
         checkpoint.close()
+        info = method.run_info() if hasattr(method, "run_info") else {}
+        recorded = json.dumps({"engine": method.name, "run_info": info})
         _atomic_write(done, lambda path: np.savez(
-            path, **result.columns, **{f"array:{k}": v for k, v in result.arrays.items()}
+            path, **result.columns, **{f"array:{k}": v for k, v in result.arrays.items()}, **{RUN_INFO: recorded}
         ))
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     _sync(f"{label} done")
     if me != 0:
         return None
-    columns, arrays = _read_done(done_dir, len(metadata))
+    columns, arrays, recorded = _read_done(done_dir, len(metadata))
     result = PromptResults(method=label, columns=columns, arrays=arrays, metadata=metadata)
     table = result.to_pandas()
     prompts = workdir / "prompts"
     prompts.mkdir(exist_ok=True)
     _atomic_write(prompts / f"{label}.npz", lambda path: np.savez(
-        path, target_id=metadata.target_id.to_numpy(), **result.arrays
+        path, target_id=metadata.target_id.to_numpy(), **result.arrays, **{RUN_INFO: recorded}
     ))
     return table
 
@@ -296,23 +304,57 @@ def _record_slots(workdir: Path, label: str, process: int, slots: int):
         _atomic_write(path, lambda p: Path(p).write_text(json.dumps({"slots": slots})))
 
 
-def _read_done(done_dir: Path, n_targets: int) -> tuple[dict, dict]:
-    """Every process's finished results in target order, checked to cover each target exactly once."""
+def _read_done(done_dir: Path, n_targets: int) -> tuple[dict, dict, str]:
+    """Every process's finished results in target order, checked to cover each target exactly once:
+    (columns, arrays, the first process's `RUN_INFO` JSON; every process records the same)."""
     parts, expected_start = [], 0
     files = [p for p in done_dir.glob("*.npz") if p.stem.isdigit()]  # not the temporaries of a killed write
     for path in sorted(files, key=lambda p: int(p.stem)):
         if int(path.stem) != expected_start:
             raise RuntimeError(f"{done_dir}: {path.name} does not start at target {expected_start}")
         with np.load(path) as saved:
-            columns = {k: saved[k] for k in saved.files if not k.startswith("array:")}
+            columns = {k: saved[k] for k in saved.files if not k.startswith("array:") and k != RUN_INFO}
             arrays = {k.removeprefix("array:"): saved[k] for k in saved.files if k.startswith("array:")}
-        parts.append((columns, arrays))
+            # A file finished by an earlier version records nothing: its prompts cannot be exported.
+            recorded = (str(saved[RUN_INFO]) if RUN_INFO in saved.files
+                        else json.dumps({"engine": None, "run_info": {}}))
+        parts.append((columns, arrays, recorded))
         expected_start += len(columns["kl"])
     if expected_start != n_targets:
         raise RuntimeError(f"{done_dir}: results cover {expected_start} of {n_targets} targets")
-    columns = {k: np.concatenate([c[k] for c, _ in parts]) for k in parts[0][0]}
-    arrays = {k: np.concatenate([a[k] for _, a in parts]) for k in parts[0][1]}
-    return columns, arrays
+    columns = {k: np.concatenate([c[k] for c, _, _ in parts]) for k in parts[0][0]}
+    arrays = {k: np.concatenate([a[k] for _, a, _ in parts]) for k in parts[0][1]}
+    return columns, arrays, parts[0][2]
+
+
+def load_prompts(workdir: str | os.PathLike, label: str) -> PromptResults:
+    """The prompts a finished experiment in `workdir` found with the method `label` ("soft", "prefix",
+    "final_norm", "soft-L5", ...) as PromptResults that `save_peft` takes: prompts/<label>.npz's arrays and
+    run_info, results.parquet's rows of `label` as columns (with kl_bound where the bound ran), and the targets'
+    metadata. Its `method` is the engine's name ("soft" for "soft-L5" and for the final-norm rung, whose
+    intervention `save_peft` refuses by name).
+    """
+    workdir = Path(workdir)
+    path, results_path = workdir / "prompts" / f"{label}.npz", workdir / "results.parquet"
+    if not path.is_file() or not results_path.is_file():
+        raise FileNotFoundError(f"{path if not path.is_file() else results_path} does not exist: run the experiment "
+                                f"with {label.split('-L')[0]!r} in config.methods to the end first")
+    with np.load(path) as saved:
+        if RUN_INFO not in saved.files:
+            raise ValueError(f"{path} was written before prompts files recorded the model and fixed tokens their "
+                             "prompts belong to (run_info); rerun the experiment in a new workdir to export them")
+        target_id = saved["target_id"]
+        arrays = {k: saved[k] for k in saved.files if k not in ("target_id", RUN_INFO)}
+        recorded = json.loads(str(saved[RUN_INFO]))
+    metadata = pd.read_parquet(workdir / "targets" / METADATA_FILE).set_index("target_id").loc[target_id]
+    metadata = metadata.reset_index()
+    rows = pd.read_parquet(results_path).query("method == @label").set_index("target_id").loc[target_id]
+    # The method's own columns: not the metadata, and not other methods' columns (all missing in its rows).
+    rows = rows.drop(columns=[c for c in rows.columns if c in metadata.columns or c in ("method", "model")])
+    rows = rows.dropna(axis=1, how="all")
+    columns = {name: rows[name].to_numpy() for name in rows.columns}
+    return PromptResults(method=recorded["engine"] or label, columns=columns, arrays=arrays, metadata=metadata,
+                         run_info=recorded["run_info"])
 
 
 def _log(workdir: Path, label: str, info: SegmentInfo) -> None:

@@ -45,9 +45,9 @@ def save_peft(result, directory, target_ids=None) -> list[Path]:
         raise ValueError(f"PEFT adapters are written for {' and '.join(EXPORTED_METHODS)} results, not "
                          f"{result.method!r} (hard prompts are tokens: use their text)")
     if not info:
-        raise ValueError("these results carry no run_info (the model and fixed tokens they were found with), "
-                         "as results read back from files do not: export the results soft_prompt/prefix_prompt "
-                         "return")
+        raise ValueError("these results carry no run_info (the model and fixed tokens they were found with): export "
+                         "the results soft_prompt/prefix_prompt return, or an experiment's prompts read back with "
+                         "distprompt_jax.sweep.load_prompts(workdir, method)")
     intervention = info["config"].get("intervention_layer")
     if intervention is not None:
         raise ValueError(f"an intervention vector (intervention_layer={intervention!r}) is not an input prompt: PEFT "
