@@ -36,6 +36,11 @@ def test_a_target_made_from_a_context_finds_that_context(lm):
     # Every other context is farther, by the KL the table gives.
     table = bank.kl(targets)
     assert np.all(np.delete(table[0], 7) > kl[0] + 1e-3)
+    # Among given rows only (an index into the whole bank): without context 7, the next nearest of the rest.
+    rows = np.delete(np.arange(12), 7)
+    index, kl = bank.nearest(targets, rows=rows)
+    assert index[0] == rows[np.argmin(table[0, rows])] and kl[0] == pytest.approx(table[0, rows].min())
+    assert index[1] == 2
 
 
 def test_the_bank_is_read_inside_the_fixed_tokens(lm):

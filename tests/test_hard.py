@@ -335,3 +335,22 @@ def test_round_trip_filter_keeps_only_prompts_that_round_trip(peaked_lm):
     kept = hard_prompt(lm, targets, dataclasses.replace(config, round_trip_prompts=True), init_ids=start)
     assert kept.columns["round_trips"].all()
     assert np.isfinite(kept.columns["kl"]).all() and np.all(kept.columns["best_step"] >= 1)
+
+
+def test_bank_init_starts_each_target_at_its_nearest_context(peaked_lm):
+    """(That only contexts of allowed tokens are looked up is `ContextBank.nearest(rows=...)`'s, in
+    test_context_bank: this tokenizer-less model has no filters to refuse a sampled token.)"""
+    from distprompt_jax.prompting.context import FixedContext
+    from distprompt_jax.prompting.context_bank import ContextBank
+
+    lm = peaked_lm("llama")
+    config = HardPromptConfig(prompt_len=3, init="bank", bank_size=16, seed=5, bos=True, k=8, max_steps=1, slots=4)
+    # The bank the search samples (same seed, size and fixed tokens): targets made from two of its contexts.
+    bank = ContextBank.sample(lm, 16, 3, seed=5, context=FixedContext((lm.config.bos_token_id,), ()), progress=False)
+    targets = np.exp(bank.log_probs[[3, 9]].astype(np.float64))
+    targets /= targets.sum(1, keepdims=True)
+    result = hard_prompt(lm, targets, config)
+    np.testing.assert_allclose(result.columns["initial_kl"], 0.0, atol=1e-5)
+    np.testing.assert_array_equal(result.arrays["token_ids"], bank.ids[[3, 9]])
+    with pytest.raises(ValueError, match="bank_size must be at least 1"):
+        hard_prompt(lm, targets, dataclasses.replace(config, bank_size=0))

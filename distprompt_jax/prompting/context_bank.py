@@ -77,14 +77,17 @@ class ContextBank:
             neg_entropy = np.sum(np.where(probs > 0, probs * np.log(probs), 0.0), axis=1, dtype=np.float64)
         return neg_entropy[:, None] - (probs @ log_q.T).astype(np.float64)
 
-    def nearest(self, probs: np.ndarray, *, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-        """(index [N], KL [N]): for each target, the context whose distribution is nearest in KL(p‖q_c)."""
+    def nearest(self, probs: np.ndarray, *, rows: np.ndarray | None = None,
+                chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(index [N], KL [N]): for each target, the context whose distribution is nearest in KL(p‖q_c), among
+        the bank's `rows` (indices; default all), as an index into the whole bank."""
         probs = np.asarray(probs, np.float32)
         index, kl = np.zeros(len(probs), np.int64), np.zeros(len(probs), np.float64)
         for start in range(0, len(probs), chunk):
-            table = self.kl(probs[start:start + chunk])
-            index[start:start + chunk] = np.argmin(table, axis=1)
-            kl[start:start + chunk] = table[np.arange(len(table)), index[start:start + chunk]]
+            table = self.kl(probs[start:start + chunk], rows)
+            best = np.argmin(table, axis=1)
+            index[start:start + chunk] = best if rows is None else np.asarray(rows)[best]
+            kl[start:start + chunk] = table[np.arange(len(table)), best]
         return index, kl
 
     def save(self, path) -> None:

@@ -44,6 +44,7 @@ from jax.sharding import PartitionSpec
 from distprompt_jax import parallel
 from distprompt_jax.models.kv_cache import KVCache
 from distprompt_jax.prompting import context as context_lib
+from distprompt_jax.prompting.context_bank import ContextBank
 from distprompt_jax.prompting.engine import check_shared_fields, model_structure, run_method
 from distprompt_jax.prompting.objective import distribution_report, kl_from_logits, safe_log
 from distprompt_jax.prompting.sandwich import run_with_bound
@@ -61,7 +62,7 @@ REUSE_ROUNDS = ("target", "pool")
 # With round_trip_prompts, twice the candidates are proposed and the first that survive decode → encode are
 # evaluated (a byte-level BPE loses a few in ten single swaps to merges with their neighbours).
 ROUND_TRIP_OVERSAMPLE = 2
-INITS = ("repeat", "random", "text")
+INITS = ("repeat", "random", "text", "bank")
 DEFAULT_INIT_TEXT = " the"  # the repeated common token of init="repeat", where the tokenizer has it as one token
 
 
@@ -83,7 +84,10 @@ class HardPromptConfig:
     # A target stops once its KL is within this of its floor: the certified bound when the run has one
     # (experiments, `with_bound=True`), else 0.
     floor_tolerance: float = 1e-3
-    init: str = "repeat"  # one token repeated L times | "random" tokens (seeded, per target) | "text"
+    init: str = "repeat"  # one token repeated L times | "random" tokens (seeded, per target) | "text" | "bank": the
+    #                       tokens of the context bank's nearest context (prompting.context_bank) whose tokens are
+    #                       all allowed candidates
+    bank_size: int = 512  # with init="bank": contexts of prompt_len tokens the model samples (seeded by `seed`)
     init_token: int | str | None = None  # with init="repeat": an id or a one-token text; None: " the" (see docs)
     init_text: str | None = None  # with init="text": its tokens (exactly prompt_len of them) start the search
     prefix: str | tuple[int, ...] = ""  # fixed tokens before the prompt: text, or token ids
@@ -123,7 +127,8 @@ class HardPromptConfig:
 
         check_shared_fields(
             self, lm, INITS,
-            at_least_one=("k", "num_swaps", "beam_width", "max_steps", "patience", "segment_steps", "top_k"),
+            at_least_one=("k", "num_swaps", "beam_width", "max_steps", "patience", "segment_steps", "top_k",
+                          "bank_size"),
         )
         if self.candidate_block is not None and self.candidate_block < 1:
             fail(f"candidate_block must be positive or None, got {self.candidate_block}")
@@ -245,7 +250,7 @@ class HardProblem:
     context: context_lib.FixedContext
     filters: tuple[bool, bool, bool, bool]  # ascii_only, printable_only, no_whitespace_only, round_trip_tokens
     round_trip_prompts: bool
-    init_kind: str  # config.init, or "given": the caller's per-target ids (input "init_ids")
+    init_kind: str  # config.init, or "given": per-target ids (input "init_ids": the caller's, or the bank's)
     start_ids: tuple[int, ...] | None  # the initial prompt of init="repeat" / "text"
     allowed: np.ndarray = dataclasses.field(compare=False, repr=False)  # bool [V]: a function of lm and filters
 
@@ -637,9 +642,10 @@ class HardMethod:
         """`init_ids` [N, L]: the caller's initial prompts, one per target of the whole target set."""
         config.validate(lm)
         self.lm, self.config, self.init_ids = lm, config, init_ids
-        self._problem = HardProblem.build(lm, config, given_init=init_ids is not None)
+        self._problem = HardProblem.build(lm, config, given_init=init_ids is not None or config.init == "bank")
         if init_ids is not None:
             _check_allowed(init_ids, self._problem.allowed, "init_ids")
+        self._bank = None
 
     def problem(self) -> HardProblem:
         return self._problem
@@ -653,7 +659,22 @@ class HardMethod:
         inputs = {"p": np.asarray(probs, np.float32)}
         if self.init_ids is not None:
             inputs["init_ids"] = self.init_ids[rows]
+        elif self.config.init == "bank":
+            inputs["init_ids"] = self._bank_starts(inputs["p"])
         return inputs
+
+    def _bank_starts(self, probs: np.ndarray) -> np.ndarray:
+        """Each target's nearest context in the bank among those made only of allowed tokens: [N, L] ids."""
+        if self._bank is None:  # built once per method, on first use, inside the prompt's fixed tokens
+            c = self.config
+            self._bank = ContextBank.sample(self.lm, c.bank_size, c.prompt_len, seed=c.seed,
+                                            context=self._problem.context)
+            self._bank_rows = np.flatnonzero(self._problem.allowed[self._bank.ids].all(axis=1))
+            if not len(self._bank_rows):
+                raise ValueError(f"init='bank': none of the {c.bank_size} sampled contexts is made only of tokens "
+                                 "the candidate filters allow; use another init or fewer filters")
+        nearest, _ = self._bank.nearest(probs, rows=self._bank_rows)
+        return self._bank.ids[nearest]
 
     def columns(self, reports: dict[str, np.ndarray]) -> tuple[dict, dict]:
         # kl first: the figure every table is read for.
