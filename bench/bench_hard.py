@@ -222,6 +222,9 @@ STRATEGIES = {
     "gcg_k256": (dict(mode="gcg", k=256), 128, 0),
     "soft_hotflip": (dict(), 64, True),  # --soft-steps soft steps (one attempt), projected, then hotflip
     "soft_gcg": (dict(mode="gcg"), 128, True),
+    # the context bank's nearest model-written context (512 sampled once for all targets: not charged per target)
+    "bank_hotflip": (dict(init="bank"), 64, 0),
+    "bank_gcg_n2": (dict(mode="gcg", n_replace=2, init="bank"), 128, 0),
     "hotflip_roundtrip": (dict(round_trip_prompts=True), 64, 0),
     "gcg_roundtrip": (dict(mode="gcg", round_trip_prompts=True), 128, 0),
 }
