@@ -2,7 +2,7 @@
 
     python bench/bench_hard.py [--targets 64] [--candidates 128] [--torch-targets 2] [--paired 3]
                                [--quality 32] [--hotflip-iterations 4] [--gcg-iterations 2]
-    python bench/bench_hard.py --reuse [--lengths 10 20] [--reuse-reps 3] [--reuse-cycles 1]
+    python bench/bench_hard.py --reuse [--lengths 10 20] [--reuse-reps 3] [--reuse-cycles 1] [--reuse-rounds pool]
                                [--iteration-targets 64] [--iterations 3]
     python bench/bench_hard.py --strategies hotflip,gcg,gcg_n2,soft_hotflip [--strategy-targets 32 | --entropies
                                0.5,1,3] [--seed 0] [--budget 12800] [--soft-steps 300] [--out results.csv]
@@ -133,7 +133,7 @@ def quality(lm, probs: np.ndarray, mode: str, iterations: int, **fields):
     return result.columns, result.arrays["kl_path"], seconds
 
 
-def reuse_evaluation(lm, length: int, mode: str, n_targets: int, reps: int, seed: int = 0):
+def reuse_evaluation(lm, length: int, mode: str, n_targets: int, reps: int, rounds: str | None = None, seed: int = 0):
     """(whole, cached) candidate evaluations/s of the search's own evaluation and the largest |KL difference|."""
     from distprompt_jax.prompting.hard import HardProblem, HardPromptConfig, candidate_mask
     from distprompt_jax.prompting.objective import safe_log
@@ -152,7 +152,8 @@ def reuse_evaluation(lm, length: int, mode: str, n_targets: int, reps: int, seed
     args = [jnp.asarray(a) for a in (ids, candidates, starts.astype(np.int32))]
 
     def compiled(reuse: bool):
-        problem = HardProblem.build(lm, HardPromptConfig(prompt_len=length, mode=mode, reuse_prefix=reuse))
+        config = HardPromptConfig(prompt_len=length, mode=mode, reuse_prefix=reuse, reuse_rounds=rounds)
+        problem = HardProblem.build(lm, config)
 
         def evaluate(params, p, ids, candidates, starts):
             table, fixed = lm.embedding_matrix(params), problem.fixed_prefix_cache(params)
@@ -181,14 +182,15 @@ def reuse_section(lm, args):
 
 
 def reuse_evaluation_table(lm, args):
-    print(f"\n## Reusing the shared prefix: candidate evaluations/s, whole vs cached (median of {args.reuse_reps}, "
-          "alternating)\n")
+    rounds = args.reuse_rounds or ("target" if jax.default_backend() == "cpu" else "pool")
+    print(f"\n## Reusing the shared prefix ({rounds} rounds): candidate evaluations/s, whole vs cached (median of "
+          f"{args.reuse_reps}, alternating)\n")
     print("| L | mode | targets × candidates | whole | cached | speed-up | max |ΔKL| |")
     print("|---:|---|---|---:|---:|---:|---:|")
     for length in args.lengths:
         for mode in ("hotflip", "gcg"):
             n = args.reuse_cycles * length
-            whole, cached, difference = reuse_evaluation(lm, length, mode, n, args.reuse_reps)
+            whole, cached, difference = reuse_evaluation(lm, length, mode, n, args.reuse_reps, args.reuse_rounds)
             per_target = 64 if mode == "hotflip" else 128
             print(f"| {length} | {mode} | {n} × {per_target} | {whole:.1f} | {cached:.1f} | {cached / whole:.2f}× | "
                   f"{difference:.1e} |", flush=True)
@@ -225,6 +227,9 @@ STRATEGIES = {
     # the context bank's nearest model-written context (512 sampled once for all targets: not charged per target)
     "bank_hotflip": (dict(init="bank"), 64, 0),
     "bank_gcg_n2": (dict(mode="gcg", n_replace=2, init="bank"), 128, 0),
+    # the best of 64 prompts drawn from the target (its 64 evaluations are charged: `spent_before`)
+    "sample_hotflip": (dict(init="sample"), 64, 0),
+    "sample_gcg_n2": (dict(mode="gcg", n_replace=2, init="sample"), 128, 0),
     "hotflip_roundtrip": (dict(round_trip_prompts=True), 64, 0),
     "gcg_roundtrip": (dict(mode="gcg", round_trip_prompts=True), 128, 0),
 }
@@ -244,6 +249,8 @@ def run_strategy(lm, targets, name: str, budget: int, soft_steps: int):
     if from_soft:
         soft = soft_prompt(lm, targets, SoftPromptConfig(max_steps=soft_steps, restarts=1))
         init_ids, spent = project_soft_prompts(lm, soft), 3.0 * soft.columns["steps"]
+    if fields.get("init") == "sample":
+        spent = spent + HardPromptConfig().init_samples
     iterations = int((budget - spent.max()) // per_iteration)
     config = HardPromptConfig(max_steps=iterations, patience=max(iterations, PROMPT_LEN), **fields)
     result = hard_prompt(lm, targets, config, init_ids=init_ids)
@@ -304,6 +311,8 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[10, 20])
     parser.add_argument("--reuse-reps", type=int, default=3)
     parser.add_argument("--reuse-cycles", type=int, default=1, help="targets = cycles × L in section 3a (0 skips)")
+    parser.add_argument("--reuse-rounds", default=None, choices=["target", "pool"],
+                        help="section 3a's HardPromptConfig.reuse_rounds (default: the platform's)")
     parser.add_argument("--iteration-targets", type=int, default=64, help="section 3b (0 to skip)")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--strategies", default="", help="run only section 4: comma-separated STRATEGIES names")

@@ -354,3 +354,22 @@ def test_bank_init_starts_each_target_at_its_nearest_context(peaked_lm):
     np.testing.assert_array_equal(result.arrays["token_ids"], bank.ids[[3, 9]])
     with pytest.raises(ValueError, match="bank_size must be at least 1"):
         hard_prompt(lm, targets, dataclasses.replace(config, bank_size=0))
+
+
+def test_sample_init_starts_at_the_best_prompt_drawn_from_the_target(peaked_lm):
+    lm = peaked_lm("llama")
+    config = HardPromptConfig(prompt_len=2, init="sample", init_samples=64, k=8, max_steps=1, slots=4)
+    # Mass on two tokens: 64 draws of two tokens cover all four prompts (a miss has probability ~1e-7).
+    pairs = [(20, 21), (40, 41)]
+    targets = np.zeros((3, lm.vocab_size))
+    for row, pair in enumerate(pairs):
+        targets[row, list(pair)] = 0.5
+    targets[2, lm.config.bos_token_id] = 1.0  # no mass on an allowed token: drawn uniformly from them
+    result = hard_prompt(lm, targets, config)
+    for row, (a, b) in enumerate(pairs):
+        prompts = np.array([[a, a], [a, b], [b, a], [b, b]])
+        kls = token_prompt_kl(lm, np.repeat(targets[row : row + 1], 4, axis=0), prompts, config)
+        np.testing.assert_allclose(result.columns["initial_kl"][row], kls.min(), atol=2e-5)
+    assert np.isfinite(result.columns["initial_kl"][2])
+    with pytest.raises(ValueError, match="init_samples must be at least 1"):
+        hard_prompt(lm, targets, dataclasses.replace(config, init_samples=0))
