@@ -230,6 +230,8 @@ STRATEGIES = {
     # the best of 64 prompts drawn from the target (its 64 evaluations are charged: `spent_before`)
     "sample_hotflip": (dict(init="sample"), 64, 0),
     "sample_gcg_n2": (dict(mode="gcg", n_replace=2, init="sample"), 128, 0),
+    # the budget split over 3 attempts (targets within 1 nat of 0 stop), each from its own 64 draws
+    "sample_hotflip_r3": (dict(init="sample", restarts=3), 64, 0),
     "hotflip_roundtrip": (dict(round_trip_prompts=True), 64, 0),
     "gcg_roundtrip": (dict(mode="gcg", round_trip_prompts=True), 128, 0),
 }
@@ -249,9 +251,10 @@ def run_strategy(lm, targets, name: str, budget: int, soft_steps: int):
     if from_soft:
         soft = soft_prompt(lm, targets, SoftPromptConfig(max_steps=soft_steps, restarts=1))
         init_ids, spent = project_soft_prompts(lm, soft), 3.0 * soft.columns["steps"]
+    attempts = fields.get("restarts", 1)
     if fields.get("init") == "sample":
-        spent = spent + HardPromptConfig().init_samples
-    iterations = int((budget - spent.max()) // per_iteration)
+        spent = spent + attempts * HardPromptConfig().init_samples
+    iterations = int((budget - spent.max()) // (per_iteration * attempts))  # per attempt
     config = HardPromptConfig(max_steps=iterations, patience=max(iterations, PROMPT_LEN), **fields)
     result = hard_prompt(lm, targets, config, init_ids=init_ids)
     seconds = time.perf_counter() - start
@@ -262,7 +265,7 @@ def run_strategy(lm, targets, name: str, budget: int, soft_steps: int):
                           "round_trips": result.columns.get("round_trips", np.nan), "spent_before": spent})
     for column, fraction in (("kl_quarter", 0.25), ("kl_half", 0.5)):
         table[column] = path[:, max(0, int(fraction * iterations) - 1)]
-    table["evaluations"] = spent + per_iteration * table["steps"]
+    table["evaluations"] = spent + per_iteration * table["steps"]  # with restarts: the best attempt's only
     return table, seconds
 
 

@@ -356,7 +356,7 @@ def test_bank_init_starts_each_target_at_its_nearest_context(peaked_lm):
         hard_prompt(lm, targets, dataclasses.replace(config, bank_size=0))
 
 
-def test_sample_init_starts_at_the_best_prompt_drawn_from_the_target(peaked_lm):
+def test_sample_init_and_restarts_start_at_the_best_prompt_drawn_from_the_target(peaked_lm):
     lm = peaked_lm("llama")
     config = HardPromptConfig(prompt_len=2, init="sample", init_samples=64, k=8, max_steps=1, slots=4)
     # Mass on two tokens: 64 draws of two tokens cover all four prompts (a miss has probability ~1e-7).
@@ -365,11 +365,23 @@ def test_sample_init_starts_at_the_best_prompt_drawn_from_the_target(peaked_lm):
     for row, pair in enumerate(pairs):
         targets[row, list(pair)] = 0.5
     targets[2, lm.config.bos_token_id] = 1.0  # no mass on an allowed token: drawn uniformly from them
-    result = hard_prompt(lm, targets, config)
+    best = []
     for row, (a, b) in enumerate(pairs):
         prompts = np.array([[a, a], [a, b], [b, a], [b, b]])
-        kls = token_prompt_kl(lm, np.repeat(targets[row : row + 1], 4, axis=0), prompts, config)
-        np.testing.assert_allclose(result.columns["initial_kl"][row], kls.min(), atol=2e-5)
+        best.append(token_prompt_kl(lm, np.repeat(targets[row : row + 1], 4, axis=0), prompts, config).min())
+    result = hard_prompt(lm, targets, config)
+    np.testing.assert_allclose(result.columns["initial_kl"][:2], best, atol=2e-5)
     assert np.isfinite(result.columns["initial_kl"][2])
+    # From the default init, one iteration changes one position; a restart starts from the target's draws.
+    once = dataclasses.replace(config, init="repeat", restart_above=None)
+    first = hard_prompt(lm, targets[:2], once)
+    restarted = hard_prompt(lm, targets[:2], dataclasses.replace(once, restarts=2))
+    # The best attempt is kept: no worse than the first, nor than the second's start (the best draw), which
+    # beats the first attempt on some target.
+    assert np.any(first.columns["kl"] > np.array(best) + 1e-3)
+    assert np.all(restarted.columns["kl"] <= np.minimum(first.columns["kl"], best) + 2e-5)
+    # Targets within restart_above of their floor (0 here) get no further attempt.
+    unneeded = hard_prompt(lm, targets[:2], dataclasses.replace(once, restarts=2, restart_above=1e6))
+    np.testing.assert_array_equal(unneeded.columns["kl"], first.columns["kl"])
     with pytest.raises(ValueError, match="init_samples must be at least 1"):
         hard_prompt(lm, targets, dataclasses.replace(config, init_samples=0))

@@ -90,6 +90,10 @@ class HardPromptConfig:
     #                       from the target itself (restricted to allowed tokens; see BUILD.md)
     bank_size: int = 512  # with init="bank": contexts of prompt_len tokens the model samples (seeded by `seed`)
     init_samples: int = 64  # with init="sample": prompts drawn per target (costs one hotflip iteration at 64)
+    restarts: int = 1  # attempts per target at most; the best is kept. Further attempts start from prompts drawn
+    #                    from the target (as init="sample", each attempt its own draws), whatever `init` is
+    # A further attempt runs only for a target still more than this above its floor (None: every attempt runs).
+    restart_above: float | None = 1.0
     init_token: int | str | None = None  # with init="repeat": an id or a one-token text; None: " the" (see docs)
     init_text: str | None = None  # with init="text": its tokens (exactly prompt_len of them) start the search
     prefix: str | tuple[int, ...] = ""  # fixed tokens before the prompt: text, or token ids
@@ -130,7 +134,7 @@ class HardPromptConfig:
         check_shared_fields(
             self, lm, INITS,
             at_least_one=("k", "num_swaps", "beam_width", "max_steps", "patience", "segment_steps", "top_k",
-                          "bank_size", "init_samples"),
+                          "bank_size", "init_samples", "restarts"),
         )
         if self.candidate_block is not None and self.candidate_block < 1:
             fail(f"candidate_block must be positive or None, got {self.candidate_block}")
@@ -254,6 +258,7 @@ class HardProblem:
     round_trip_prompts: bool
     init_kind: str  # config.init, or "given": per-target ids (input "init_ids": the caller's, or the bank's)
     init_samples: int
+    resample_restarts: bool  # restarts > 1 and an init whose start does not change with the attempt
     start_ids: tuple[int, ...] | None  # the initial prompt of init="repeat" / "text"
     allowed: np.ndarray = dataclasses.field(compare=False, repr=False)  # bool [V]: a function of lm and filters
 
@@ -290,6 +295,7 @@ class HardProblem:
             filters=(config.ascii_only, config.printable_only, config.no_whitespace_only, config.round_trip_tokens),
             round_trip_prompts=config.round_trip_prompts,
             init_kind="given" if given_init else config.init, init_samples=config.init_samples,
+            resample_restarts=config.restarts > 1 and (given_init or config.init not in ("random", "sample")),
             start_ids=None if start_ids is None else tuple(int(i) for i in start_ids), allowed=allowed,
         )
 
@@ -519,6 +525,8 @@ class HardProblem:
             ids = self._sampled_start(params, p, log_p, key_init)
         else:
             ids = jnp.asarray(self.start_ids, jnp.int32)
+        if self.resample_restarts:  # the first attempt from the init, further ones from the target's draws
+            ids = jnp.where(attempt == 0, ids, self._sampled_start(params, p, log_p, key_init))
         initial_kl = self.prompt_kl(params, p, log_p, ids)
         best = jnp.where(self._round_trips(ids), initial_kl, jnp.inf) if self.round_trip_prompts else initial_kl
         return HardState(
@@ -676,7 +684,7 @@ class HardMethod:
     def options(self, slots: int) -> DriverOptions:
         c = self.config
         return DriverOptions(slots=slots, segment_steps=c.segment_steps, refill_at=c.refill_at, seed=c.seed,
-                             desc="hard prompts")
+                             attempts=c.restarts, retry_above=c.restart_above, desc="hard prompts")
 
     def inputs(self, probs: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
         inputs = {"p": np.asarray(probs, np.float32)}
