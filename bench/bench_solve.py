@@ -7,7 +7,9 @@ time to a rerun's first step with and without the persistent compilation cache.
 Throughput: soft prompts for `n` vanilla targets over entropy 0..ln|V| with the given early stopping, so
 targets stop at different steps. "Useful" target·steps are steps of targets still running; "computed" are
 slots × steps of the compiled segments. The whole-run useful rate is useful target·steps per second over
-the run; the all-active rate is measured on a pool of `slots` targets that all run 40 steps. Each measured run
+the run; the all-active rate is measured on a pool of `slots` targets that all run 40 steps, before and after
+the run (their mean is the reference). The run splits into the fill (segments while targets wait for a slot) and
+the drain (once none waits, slots empty and the tail is compacted into smaller pools). Each measured run
 follows a warm-up run of the same problem in the same process (nothing compiles while it is timed).
 `--before REV` runs the chunked engine of that git revision on the same targets (chunk size = slots, its
 default segment of 25 steps) in a subprocess, timed the same way.
@@ -96,10 +98,19 @@ def measure_after(lm, probs: np.ndarray, args) -> dict:
     result = run_method(SoftMethod(lm, config), lm, probs, on_segment=infos.append, progress=False)
     seconds = time.perf_counter() - start
     last = infos[-1]
+    # The drain: segments that start with no target waiting, where refilling has nothing left to give the
+    # freed slots; the running targets' remaining steps are sequential, whatever the driver does.
+    waiting = [info.n_targets - info.finished - info.active for info in infos]
+    fill_end = next((i for i, count in enumerate(waiting) if count == 0), len(infos) - 1)
+    fill = infos[fill_end]
     return {
         "seconds": seconds, "target_steps": last.target_steps, "slot_steps": last.slot_steps,
         "useful_rate": last.target_steps / seconds, "segments": len(infos),
         "mean_kl": float(result.columns["kl"].mean()),
+        "fill": {"seconds": fill.seconds, "target_steps": fill.target_steps, "slot_steps": fill.slot_steps,
+                 "useful_rate": fill.target_steps / fill.seconds},
+        "drain": {"seconds": last.seconds - fill.seconds, "target_steps": last.target_steps - fill.target_steps,
+                  "slot_steps": last.slot_steps - fill.slot_steps},
     }
 
 
@@ -195,10 +206,15 @@ def main():
     lm = load_model(args.model)
     targets_path = Path(tempfile.mkdtemp()) / "targets.npy"
     probs = make_targets(lm.vocab_size, args.n, targets_path)
-    all_active = measure_all_active(lm, probs, args)
-    report = {"args": vars(args), "all_active_rate": all_active, "after": measure_after(lm, probs, args)}
-    after = report["after"]
+    # Measured before and after the run (shared machines drift over an hour): their mean is the reference.
+    all_active_before = measure_all_active(lm, probs, args)
+    after = measure_after(lm, probs, args)
+    all_active_after = measure_all_active(lm, probs, args)
+    all_active = (all_active_before + all_active_after) / 2
+    report = {"args": vars(args), "all_active_rate": all_active,
+              "all_active_rates": [all_active_before, all_active_after], "after": after}
     after["useful_share_of_all_active"] = after["useful_rate"] / all_active
+    after["fill"]["useful_share_of_all_active"] = after["fill"]["useful_rate"] / all_active
     after["useful_share_of_computed"] = after["target_steps"] / after["slot_steps"]
     print(json.dumps(report), flush=True)  # what is measured so far, should a later part fail
     if args.before:
