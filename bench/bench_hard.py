@@ -133,7 +133,7 @@ def quality(lm, probs: np.ndarray, mode: str, iterations: int, **fields):
     return result.columns, result.arrays["kl_path"], seconds
 
 
-def reuse_evaluation(lm, length: int, mode: str, n_targets: int, reps: int, rounds: str | None = None, seed: int = 0):
+def reuse_evaluation(lm, length: int, mode: str, n_targets: int, reps: int, rounds: str = "pool", seed: int = 0):
     """(whole, cached) candidate evaluations/s of the search's own evaluation and the largest |KL difference|."""
     from distprompt_jax.prompting.hard import HardProblem, HardPromptConfig, candidate_mask
     from distprompt_jax.prompting.objective import safe_log
@@ -182,7 +182,7 @@ def reuse_section(lm, args):
 
 
 def reuse_evaluation_table(lm, args):
-    rounds = args.reuse_rounds or ("target" if jax.default_backend() == "cpu" else "pool")
+    rounds = args.reuse_rounds
     print(f"\n## Reusing the shared prefix ({rounds} rounds): candidate evaluations/s, whole vs cached (median of "
           f"{args.reuse_reps}, alternating)\n")
     print("| L | mode | targets × candidates | whole | cached | speed-up | max |ΔKL| |")
@@ -314,8 +314,8 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[10, 20])
     parser.add_argument("--reuse-reps", type=int, default=3)
     parser.add_argument("--reuse-cycles", type=int, default=1, help="targets = cycles × L in section 3a (0 skips)")
-    parser.add_argument("--reuse-rounds", default=None, choices=["target", "pool"],
-                        help="section 3a's HardPromptConfig.reuse_rounds (default: the platform's)")
+    parser.add_argument("--reuse-rounds", default="pool", choices=["target", "pool"],
+                        help="section 3a's HardPromptConfig.reuse_rounds")
     parser.add_argument("--iteration-targets", type=int, default=64, help="section 3b (0 to skip)")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--strategies", default="", help="run only section 4: comma-separated STRATEGIES names")

@@ -1,8 +1,9 @@
 """Quickstart: soft prompts for 24 vanilla targets spread over entropy 0..ln|V| on SmolLM2-135M.
 
-About 3.5 minutes on a 2-core CPU. To scale up on a GPU or a pod: raise targets.vanilla.n (thousands),
-soft.max_steps (500, the default) and soft.restarts; soft.slots="auto" sizes the targets optimized at
-once to the free memory (unset: 64 on a CPU, 1024 on an accelerator).
+About 6 minutes on a 2-core CPU (the certified bound, then soft prompts with restarts). To scale up on a
+GPU or a pod: raise targets.vanilla.n (thousands), soft.max_steps (500, the default) and soft.restarts;
+soft.slots="auto" sizes the targets optimized at once to the free memory (unset: 64 on a CPU, 1024 on an
+accelerator).
 
     distprompt --config=configs/quickstart.py --workdir=runs/quickstart [--config.soft.max_steps=300 ...]
 """

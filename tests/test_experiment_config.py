@@ -120,7 +120,8 @@ def test_every_field_overrides_from_the_command_line_and_config_files(monkeypatc
 def test_union_fields_take_each_of_their_types(monkeypatch):
     parsed = parse_command_line(
         monkeypatch, base_config(), "--config.soft.prefix=5", "--config.soft.intervention_layer=final_norm",
-        "--config.hard.init_token=7", "--config.hard.suffix=(1, 2)", "--config.hard.candidate_block=None",
+        "--config.hard.init=repeat", "--config.hard.init_token=7",
+        "--config.hard.suffix=(1, 2)", "--config.hard.candidate_block=None",
     )
     soft, hard = experiment.soft_config(parsed), experiment.hard_config(parsed)
     assert soft.prefix == "5" and soft.intervention_layer == "final_norm"  # "5" is text where no int is allowed

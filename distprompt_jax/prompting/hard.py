@@ -14,8 +14,8 @@ needs no sampling — and the best is kept if it beats the current prompt.
 A candidate equals its prompt before its (first) swapped position i, so by default it is computed from i on,
 after the prompt's keys/values (`reuse_prefix`; the fixed prefix's are computed once per iteration for all
 targets, from the weights alone). Split points are static shapes: candidates sorted by i run in blocks, each
-block from its smallest i through a `lax.switch` over the L split points, each target's blocks alone on a
-CPU, all targets' blocks sorted together on an accelerator (`reuse_rounds`). Under the driver's vmap a
+block from its smallest i through a `lax.switch` over the L split points, all targets' blocks sorted
+together into L calls (or each target's alone: `reuse_rounds`). Under the driver's vmap a
 switch would run every branch, so the evaluation sees the whole batch of targets (`_over_targets`). Cycling
 hotflip saves half the prompt on average; measured in BENCHMARKS.md.
 
@@ -69,7 +69,8 @@ DEFAULT_INIT_TEXT = " the"  # the repeated common token of init="repeat", where 
 @dataclasses.dataclass(frozen=True)
 class HardPromptConfig:
     """Defaults are ours where the paper is silent (see paper-notes): L = 10, k = 64, B = 128, 200
-    iterations, init a repeated common token, special tokens excluded, best KL reported."""
+    iterations, init the best of 64 prompts drawn from the target (BENCHMARKS.md: −38% mean KL against a
+    repeated common token at equal budget), special tokens excluded, best KL reported."""
 
     prompt_len: int = 10
     mode: str = "hotflip"  # "hotflip" | "gcg"
@@ -84,7 +85,7 @@ class HardPromptConfig:
     # A target stops once its KL is within this of its floor: the certified bound when the run has one
     # (experiments, `with_bound=True`), else 0.
     floor_tolerance: float = 1e-3
-    init: str = "repeat"  # one token repeated L times | "random" tokens (seeded, per target) | "text" | "bank": the
+    init: str = "sample"  # "repeat": one token L times | "random" tokens (seeded, per target) | "text" | "bank": the
     #                       tokens of the context bank's nearest context (prompting.context_bank) whose tokens are
     #                       all allowed candidates | "sample": the best of `init_samples` prompts of tokens drawn
     #                       from the target itself (restricted to allowed tokens; see BUILD.md)
@@ -117,11 +118,11 @@ class HardPromptConfig:
     # computed whole (the path before the cache, for comparison). Not with shard_params, where no device
     # holds the whole model: that runs the whole-candidate path.
     reuse_prefix: bool = True
-    # How candidates after a shared prefix are batched: "target": each target's blocks alone (its results never
-    # depend on the other targets); "pool": the blocks of all targets on a device together, sorted by start, in
-    # L rounds, each from its smallest start (larger calls, for accelerators; a target's KLs then round
-    # differently in different company). None: "target" on a CPU, "pool" on an accelerator.
-    reuse_rounds: str | None = None
+    # How candidates after a shared prefix are batched: "pool": the blocks of all targets on a device together,
+    # sorted by start, in L rounds, each from its smallest start (larger calls: faster on CPUs and accelerators
+    # alike, BENCHMARKS.md; a target's KLs then round differently in different company); "target": each
+    # target's blocks alone (its results never depend on the other targets, at ~25% less speed on a CPU).
+    reuse_rounds: str = "pool"
     segment_steps: int = 5  # iterations per compiled call: finished targets' slots are refilled between calls
     refill_at: int | None = None  # end a segment early once this many slots are free (None: slots // 16, ≥ 1)
     top_k: int = 10  # for the top-k overlap figure
@@ -140,8 +141,8 @@ class HardPromptConfig:
             fail(f"candidate_block must be positive or None, got {self.candidate_block}")
         if self.mode not in MODES:
             fail(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.reuse_rounds is not None and self.reuse_rounds not in REUSE_ROUNDS:
-            fail(f"reuse_rounds must be one of {REUSE_ROUNDS} or None, got {self.reuse_rounds!r}")
+        if self.reuse_rounds not in REUSE_ROUNDS:
+            fail(f"reuse_rounds must be one of {REUSE_ROUNDS}, got {self.reuse_rounds!r}")
         if self.positions not in POSITIONS:
             fail(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if not 1 <= self.n_replace <= self.prompt_len:
@@ -290,7 +291,7 @@ class HardProblem:
             max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta,
             floor_tolerance=config.floor_tolerance, candidate_block=config.candidate_block,
             reuse_prefix=config.reuse_prefix and not config.shard_params,
-            reuse_rounds=config.reuse_rounds or ("target" if jax.default_backend() == "cpu" else "pool"),
+            reuse_rounds=config.reuse_rounds,
             top_k=config.top_k, context=context,
             filters=(config.ascii_only, config.printable_only, config.no_whitespace_only, config.round_trip_tokens),
             round_trip_prompts=config.round_trip_prompts,
