@@ -526,7 +526,10 @@ class HardProblem:
             ids = self._sampled_start(params, p, log_p, key_init)
         else:
             ids = jnp.asarray(self.start_ids, jnp.int32)
-        if self.resample_restarts:  # the first attempt from the init, further ones from the target's draws
+        # The first attempt from the init, further ones from the target's draws. Under the driver's vmap over
+        # slots a branch on `attempt` would run both sides anyway, so the draws (one iteration's evaluations per
+        # attempt) are computed for first attempts too, only where restarts are asked for.
+        if self.resample_restarts:
             ids = jnp.where(attempt == 0, ids, self._sampled_start(params, p, log_p, key_init))
         initial_kl = self.prompt_kl(params, p, log_p, ids)
         best = jnp.where(self._round_trips(ids), initial_kl, jnp.inf) if self.round_trip_prompts else initial_kl
