@@ -334,8 +334,9 @@ def readme_example_section(lm):
     print(f"\n## README hard-prompt example: {seconds:.0f} s (targets, bound and search)\n")
     print("| h | KL | bound | gap | iterations | best at | prompt |")
     print("|---:|---:|---:|---:|---:|---:|---|")
-    for row in table.itertuples():
-        print(f"| {row.entropy:.1f} | {row.kl:.3f} | {row.kl_bound:.3f} | {row.gap_to_bound:.3f} | {row.steps} | "
+    # the table's `entropy` is the found distribution's; the target's is in the target set's metadata
+    for h, row in zip(targets.metadata["entropy"], table.itertuples()):
+        print(f"| {h:.1f} | {row.kl:.3f} | {row.kl_bound:.3f} | {row.gap_to_bound:.3f} | {row.steps} | "
               f"{row.best_step} | {row.text!r} |", flush=True)
 
 
