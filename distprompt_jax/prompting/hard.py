@@ -550,8 +550,15 @@ class HardProblem:
         allowed = jnp.asarray(self.allowed)
         drawable = allowed & (p > 0)
         # A target with no mass on allowed tokens draws them uniformly.
-        logits = jnp.where(drawable.any(), jnp.where(drawable, log_p, -jnp.inf), jnp.where(allowed, 0.0, -jnp.inf))
-        samples = jax.random.categorical(key, logits, shape=(self.init_samples, self.prompt_len)).astype(jnp.int32)
+        weights = jnp.where(drawable.any(), jnp.where(drawable, p, 0.0), allowed.astype(p.dtype))
+        # Inverse-CDF draws: O(V + draws) memory per target. (jax.random.categorical's Gumbel-max draws a
+        # [draws, L, V] noise array: 126 MB per target at 64 × 10 × 49k, 8 GB for 64 slots, out of memory.)
+        # A zero-weight token's CDF step is empty, so it is never drawn; uniform < 1 = cdf[-1] exactly (x / x),
+        # so no draw falls past the last token with weight.
+        cdf = jnp.cumsum(weights)
+        cdf = cdf / cdf[-1]
+        uniform = jax.random.uniform(key, (self.init_samples, self.prompt_len), dtype=cdf.dtype)
+        samples = jnp.searchsorted(cdf, uniform, side="right").astype(jnp.int32)
         kl = self.candidate_kl(params, self.lm.embedding_matrix(params), p, log_p, samples)
         if self.round_trip_prompts:
             kl = jnp.where(self._round_trips(samples), kl, jnp.inf)
