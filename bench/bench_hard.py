@@ -340,6 +340,12 @@ def readme_example_section(lm):
               f"{row.best_step} | {row.text!r} |", flush=True)
 
 
+def machine_line(*extra: str) -> str:
+    return ", ".join([f"# {platform.machine()}", f"{os.cpu_count()} cores",
+                      f"jax {jax.__version__} ({jax.devices()[0].platform})", *extra,
+                      time.strftime("%Y-%m-%d %H:%M"), f"load {os.getloadavg()[0]:.2f}"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", type=int, default=64)
@@ -369,22 +375,19 @@ def main():
     if args.readme_example:
         from distprompt_jax import load_model
 
-        print(f"# {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.devices()[0].platform}), "
-              f"{time.strftime('%Y-%m-%d %H:%M')}, load {os.getloadavg()[0]:.2f}")
+        print(machine_line())
         readme_example_section(load_model(MODEL))
         return
     if args.strategies:
         from distprompt_jax import load_model
 
-        print(f"# {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.devices()[0].platform}), "
-              f"{time.strftime('%Y-%m-%d %H:%M')}, load {os.getloadavg()[0]:.2f}")
+        print(machine_line())
         strategies_section(load_model(MODEL), args)
         return
     if args.reuse:
         from distprompt_jax import load_model
 
-        print(f"# {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.devices()[0].platform}), "
-              f"{time.strftime('%Y-%m-%d %H:%M')}, load {os.getloadavg()[0]:.2f}")
+        print(machine_line())
         reuse_section(load_model(MODEL), args)
         return
 
@@ -396,8 +399,7 @@ def main():
     from distprompt_jax.prompting.hard import HardPromptConfig, candidate_mask
 
     torch.set_num_threads(os.cpu_count())
-    print(f"# {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.devices()[0].platform}), "
-          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, load {os.getloadavg()[0]:.2f}\n")
+    print(machine_line(f"torch {torch.__version__}") + "\n")
     lm = load_model(MODEL)
     allowed = np.flatnonzero(candidate_mask(lm))
     rng = np.random.default_rng(0)
