@@ -550,15 +550,18 @@ class HardProblem:
         allowed = jnp.asarray(self.allowed)
         drawable = allowed & (p > 0)
         # A target with no mass on allowed tokens draws them uniformly.
-        weights = jnp.where(drawable.any(), jnp.where(drawable, p, 0.0), allowed.astype(p.dtype))
-        # Inverse-CDF draws: O(V + draws) memory per target. (jax.random.categorical's Gumbel-max draws a
-        # [draws, L, V] noise array: 126 MB per target at 64 × 10 × 49k, 8 GB for 64 slots, out of memory.)
-        # A zero-weight token's CDF step is empty, so it is never drawn; uniform < 1 = cdf[-1] exactly (x / x),
-        # so no draw falls past the last token with weight.
-        cdf = jnp.cumsum(weights)
-        cdf = cdf / cdf[-1]
-        uniform = jax.random.uniform(key, (self.init_samples, self.prompt_len), dtype=cdf.dtype)
-        samples = jnp.searchsorted(cdf, uniform, side="right").astype(jnp.int32)
+        mask = jnp.where(drawable.any(), drawable, allowed)
+        weights = jnp.where(drawable.any(), p, 1.0)
+        # Inverse-CDF draws: O(V + draws) memory per target (jax.random.categorical's Gumbel-max draws a
+        # [draws, L, V] noise array: 126 MB per target at 64 × 10 × 49k, 8 GB for 64 slots, out of memory).
+        # Over the drawable tokens only, gathered to the front, and clamped to their count: a scan's rounding
+        # can never land a draw on a token outside the mask (a special or filtered one).
+        vocab = mask.shape[0]
+        tokens = jnp.nonzero(mask, size=vocab, fill_value=0)[0]
+        count = mask.sum()
+        cdf = jnp.cumsum(jnp.where(jnp.arange(vocab) < count, weights[tokens], 0.0))
+        uniform = jax.random.uniform(key, (self.init_samples, self.prompt_len), dtype=cdf.dtype) * cdf[-1]
+        samples = tokens[jnp.minimum(jnp.searchsorted(cdf, uniform, side="right"), count - 1)].astype(jnp.int32)
         kl = self.candidate_kl(params, self.lm.embedding_matrix(params), p, log_p, samples)
         if self.round_trip_prompts:
             kl = jnp.where(self._round_trips(samples), kl, jnp.inf)
