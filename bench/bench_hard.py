@@ -292,6 +292,9 @@ def strategies_section(lm, args):
     from distprompt_jax import unembedding_bound
     from distprompt_jax.targets import vanilla_targets
 
+    unknown = sorted(set(args.strategies.split(",")) - set(STRATEGIES) - {SOFT})
+    if unknown:
+        raise SystemExit(f"unknown strategies {unknown}; known: {sorted(STRATEGIES) + [SOFT]}")
     entropies = (np.array([float(h) for h in args.entropies.split(",")]) if args.entropies
                  else np.linspace(0.25, np.log(lm.vocab_size) - 0.25, args.strategy_targets))
     targets = vanilla_targets(lm.vocab_size, entropies, seed=args.seed, progress=False)
