@@ -49,6 +49,22 @@ class Quadratic:
         return {"best": s.progress.best, "steps": s.progress.steps, "start": s.start, "x": s.x, "attempt": s.attempt}
 
 
+class TrailState(NamedTuple):
+    progress: Progress
+    x: jax.Array
+    start: jax.Array
+    attempt: jax.Array
+    trail: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class QuadraticWithTrail(Quadratic):
+    """The same search with one more state field: another version of the problem, as a checkpoint sees it."""
+
+    def init(self, params, target, index, attempt, key):
+        return TrailState(*super().init(params, target, index, attempt, key), trail=jnp.zeros(2))
+
+
 def inputs(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"center": rng.normal(size=(n, 3)).astype(np.float32),
@@ -58,9 +74,9 @@ def inputs(n: int, seed: int = 0) -> dict[str, np.ndarray]:
 PARAMS = {"scale": jnp.float32(1.0)}
 
 
-def run(n=11, slots=4, devices=None, checkpoint=None, on_segment=None, floors=None, **options):
+def run(n=11, slots=4, devices=None, checkpoint=None, on_segment=None, floors=None, problem=Quadratic(), **options):
     mesh = parallel.local_mesh(devices)
-    driver = Driver(Quadratic(), jax.device_put(PARAMS, parallel.replicated(mesh)),
+    driver = Driver(problem, jax.device_put(PARAMS, parallel.replicated(mesh)),
                     DriverOptions(slots=slots, progress=False, **options), mesh)
     return driver, driver.run(inputs(n), checkpoint=checkpoint, on_segment=on_segment, floors=floors)
 
@@ -225,6 +241,13 @@ def test_a_checkpoint_of_another_pool_is_refused(tmp_path):
     interrupted_at(2, tmp_path / "pool")
     with pytest.raises(ValueError, match="another run"):
         run(n=13, slots=8, segment_steps=3, checkpoint=PoolCheckpoint(tmp_path / "pool"))
+
+
+def test_a_checkpoint_of_another_state_layout_is_refused_and_kept(tmp_path):
+    steps = interrupted_at(2, tmp_path / "pool").manager.all_steps()
+    with pytest.raises(ValueError, match=r"another layout \(differing: \['\.trail \(2,\) float32'\]"):
+        run(n=13, slots=4, segment_steps=3, checkpoint=PoolCheckpoint(tmp_path / "pool"), problem=QuadraticWithTrail())
+    assert PoolCheckpoint(tmp_path / "pool").manager.all_steps() == steps  # not taken for damage
 
 
 def test_equal_problems_share_their_compiled_functions():

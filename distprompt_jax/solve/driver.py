@@ -183,6 +183,13 @@ def _bucketed(rows: np.ndarray) -> np.ndarray:
     return np.concatenate([rows, np.repeat(rows[:1], bucket - len(rows))]).astype(np.int32)
 
 
+def _state_layout(states) -> list[str]:
+    """Each leaf of a pool's states as "path shape dtype", without the slot axis: what a checkpoint must match to
+    be restored into them."""
+    return [f"{jax.tree_util.keystr(path)} {tuple(leaf.shape[1:])} {np.dtype(leaf.dtype).name}"
+            for path, leaf in jax.tree_util.tree_leaves_with_path(states)]
+
+
 def _with_active(states, active):
     return states._replace(progress=states.progress._replace(active=active))
 
@@ -429,6 +436,7 @@ class _Pool:
             "slot_target": self.slot_target.tolist(), "slot_attempt": self.slot_attempt.tolist(),
             "queue": [list(job) for job in self.queue],
             "stats": dataclasses.asdict(d.stats),
+            "state_layout": _state_layout(self.states),
         }
         checkpoint.save(d.stats.segments, arrays, meta)
 
@@ -446,6 +454,13 @@ class _Pool:
                                  "another run (or another slot count); use that run's settings or a new directory")
             # The states' structure at the saved pool's size (only shapes and dtypes are read).
             _, abstract = self._abstract_pool(meta.get("size", d.slots))
+            # A state of another layout (another version of the problem) is not damage: refuse, never delete.
+            saved, layout = meta.get("state_layout"), _state_layout(abstract)
+            if saved is not None and saved != layout:
+                differ = sorted(set(saved) ^ set(layout))
+                raise ValueError(f"{checkpoint.directory} holds search states of another layout (differing: "
+                                 f"{differ}): it was written by another version of this method; resume it with "
+                                 "that version, or use a new directory")
             return {
                 "states": jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract),
                 "results": self.results, "best": self.best, "attempts_done": self.attempts_done, "done": self.done,
