@@ -206,7 +206,7 @@ def reuse_iteration_table(lm, args):
     print("| L | mode | whole s/it | cached s/it | speed-up | cached it/s | cached candidate evals/s | same path |")
     print("|---:|---|---:|---:|---:|---:|---:|---|")
     for length in args.lengths:
-        for mode in ("hotflip", "gcg"):
+        for mode in args.iteration_modes:
             runs = [quality(lm, probs, mode, args.iterations, prompt_len=length, reuse_prefix=reuse)
                     for reuse in (False, True)]
             whole_s, cached_s = (float(np.median(r[2][1:])) for r in runs)
@@ -239,6 +239,12 @@ STRATEGIES = {
     # the budget split over 3 (5) attempts (targets within 1 nat of 0 stop), each from its own 64 draws
     "sample_hotflip_r3": (dict(init="sample", restarts=3), 64, 0),
     "sample_hotflip_r5": (dict(init="sample", restarts=5), 64, 0),
+    # at each stand-still the next 64 ranks of the gradient score, up to ranks 1024 (5: 384), before stopping
+    "sample_hotflip_w15": (dict(init="sample", widen=15), 64, 0),
+    "sample_hotflip_w5": (dict(init="sample", widen=5), 64, 0),
+    # the best of 1024 draws (16 hotflip iterations' evaluations) instead of 64
+    "sample1024_hotflip": (dict(init="sample", init_samples=1024), 64, 0),
+    "sample1024_hotflip_w15": (dict(init="sample", init_samples=1024, widen=15), 64, 0),
     "hotflip_roundtrip": (dict(init="repeat", round_trip_prompts=True), 64, 0),
     "gcg_roundtrip": (dict(init="repeat", mode="gcg", round_trip_prompts=True), 128, 0),
 }
@@ -366,6 +372,8 @@ def main():
                         help="section 3a's HardPromptConfig.reuse_rounds")
     parser.add_argument("--iteration-targets", type=int, default=64, help="section 3b (0 to skip)")
     parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--iteration-modes", nargs="+", default=["hotflip", "gcg"], choices=["hotflip", "gcg"],
+                        help="section 3b's search modes")
     parser.add_argument("--strategies", default="", help="run only section 4: comma-separated STRATEGIES names")
     parser.add_argument("--strategy-targets", type=int, default=32, help="spread from 0.25 to ln|V| − 0.25 nats")
     parser.add_argument("--entropies", default="", help="section 4's target entropies instead (comma-separated)")

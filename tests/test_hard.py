@@ -307,8 +307,8 @@ def test_multi_token_swaps_place_only_allowed_tokens(peaked_lm):
     g = -np.where(allowed, 0.1, 1.0)[None, None, :] @ table + rng.normal(size=(2, 5, lm.d_model))
 
     candidates, starts, valid = jax.jit(problem._candidates, static_argnums=())(
-        jax.numpy.asarray(table), jax.numpy.asarray(allowed), jax.numpy.asarray(g, jax.numpy.float32), ids, 0,
-        jax.random.key(0))
+        jax.numpy.asarray(table), jax.numpy.asarray(allowed), jax.numpy.asarray(g, jax.numpy.float32), ids, 0, 0,
+        jax.random.key(0))  # step 0, the top window
     candidates, starts, valid = map(np.asarray, (candidates, starts, valid))
     assert candidates.shape == (2, 64, 5) and valid.all()
     assert allowed[candidates].all()
@@ -388,3 +388,27 @@ def test_sample_init_and_restarts_start_at_the_best_prompt_drawn_from_the_target
     np.testing.assert_array_equal(unneeded.columns["kl"], first.columns["kl"])
     with pytest.raises(ValueError, match="init_samples must be at least 1"):
         hard_prompt(lm, targets, dataclasses.replace(config, init_samples=0))
+
+
+def test_widening_ends_at_a_local_optimum_of_every_single_swap(peaked_lm):
+    lm = peaked_lm("llama")
+    targets = random_targets(4, lm.vocab_size, seed=3)
+    narrow = HardPromptConfig(prompt_len=3, k=16, init="repeat", max_steps=300, patience=300, slots=4)
+    # Windows of 16 ranks up to the whole vocabulary: a target that stops has tried every single swap. Patience
+    # counts afresh in each window (two periods of positions here would end the search in its second window).
+    wide = dataclasses.replace(narrow, widen=-(-lm.vocab_size // 16), patience=6)
+    first, widened = hard_prompt(lm, targets, narrow), hard_prompt(lm, targets, wide)
+    # The same search until the first stand-still; after it, only improvements.
+    for row, steps in enumerate(first.columns["steps"]):
+        np.testing.assert_array_equal(widened.arrays["kl_path"][row, :steps], first.arrays["kl_path"][row, :steps])
+    assert np.all(widened.columns["kl"] <= first.columns["kl"])
+    assert np.any(widened.columns["kl"] < first.columns["kl"] - 1e-3)
+    allowed = np.flatnonzero(candidate_mask(lm))
+    for row in np.flatnonzero(widened.columns["steps"] < narrow.max_steps):
+        ids = widened.arrays["token_ids"][row]
+        swaps = np.repeat(ids[None], 3 * len(allowed), axis=0)
+        swaps[np.arange(len(swaps)), np.repeat(np.arange(3), len(allowed))] = np.tile(allowed, 3)
+        kl = token_prompt_kl(lm, np.repeat(targets[row : row + 1], len(swaps), axis=0), swaps, narrow)
+        assert kl.min() >= widened.columns["kl"][row] - 1e-5, row
+    with pytest.raises(ValueError, match="widen applies to mode='hotflip' only"):
+        hard_prompt(lm, targets, dataclasses.replace(GCG, widen=1))

@@ -79,9 +79,16 @@ class HardPromptConfig:
     num_swaps: int = 128  # gcg: B swaps sampled from the per-position top-k each iteration
     n_replace: int = 1  # gcg: positions each swap changes (distinct, each a token from its top-k), as nanoGCG's
     positions: str = "cycle"  # hotflip: "cycle" (position t mod L at iteration t) | "best" (k best pairs overall)
+    # hotflip: each time the prompt stood still for a whole period of positions (a local optimum of its k
+    # candidates), the candidates move to the next k ranks of the gradient score (ranks k…2k−1, then 2k…3k−1, …)
+    # up to this many times before the target stops; a new prompt returns to the top k. 0: stop at the first
+    # stand-still. GCG draws new swaps every iteration and takes 0.
+    widen: int = 0
     beam_width: int = 1  # prompts kept per target; each proposes its own candidates
     max_steps: int = 200  # iterations
-    patience: int = 50  # stop a target after this many iterations without improving by more than min_delta
+    # stop a target after this many iterations without improving by more than min_delta (counted afresh when
+    # its candidates widen: a new window is a new search)
+    patience: int = 50
     min_delta: float = 0.0
     # A target stops once its KL is within this of its floor: the certified bound when the run has one
     # (experiments, `with_bound=True`), else 0.
@@ -150,6 +157,10 @@ class HardPromptConfig:
             fail(f"n_replace must be between 1 and prompt_len={self.prompt_len}, got {self.n_replace}")
         if self.n_replace > 1 and self.mode != "gcg":
             fail("n_replace > 1 applies to mode='gcg' only")
+        if self.widen < 0:
+            fail(f"widen must be ≥ 0, got {self.widen}")
+        if self.widen and self.mode != "hotflip":
+            fail("widen applies to mode='hotflip' only (GCG draws new swaps every iteration)")
         if self.mode != "hotflip" and self.positions != "cycle":
             fail(f"positions={self.positions!r} applies to mode='hotflip' only")
         if self.init_token is not None and self.init != "repeat":
@@ -226,6 +237,7 @@ class HardState(NamedTuple):
     initial_kl: jax.Array
     path: jax.Array  # [max_steps] best KL after each iteration
     since_change: jax.Array  # iterations in a row that left the beam as it was
+    window: jax.Array  # which k ranks of the gradient score the candidates are (0: the top k; see `widen`)
     key: jax.Array  # uint32 key data of the search's random stream (gcg): plain data, as checkpoints want
 
 
@@ -246,6 +258,7 @@ class HardProblem:
     num_swaps: int
     n_replace: int
     positions: str
+    widen: int
     beam_width: int
     max_steps: int
     patience: int
@@ -288,7 +301,7 @@ class HardProblem:
         return cls(
             lm=model_structure(lm), prompt_len=config.prompt_len, mode=config.mode, k=config.k,
             num_swaps=config.num_swaps, n_replace=config.n_replace, positions=config.positions,
-            beam_width=config.beam_width,
+            widen=config.widen, beam_width=config.beam_width,
             max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta,
             floor_tolerance=config.floor_tolerance, candidate_block=config.candidate_block,
             reuse_prefix=config.reuse_prefix and not config.shard_params,
@@ -305,13 +318,14 @@ class HardProblem:
         """Next-token logits of prompt embeddings x [L, d] inside the fixed context."""
         return self.lm.logits(params, self.context.around(params, self.lm, x))
 
-    def _propose(self, table32, allowed, g, ids, step, key, count: int):
+    def _propose(self, table32, allowed, g, ids, step, window, key, count: int):
         """`count` candidates of each beam member: (positions [W, count, n], tokens [W, count, n], valid
         [W, count]), a candidate placing tokens[..., r] at positions[..., r] (n = n_replace for GCG, else 1).
 
         A token's score at position i is (e_w − e_i)·g_i, the first-order change of the loss; candidates
-        are the lowest scores among allowed tokens other than the current one. A candidate with a score
-        of +inf (fewer allowed tokens than asked for) is marked invalid.
+        are the lowest scores among allowed tokens other than the current one (hotflip: ranks
+        window·count … window·count + count − 1, see `widen`). A candidate with a score of +inf (fewer allowed
+        tokens than asked for) is marked invalid.
         """
         L, V = self.prompt_len, self.lm.vocab_size
 
@@ -320,14 +334,21 @@ class HardProblem:
             s = jnp.where(allowed, s, jnp.inf)
             return jnp.where(jnp.arange(V) == current[..., None], jnp.inf, s)
 
+        ranked = count * (self.widen + 1)  # the ranks every window is taken from
+
+        def in_window(neg, tokens):  # [..., size] -> this window's [..., count] (the last one where the ranks end)
+            size = neg.shape[-1]
+            first = jnp.minimum(window * count, size - min(count, size))
+            return tuple(jax.lax.dynamic_slice_in_dim(a, first, min(count, size), axis=-1) for a in (neg, tokens))
+
         if self.mode == "hotflip" and self.positions == "cycle":
             position = step % L
-            neg, tokens = jax.lax.top_k(-scores(g[:, position], ids[:, position]), min(count, V))  # [W, count]
+            neg, tokens = in_window(*jax.lax.top_k(-scores(g[:, position], ids[:, position]), min(ranked, V)))
             return jnp.full(tokens.shape + (1,), position), tokens[..., None], jnp.isfinite(neg)
-        top = min(self.k if self.mode == "gcg" else count, V)
+        top = min(self.k if self.mode == "gcg" else ranked, V)
         neg, tokens = jax.lax.top_k(-scores(g, ids), top)  # [W, L, top]
         if self.mode == "hotflip":  # the best (position, token) pairs: they lie among the per-position top ones
-            best_neg, flat = jax.lax.top_k(neg.reshape(-1, L * top), count)
+            best_neg, flat = in_window(*jax.lax.top_k(neg.reshape(-1, L * top), min(ranked, L * top)))
             best_tokens = jnp.take_along_axis(tokens.reshape(-1, L * top), flat, axis=1)
             return (flat // top)[..., None], best_tokens[..., None], jnp.isfinite(best_neg)
         # GCG: n_replace distinct positions per candidate, each a token drawn from that position's top-k.
@@ -339,13 +360,13 @@ class HardProblem:
         valid = jnp.all(jnp.isfinite(neg[member, position, rank]), axis=-1)
         return position, tokens[member, position, rank], valid
 
-    def _candidates(self, table32, allowed, g, ids, step, key):
+    def _candidates(self, table32, allowed, g, ids, step, window, key):
         """Each beam member's candidate prompts [W, C, L], the positions before which they equal the member
         [W, C], and whether each is valid [W, C]; with `round_trip_prompts`, the first C of twice as many
         proposals whose text encodes back to them (the rest are not worth a forward)."""
         count = {"hotflip": self.k, "gcg": self.num_swaps}[self.mode]
         asked = count * (ROUND_TRIP_OVERSAMPLE if self.round_trip_prompts else 1)
-        positions, tokens, valid = self._propose(table32, allowed, g, ids, step, key, asked)
+        positions, tokens, valid = self._propose(table32, allowed, g, ids, step, window, key, asked)
         candidates = jnp.broadcast_to(ids[:, None, :], positions.shape[:2] + (self.prompt_len,))
         for r in range(positions.shape[-1]):
             candidates = jnp.where(jnp.arange(self.prompt_len) == positions[..., r, None], tokens[..., r, None],
@@ -475,7 +496,7 @@ class HardProblem:
             starts.reshape(targets * width, -1), round_units)
         return kl.reshape(starts.shape)
 
-    def _iterate(self, params, p, log_p, ids, step, key):
+    def _iterate(self, params, p, log_p, ids, step, window, key):
         """One iteration: the new beam [W, L] (best first), the beam's KL [W], and whether the new best is a
         candidate (not a prompt already in the beam)."""
         table = self.lm.embedding_matrix(params)
@@ -491,7 +512,8 @@ class HardProblem:
         current_kl, g = jax.vmap(jax.value_and_grad(loss))(table32[ids])  # [W], [W, L, d]
         if self.round_trip_prompts:  # only an initial prompt can fail: it gives way to any candidate
             current_kl = jnp.where(self._round_trips(ids), current_kl, jnp.inf)
-        candidates, starts, valid = self._candidates(table32, allowed, g, ids, step, jax.random.fold_in(key, step))
+        candidates, starts, valid = self._candidates(table32, allowed, g, ids, step, window,
+                                                     jax.random.fold_in(key, step))
         candidate_kl = self.beam_candidate_kl(params, table, fixed, p, log_p, ids, candidates, starts)
         candidate_kl = jnp.where(valid, candidate_kl, jnp.inf).reshape(-1)
         candidates = candidates.reshape(-1, self.prompt_len)
@@ -539,7 +561,7 @@ class HardProblem:
             patience=Patience.start(),
             ids=jnp.broadcast_to(ids, (self.beam_width, self.prompt_len)),
             best_ids=ids, best_step=jnp.int32(0), initial_kl=initial_kl,
-            path=jnp.zeros((self.max_steps,), jnp.float32), since_change=jnp.int32(0),
+            path=jnp.zeros((self.max_steps,), jnp.float32), since_change=jnp.int32(0), window=jnp.int32(0),
             key=jax.random.key_data(key_search),
         )
 
@@ -569,7 +591,8 @@ class HardProblem:
 
     def step(self, params, target, s: HardState) -> HardState:
         p, log_p, _, floor = target
-        ids, beam_kl, found = self._iterate(params, p, log_p, s.ids, s.progress.steps, jax.random.wrap_key_data(s.key))
+        ids, beam_kl, found = self._iterate(params, p, log_p, s.ids, s.progress.steps, s.window,
+                                            jax.random.wrap_key_data(s.key))
         new_kl = beam_kl[0]
         # Only a new prompt can improve: the gradient pass's KL of a known prompt may differ from the
         # candidate pass's in the last float32 bits, which is no progress.
@@ -579,16 +602,22 @@ class HardProblem:
         since_change = jnp.where(jnp.any(ids != s.ids), 0, s.since_change + 1)
         best = jnp.where(better, new_kl, s.progress.best)
         steps = s.progress.steps + 1
-        # A deterministic search whose beam stood still for a whole period of positions is stuck for good.
+        # A deterministic search whose beam stood still for a whole period of positions is stuck for good in its
+        # window of candidates: the next window is tried (`widen`), and after the last the target stops.
         period = {"cycle": self.prompt_len, "best": 1}[self.positions] if self.mode == "hotflip" else None
-        stuck = since_change >= period if period is not None else jnp.asarray(False)
+        stalled = since_change >= period if period is not None else jnp.asarray(False)
+        widened = stalled & (s.window < self.widen)
+        window = jnp.where(since_change == 0, 0, s.window + widened)
+        since_change = jnp.where(widened, 0, since_change)
+        since_improve = jnp.where(widened, 0, since_improve)
+        stuck = stalled & ~widened
         at_floor = best <= floor + self.floor_tolerance
         active = (steps < self.max_steps) & (since_improve < self.patience) & ~stuck & ~at_floor
         return HardState(
             progress=Progress(steps, best, active), patience=Patience(since_improve), ids=ids,
             best_ids=jnp.where(better, ids[0], s.best_ids), best_step=jnp.where(better, steps, s.best_step),
             initial_kl=s.initial_kl, path=s.path.at[s.progress.steps].set(best) if self.max_steps else s.path,
-            since_change=since_change,
+            since_change=since_change, window=window,
             key=s.key,
         )
 
