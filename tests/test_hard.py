@@ -404,7 +404,9 @@ def test_widening_ends_at_a_local_optimum_of_every_single_swap(peaked_lm):
     assert np.all(widened.columns["kl"] <= first.columns["kl"])
     assert np.any(widened.columns["kl"] < first.columns["kl"] - 1e-3)
     allowed = np.flatnonzero(candidate_mask(lm))
-    for row in np.flatnonzero(widened.columns["steps"] < narrow.max_steps):
+    stopped = np.flatnonzero(widened.columns["steps"] < narrow.max_steps)
+    assert len(stopped), "every widened search ran out of iterations: nothing below checks where they stop"
+    for row in stopped:
         ids = widened.arrays["token_ids"][row]
         swaps = np.repeat(ids[None], 3 * len(allowed), axis=0)
         swaps[np.arange(len(swaps)), np.repeat(np.arange(3), len(allowed))] = np.tile(allowed, 3)
@@ -412,3 +414,6 @@ def test_widening_ends_at_a_local_optimum_of_every_single_swap(peaked_lm):
         assert kl.min() >= widened.columns["kl"][row] - 1e-5, row
     with pytest.raises(ValueError, match="widen applies to mode='hotflip' only"):
         hard_prompt(lm, targets, dataclasses.replace(GCG, widen=1))
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="widen must be a non-negative integer"):
+            hard_prompt(lm, targets, dataclasses.replace(narrow, widen=bad))

@@ -157,8 +157,8 @@ class HardPromptConfig:
             fail(f"n_replace must be between 1 and prompt_len={self.prompt_len}, got {self.n_replace}")
         if self.n_replace > 1 and self.mode != "gcg":
             fail("n_replace > 1 applies to mode='gcg' only")
-        if self.widen < 0:
-            fail(f"widen must be ≥ 0, got {self.widen}")
+        if isinstance(self.widen, bool) or not isinstance(self.widen, int) or self.widen < 0:
+            fail(f"widen must be a non-negative integer, got {self.widen!r}")
         if self.widen and self.mode != "hotflip":
             fail("widen applies to mode='hotflip' only (GCG draws new swaps every iteration)")
         if self.mode != "hotflip" and self.positions != "cycle":
