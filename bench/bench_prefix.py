@@ -1,7 +1,8 @@
 """Prefix tuning against soft prompts on the same targets at an equal step budget.
 
     python bench/bench_prefix.py [--model smollm2-135m] [--n 64] [--max_steps 500] [--restarts 3] [--slots 64]
-                                 [--reparam_hidden 512] [--methods soft,prefix,prefix_reparam] [--out bench_prefix_out]
+                                 [--reparam_hidden 512] [--out bench_prefix_out]
+                                 [--methods soft,prefix,prefix_reparam,final_norm,bound_norm]
                                  [--variants '{"name": {PrefixPromptConfig overrides}}']
 
 Targets: `--n` vanilla targets with entropies evenly over 0..ln|V| (seed 0). Their certified
@@ -13,6 +14,8 @@ as experiments do. Methods, each with the same budget (at most `--max_steps` ste
     soft_bos        the same, read at a BOS token after them (the prefix's reading position)
     prefix          PrefixPromptConfig(prompt_len=10): keys and values of 10 positions, read at BOS
     prefix_reparam  the same through Li & Liang's MLP with `--reparam_hidden` units
+    final_norm      the experiments' final-norm rung: one vector replacing the final norm's input after BOS
+    bound_norm      the experiments' norm-constrained estimate (L-BFGS steps; its restarts are BoundConfig's)
 
 `--variants` adds prefixes with other settings (e.g. '{"lr0.05": {"learning_rate": 0.05}}'), same budget.
 
@@ -20,7 +23,10 @@ Per method and entropy band ([0, 3), [3, 6), [6, 9), ≥ 9 nats, the report's): 
 gap to the bound; and per method the useful target·steps (steps of running targets, every attempt), the
 wall time, target·steps/s over it and after the first segment (which is mostly compiling) — all methods in
 one process, one after the other, so their speeds compare.
-Everything goes to `--out`: `<method>.csv` per target and `summary.md`.
+Everything goes to `--out`: `<method>.csv` per target, `<method>.json` its speed and budget, and `summary.md`.
+A method whose files are there for the same model, targets and budget is read back, not run again: a long
+benchmark survives being stopped, and may be spread over several sessions (its speeds then come from
+different processes; `summary.md` gives each method's date).
 """
 
 from __future__ import annotations
@@ -36,10 +42,14 @@ import pandas as pd
 
 PROMPT_LEN = 10
 BANDS = (0.0, 3.0, 6.0, 9.0, np.inf)
-METHODS = ("soft", "soft_bos", "prefix", "prefix_reparam")
+METHODS = ("soft", "soft_bos", "prefix", "prefix_reparam", "final_norm", "bound_norm")
 
 
 def method_of(lm, name: str, budget: dict, reparam_hidden: int, variants: dict):
+    from ml_collections import ConfigDict
+
+    from distprompt_jax.bounds import NormMethod
+    from distprompt_jax.experiment import final_norm_config, final_norm_defaults
     from distprompt_jax.prompting.prefix import PrefixMethod, PrefixPromptConfig
     from distprompt_jax.prompting.soft import SoftMethod, SoftPromptConfig
 
@@ -53,6 +63,12 @@ def method_of(lm, name: str, budget: dict, reparam_hidden: int, variants: dict):
         return PrefixMethod(lm, PrefixPromptConfig(**{"prompt_len": PROMPT_LEN, **budget, **variants[name]}))
     if name == "prefix_reparam":
         return PrefixMethod(lm, PrefixPromptConfig(prompt_len=PROMPT_LEN, reparam_hidden=reparam_hidden, **budget))
+    if name == "final_norm":
+        section = final_norm_defaults()
+        section.update(budget)
+        return SoftMethod(lm, final_norm_config(ConfigDict(dict(final_norm=section)), lm.n_layers))
+    if name == "bound_norm":
+        return NormMethod(lm)
     raise ValueError(f"unknown method {name!r}; known: {METHODS}")
 
 
@@ -83,6 +99,17 @@ def run(method, lm, probs: np.ndarray, kl_bound: np.ndarray) -> tuple[pd.DataFra
     speed = dict(seconds=seconds, target_steps=last.target_steps, slot_steps=last.slot_steps,
                  target_steps_per_s=last.target_steps / seconds, steady_target_steps_per_s=steady)
     return table, speed
+
+
+def saved_run(out: Path, name: str, signature: dict) -> tuple[pd.DataFrame, dict] | None:
+    """The table and speed of `name` saved in `out` by a run with this signature, else None."""
+    table_file, meta_file = out / f"{name}.csv", out / f"{name}.json"
+    if not (table_file.is_file() and meta_file.is_file()):
+        return None
+    meta = json.loads(meta_file.read_text())
+    if meta.get("signature") != signature:
+        return None
+    return pd.read_csv(table_file, index_col="target_id"), meta["speed"]
 
 
 def band_of(entropy: np.ndarray) -> np.ndarray:
@@ -135,10 +162,20 @@ def main():
     variants = json.loads(args.variants)
     tables, speeds = {}, {}
     for name in [m for m in args.methods.split(",") if m] + list(variants):
-        table, speed = run(method_of(lm, name, budget, args.reparam_hidden, variants), lm, probs, kl_bound)
-        table.insert(0, "entropy", entropy)
-        table["band"] = band_of(entropy)
-        table.to_csv(out / f"{name}.csv", index_label="target_id")
+        # What the method's numbers depend on: a saved run with the same is read back instead of run again.
+        signature = dict(model=lm.name, n=args.n, probs_sum=float(probs.sum()), **budget,
+                         reparam_hidden=args.reparam_hidden, variant=variants.get(name))
+        saved = saved_run(out, name, signature)
+        if saved is None:
+            table, speed = run(method_of(lm, name, budget, args.reparam_hidden, variants), lm, probs, kl_bound)
+            table.insert(0, "entropy", entropy)
+            table["band"] = band_of(entropy)
+            speed["date"] = time.strftime("%Y-%m-%d %H:%M")
+            table.to_csv(out / f"{name}.csv", index_label="target_id")
+            (out / f"{name}.json").write_text(json.dumps(dict(signature=signature, speed=speed), indent=1))
+        else:
+            table, speed = saved
+            print(f"{name}: read back from {out} (run {speed['date']})", flush=True)
         tables[name], speeds[name] = table, speed
         print(f"{name}: mean KL {table.kl.mean():.4f}, median {table.kl.median():.4f}, "
               f"{speed['steady_target_steps_per_s']:.1f} target·steps/s", flush=True)
@@ -148,7 +185,8 @@ def main():
         "", f"{platform.node()}, {jax.devices()[0].platform} × {len(jax.devices())}; "
         f"{time.strftime('%Y-%m-%d %H:%M')}; slots {args.slots or 'default'}; prefix_reparam hidden "
         f"{args.reparam_hidden}", "",
-        "## KL per entropy band", "", markdown(band_summary(tables)), "", "## Speed (one process, in turn)", "",
+        "## KL per entropy band", "", markdown(band_summary(tables)), "",
+        "## Speed (in turn, in one process where the dates are of one run)", "",
         markdown(speed_table),
     ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
