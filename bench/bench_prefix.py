@@ -24,7 +24,7 @@ gap to the bound; and per method the useful target·steps (steps of running targ
 wall time, target·steps/s over it and after the first segment (which is mostly compiling) — all methods in
 one process, one after the other, so their speeds compare.
 Everything goes to `--out`: `<method>.csv` per target, `<method>.json` its speed and budget, and `summary.md`.
-A method whose files are there for the same model, targets and budget is read back, not run again: a long
+A method whose files are there for the same model, targets and config is read back, not run again: a long
 benchmark survives being stopped, and may be spread over several sessions (its speeds then come from
 different processes; `summary.md` gives each method's date).
 """
@@ -162,12 +162,12 @@ def main():
     variants = json.loads(args.variants)
     tables, speeds = {}, {}
     for name in [m for m in args.methods.split(",") if m] + list(variants):
+        method = method_of(lm, name, budget, args.reparam_hidden, variants)
         # What the method's numbers depend on: a saved run with the same is read back instead of run again.
-        signature = dict(model=lm.name, n=args.n, probs_sum=float(probs.sum()), **budget,
-                         reparam_hidden=args.reparam_hidden, variant=variants.get(name))
+        signature = dict(model=lm.name, n=args.n, probs_sum=float(probs.sum()), config=repr(method.config))
         saved = saved_run(out, name, signature)
         if saved is None:
-            table, speed = run(method_of(lm, name, budget, args.reparam_hidden, variants), lm, probs, kl_bound)
+            table, speed = run(method, lm, probs, kl_bound)
             table.insert(0, "entropy", entropy)
             table["band"] = band_of(entropy)
             speed["date"] = time.strftime("%Y-%m-%d %H:%M")

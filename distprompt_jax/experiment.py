@@ -57,6 +57,11 @@ TOP_LEVEL_FIELDS = ("model", "dtype", "seed", "targets", "methods", "soft", "pre
 # stream whose last-layer entries are often orders of magnitude larger (the norm divides the step away), and the
 # result would depend on the fixed tokens, which here only satisfy the engine (an intervention needs an input).
 FINAL_NORM_INTERVENTION_MODE = "replace"
+# The final-norm rung's own recipe. Its one vector reaches the logits through the final norm and the unembedding
+# only, so at 64 slots a step costs ~1/50 of a soft prompt's, and SmolLM2's unembedding is ill-conditioned: the
+# soft recipe (Adam 0.02, cosine) left it far from its optimum (median 0.96 nats above the certified bound after
+# 200 steps on 24 vanilla targets, up to 3.7; 0.13 with this recipe over ≤ 1000 steps). BUILD.md, BENCHMARKS.md.
+FINAL_NORM_RECIPE = dict(learning_rate=0.1, schedule="constant", max_steps=1000)
 # SoftPromptConfig fields the rung fixes (the intervention) or has no use for (one vector, no tokens to start
 # from): a config naming them in config.final_norm is refused.
 FINAL_NORM_FIXED = ("intervention_layer", "intervention_mode", "prompt_len", "init_text", "bank_size")
@@ -133,7 +138,8 @@ def section_config(config_class, section, where: str):
             "unknown field(s) " + ", ".join(f"{where}.{name}{_did_you_mean(name, known)}" for name in unknown)
             + f"; {config_class.__name__} has {', '.join(known)}"
         )
-    return config_class(**{name: convert_field(value, hints[name], f"{where}.{name}") for name, value in values.items()})
+    return config_class(**{name: convert_field(value, hints[name], f"{where}.{name}")
+                           for name, value in values.items()})
 
 
 def _did_you_mean(name: str, known) -> str:
@@ -223,11 +229,13 @@ def prefix_defaults() -> ConfigDict:
 
 
 def final_norm_defaults() -> ConfigDict:
-    """The final-norm rung's section: SoftPromptConfig's defaults without `FINAL_NORM_FIXED`, and bos=True (the
-    engine runs the model on fixed tokens, whose last position's final-norm input the vector then replaces)."""
+    """The final-norm rung's section: SoftPromptConfig's defaults without `FINAL_NORM_FIXED`, its own recipe
+    (`FINAL_NORM_RECIPE`), and bos=True (the engine runs the model on fixed tokens, whose last position's
+    final-norm input the vector then replaces)."""
     section = soft_defaults()
     for name in FINAL_NORM_FIXED:
         del section[name]
+    section.update(FINAL_NORM_RECIPE)
     section.bos = True
     return section
 

@@ -31,7 +31,7 @@ EXPECTED_SECTIONS = {
     "cross_tokenizer": {"soft": dict(max_steps=200)},
     "entropy_sweep": {"soft": dict(max_steps=200), "hard": dict(max_steps=40)},
     "ladder": {"soft": dict(max_steps=200, suffix="\n"), "hard": dict(max_steps=40, suffix="\n"),
-               "prefix": dict(max_steps=200, suffix="\n"), "final_norm": dict(max_steps=200, suffix="\n", bos=False)},
+               "prefix": dict(max_steps=200, suffix="\n"), "final_norm": dict(suffix="\n", bos=False)},
     "lm_targets": {"soft": dict(max_steps=200)},
     "outliers": {"soft": dict(max_steps=200)},
     "prompt_length": {"soft": dict(max_steps=150)},
@@ -145,8 +145,9 @@ def test_every_shipped_config_converts_and_validates(monkeypatch, path):
 
 
 def final_norm_rung(n_layers: int, **changes) -> SoftPromptConfig:
-    """The final-norm rung's config at the section defaults (bos=True) with `changes`."""
-    return SoftPromptConfig(**{"bos": True, **changes}, intervention_layer=n_layers, intervention_mode="replace")
+    """The final-norm rung's config at the section defaults (its recipe, bos=True) with `changes`."""
+    return SoftPromptConfig(**{"bos": True, **experiment.FINAL_NORM_RECIPE, **changes}, intervention_layer=n_layers,
+                            intervention_mode="replace")
 
 
 def test_the_final_norm_section_fixes_its_intervention_and_refuses_fields_that_would_change_it(monkeypatch):
