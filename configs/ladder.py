@@ -11,14 +11,14 @@ KL against entropy per rung, the gap between neighbouring rungs per target kind 
 rung inversions (a smaller set beating a larger one: the larger one's search failed).
 
 Targets: 16 vanilla over entropy 0..ln|V|, 8 with k = 10 outliers, 8 of SmolLM2's own next-token
-distributions, 8 of Gemma-3-270M's mapped onto SmolLM2's vocabulary — 40 in all. About an hour on a 2-core
-CPU with SmolLM2-135M (hard prompts take about half of it, then soft prompts, Gemma's targets and bound_norm).
+distributions, 8 of Gemma-3-270M's mapped onto SmolLM2's vocabulary — 40 in all. 22 minutes on an idle
+2-core CPU with SmolLM2-135M (hard prompts take 12 of them, soft prompts 4; BENCHMARKS.md).
 
     distprompt --config=configs/ladder.py --workdir=runs/ladder
 
 On a GPU, scale the targets and give every search its default budget: targets.vanilla.n=1024,
 targets.outlier.n=256, targets.model.n=256, targets.gemma.n=256, soft.max_steps=500, prefix.max_steps=500,
-final_norm.max_steps=500, hard.max_steps=200 (slots default to 1024 on an accelerator; "auto" sizes them to memory).
+hard.max_steps=200 (slots default to 1024 on an accelerator; "auto" sizes them to memory).
 """
 
 from ml_collections import ConfigDict
