@@ -23,7 +23,8 @@ Per method and entropy band ([0, 3), [3, 6), [6, 9), ≥ 9 nats, the report's): 
 gap to the bound; and per method the useful target·steps (steps of running targets, every attempt), the
 wall time, target·steps/s over it and after the first segment (which is mostly compiling) — all methods in
 one process, one after the other, so their speeds compare.
-Everything goes to `--out`: `<method>.csv` per target, `<method>.json` its speed and budget, and `summary.md`.
+Everything goes to `--out`: `<method>.csv` per target, `<method>.json` its speed and what it was run with (model,
+targets, config), and `summary.md`.
 A method whose files are there for the same model, targets and config is read back, not run again: a long
 benchmark survives being stopped, and may be spread over several sessions (its speeds then come from
 different processes; `summary.md` gives each method's date).
