@@ -441,6 +441,14 @@ def test_the_report_draws_the_ladder_and_names_the_inversions(tmp_path):
     # bound_norm (not).
     assert "| hard → soft | vanilla | 0–3 | 3 | **1.0000** | 1.0000 | 3 |" in text
     assert "| final_norm → bound_norm | vanilla | 0–3 | 3 | 0.1000 | 0.1000 | 0 |" in text
+    assert "inside the final norm's image" not in text  # these rows say nothing of where bound_norm's point is
+    # bound_norm's point off the surface on two targets: said, with the count of targets where it is known.
+    with_boundary = ladder_results({k: list(v) for k, v in kls.items()})
+    norm_rows = with_boundary.method == "bound_norm"
+    with_boundary.loc[norm_rows, "on_boundary"] = [i not in (4, 7) for i in range(n)]
+    with_boundary.to_parquet(tmp_path / "results.parquet")
+    assert ("bound_norm's best point lies inside the final norm's image, not on its surface, on 2 of 12 targets"
+            in report.write_report(tmp_path).read_text())
     # In order everywhere: no inversion, said in words.
     kls["prefix"][3] = bound[3] + 0.5
     ladder_results({k: list(v) for k, v in kls.items()}).to_parquet(tmp_path / "results.parquet")

@@ -42,6 +42,7 @@ from distprompt_jax.report.statistics import (
     gap_classes,
     gap_counts,
     gap_rows,
+    interior_norm_estimates,
     inversion_counts,
     ladder_rungs,
     ladder_table,
@@ -410,6 +411,13 @@ def _ladder_section(results: pd.DataFrame, figures_dir: Path, figures_name: str)
          f"bound is the certified floor. Rungs in this run: {', '.join(rungs)}. Per rung every target is a marker "
          "and the bin means (quantile entropy bins) are joined by a line."),
     ]
+    inside, known = interior_norm_estimates(results)
+    if inside:
+        lines += ["", (f"bound_norm's best point lies inside the final norm's image, not on its surface, on {inside} "
+                       f"of {known} targets. Every prompt's normed state lies on the surface (its residual stream is "
+                       "far larger than the norm's √ε), so there bound_norm — and the certified bound, which it then "
+                       "equals — can be below what any prompt reaches, and the final_norm → bound_norm gap is not "
+                       "the final-norm rung's failure.")]
     lines += _rung_gap_lines(table)
     lines += _inversion_lines(table, rungs)
     return lines

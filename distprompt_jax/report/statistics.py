@@ -330,6 +330,18 @@ def ladder_table(results: pd.DataFrame) -> pd.DataFrame:
     return table.sort_index().reset_index()
 
 
+def interior_norm_estimates(results: pd.DataFrame) -> tuple[int, int]:
+    """(targets whose bound_norm solution lies inside the final norm's image, not on its surface; targets with
+    a finite bound_norm and a known `on_boundary`). Every prompt's normed state lies on the surface (its
+    residual stream is far larger than the norm's √ε), so on the first kind bound_norm — and the certified bound
+    it then equals — can be below every prompt: the final_norm → bound_norm gap there is no search failure."""
+    rows = results[results["method"] == "bound_norm"]
+    if rows.empty or "on_boundary" not in rows.columns:
+        return 0, 0
+    known = rows[np.isfinite(rows["kl"].astype(np.float64)) & rows["on_boundary"].notna()]
+    return int((~known["on_boundary"].astype(bool)).sum()), len(known)
+
+
 def _target_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in ("target_id", "kind", "target_entropy") if c in table.columns]
 
