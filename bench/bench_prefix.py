@@ -173,7 +173,11 @@ def main():
             table["band"] = band_of(entropy)
             speed["date"] = time.strftime("%Y-%m-%d %H:%M")
             table.to_csv(out / f"{name}.csv", index_label="target_id")
-            (out / f"{name}.json").write_text(json.dumps(dict(signature=signature, speed=speed), indent=1))
+            # The json last and whole (written aside, then renamed): a run stopped at any point leaves either
+            # no json, and the method runs again, or a complete one beside a complete table.
+            partial = out / f"{name}.json.partial"
+            partial.write_text(json.dumps(dict(signature=signature, speed=speed), indent=1))
+            partial.replace(out / f"{name}.json")
         else:
             table, speed = saved
             print(f"{name}: read back from {out} (run {speed['date']})", flush=True)
