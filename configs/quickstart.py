@@ -1,6 +1,6 @@
 """Quickstart: soft prompts for 24 vanilla targets spread over entropy 0..ln|V| on SmolLM2-135M.
 
-About 6 minutes on a 2-core CPU (the certified bound, then soft prompts with restarts). To scale up on a
+About 4 minutes on an idle 2-core CPU (the certified bound, then soft prompts with restarts). To scale up on a
 GPU or a pod: raise targets.vanilla.n (thousands), soft.max_steps (500, the default) and soft.restarts;
 soft.slots="auto" sizes the targets optimized at once to the free memory (unset: 64 on a CPU, 1024 on an
 accelerator).

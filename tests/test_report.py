@@ -108,6 +108,23 @@ def test_report_opens_with_found_kl_against_the_bound(tmp_path):
     assert "Warning" not in text
 
 
+def test_the_found_vs_bound_lines_follow_an_inverted_u_of_24_targets(tmp_path, monkeypatch):
+    """The quickstart's 24 targets: the bound rises and falls with entropy; its line must too, not join two bins."""
+    entropy = np.linspace(0, 10.8, 24)
+    bound = 3.7 * np.sin(np.pi * entropy / 10.8)
+    gaps = pd.DataFrame({"target_id": np.arange(24), "method": "soft", "target_entropy": entropy,
+                         "kl": bound + 0.4, "kl_bound": bound})
+    drawn = []
+    monkeypatch.setattr(report.figures, "save_figure", lambda fig, stem: drawn.append(fig) or [])
+    report.figures.plot_found_vs_bound(gaps, tmp_path / "f")
+    lines = {line.get_label(): line.get_ydata() for line in drawn[0].axes[0].get_lines()}
+    floor, found = lines["certified bound (floor)"], lines["soft: found KL"]
+    assert len(floor) == len(found) == 8  # 8 bins of 3 targets
+    top = int(np.argmax(floor))
+    assert 0 < top < 7 and floor[0] < 0.5 * floor[top] and floor[-1] < 0.5 * floor[top]
+    np.testing.assert_allclose(found - floor, 0.4, rtol=1e-9)
+
+
 def test_old_results_without_gap_columns_get_the_same_report(tmp_path):
     old = with_bound(small_results(), np.linspace(0.0, 1.5, 24))
     (tmp_path / "old").mkdir()

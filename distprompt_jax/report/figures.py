@@ -10,7 +10,9 @@ import pandas as pd
 
 from distprompt_jax.report.statistics import (
     LADDER,
+    LINE_BINS,
     MIN_N_INTERVAL,
+    MIN_N_LINE,
     binned_summary,
     kl_gap_table,
 )
@@ -130,8 +132,8 @@ def plot_found_vs_bound(gaps: pd.DataFrame, stem) -> list[Path]:
         ax.scatter(rows.target_entropy, rows.kl, s=8, alpha=0.35, color=color)
         both = rows[np.isfinite(rows.kl) & np.isfinite(rows.kl_bound)]
         # Both from the same targets, so the same bins: the band is the mean gap of each bin.
-        found = binned_summary(both.target_entropy, both.kl)
-        floor = binned_summary(both.target_entropy, both.kl_bound)
+        found = binned_summary(both.target_entropy, both.kl, LINE_BINS, MIN_N_LINE)
+        floor = binned_summary(both.target_entropy, both.kl_bound, LINE_BINS, MIN_N_LINE)
         ax.plot(found.x_mean, found["mean"], color=color, marker="o", markersize=3, label=f"{method}: found KL")
         ax.fill_between(found.x_mean, floor["mean"], found["mean"], color=color, alpha=0.15, linewidth=0)
     targets = gaps.drop_duplicates("target_id")
@@ -139,7 +141,7 @@ def plot_found_vs_bound(gaps: pd.DataFrame, stem) -> list[Path]:
         ax.scatter(targets.target_entropy, targets.kl_bound_norm, s=12, marker="x", linewidth=0.7, color="gray",
                    label="norm-constrained estimate")
     ax.scatter(targets.target_entropy, targets.kl_bound, s=40, marker="_", linewidth=0.8, color="black", zorder=3)
-    floor = binned_summary(targets.target_entropy, targets.kl_bound)
+    floor = binned_summary(targets.target_entropy, targets.kl_bound, LINE_BINS, MIN_N_LINE)
     ax.plot(floor.x_mean, floor["mean"], color="black", linewidth=1.2, label="certified bound (floor)")
     ax.set_xlabel("target entropy (nats)")
     ax.set_ylabel("KL(p ‖ q) (nats)")
@@ -171,7 +173,7 @@ def plot_ladder(table: pd.DataFrame, stem) -> list[Path]:
     colors = {rung: f"C{i}" for i, rung in enumerate(prompt_rungs)} | {"bound_norm": "gray", "bound": "black"}
     for rung in rungs:
         kl = table[rung]
-        bins = binned_summary(table.target_entropy, kl)
+        bins = binned_summary(table.target_entropy, kl, LINE_BINS, MIN_N_LINE)
         floor = rung == "bound"
         ax.scatter(table.target_entropy, kl, s=30 if floor else 10, marker=RUNG_MARKERS[rung],
                    alpha=0.8 if floor else 0.4, color=colors[rung], linewidth=0.8)

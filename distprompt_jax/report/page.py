@@ -29,9 +29,11 @@ from distprompt_jax.report.statistics import (
     GAP_EDGES,
     LARGE_RUNG_GAP,
     LEVEL,
+    LINE_BINS,
     MAX_BINS,
     MIN_N_BOOTSTRAP,
     MIN_N_INTERVAL,
+    MIN_N_LINE,
     NO_GAP,
     RUNG_INVERSION_TOLERANCE,
     SMALL_GAP,
@@ -304,8 +306,9 @@ def _bound_section(gaps: pd.DataFrame, figures_dir: Path, figures_name: str) -> 
         "Per target (points) the KL(p‖q) each prompt method reached, and the certified lower bound (black dashes): "
         "no prompt of any kind or length gets below it, since it holds for every hidden vector the unembedding can "
         "be given (convex duality, float64 with rigorous error bounds)" + norm + ". Lines join bin means over the "
-        "targets with both a finite found KL and a certified bound (quantile entropy bins of at least "
-        f"{MIN_N_INTERVAL} targets); the shaded band between a method's line and the black one is its mean gap: "
+        "targets with both a finite found KL and a certified bound (at most "
+        f"{LINE_BINS} quantile entropy bins of at least {MIN_N_LINE} targets); the shaded band between a method's "
+        "line and the black one is its mean gap: "
         "what that search did not find.",
         "", *_claims_paragraph(gaps),
     ]
@@ -409,7 +412,8 @@ def _ladder_section(results: pd.DataFrame, figures_dir: Path, figures_name: str)
          "KL(hard) ≥ KL(soft) ≥ KL(prefix) ≥ KL(final_norm) ≥ KL(bound_norm) ≥ KL(bound). final_norm is one free "
          "vector in place of the final norm's input (gradient search); bound_norm searches the same set by L-BFGS; "
          f"bound is the certified floor. Rungs in this run: {', '.join(rungs)}. Per rung every target is a marker "
-         "and the bin means (quantile entropy bins) are joined by a line."),
+         f"and the bin means (at most {LINE_BINS} quantile entropy bins of at least {MIN_N_LINE} targets) are "
+         "joined by a line."),
     ]
     inside, known = interior_norm_estimates(results)
     if inside:

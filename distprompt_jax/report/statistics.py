@@ -29,6 +29,10 @@ LEVEL = 0.95
 MAX_BINS = 8
 MIN_N_INTERVAL = 10  # fewer values: the mean is shown without an interval
 MIN_N_BOOTSTRAP = 30  # from here on BCa bootstrap; below it (and from MIN_N_INTERVAL) Student t
+# A line of bin means drawn without intervals (found vs bound, the ladder) follows the curve in finer bins: with
+# bins of MIN_N_INTERVAL, 24 targets over an inverted U would be two points joined by a straight line.
+LINE_BINS = 12
+MIN_N_LINE = 3
 BOOTSTRAP_RESAMPLES = 9999
 
 BOUND_METHODS = ("bound", "bound_norm")  # rows that are bounds, not prompts
