@@ -242,6 +242,11 @@ STRATEGIES = {
     # at each stand-still the next 64 ranks of the gradient score, up to ranks 1024 (5: 384), before stopping
     "sample_hotflip_w15": (dict(init="sample", widen=15), 64, 0),
     "sample_hotflip_w5": (dict(init="sample", widen=5), 64, 0),
+    # at each stand-still 3 (2, 5) random positions of the best prompt re-drawn from the target, the search going
+    # on from there until the budget ends (iterated local search)
+    "sample_hotflip_kick3": (dict(init="sample", kicks=1000, kick_size=3), 64, 0),
+    "sample_hotflip_kick2": (dict(init="sample", kicks=1000, kick_size=2), 64, 0),
+    "sample_hotflip_kick5": (dict(init="sample", kicks=1000, kick_size=5), 64, 0),
     # the best of 1024 draws (16 hotflip iterations' evaluations) instead of 64
     "sample1024_hotflip": (dict(init="sample", init_samples=1024), 64, 0),
     "sample1024_hotflip_w15": (dict(init="sample", init_samples=1024, widen=15), 64, 0),

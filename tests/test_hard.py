@@ -417,3 +417,34 @@ def test_widening_ends_at_a_local_optimum_of_every_single_swap(peaked_lm):
     for bad in (-1, 1.5):
         with pytest.raises(ValueError, match="widen must be a non-negative integer"):
             hard_prompt(lm, targets, dataclasses.replace(narrow, widen=bad))
+
+
+def test_kicks_go_on_from_the_best_prompt_and_never_lose_it(peaked_lm):
+    lm = peaked_lm("llama")
+    targets = random_targets(4, lm.vocab_size, seed=3)
+    targets[:, lm.config.bos_token_id] += 0.2  # mass on a special token: a kick must not draw it
+    targets /= targets.sum(1, keepdims=True)
+    plain = HardPromptConfig(prompt_len=3, k=4, init="repeat", max_steps=120, patience=120, slots=4)
+    kicked_config = dataclasses.replace(plain, kicks=6, kick_size=2)
+    first, kicked = hard_prompt(lm, targets, plain), hard_prompt(lm, targets, kicked_config)
+    # The same search until the first stand-still (where the plain one stops); after it, the best is kept.
+    assert np.all(first.columns["steps"] < plain.max_steps), "a plain search ran out of iterations: no stand-still"
+    for row, steps in enumerate(first.columns["steps"]):
+        np.testing.assert_array_equal(kicked.arrays["kl_path"][row, :steps], first.arrays["kl_path"][row, :steps])
+        assert np.all(np.diff(kicked.arrays["kl_path"][row]) <= 0)
+    assert np.all(kicked.columns["steps"] > first.columns["steps"])
+    assert np.all(kicked.columns["kl"] <= first.columns["kl"])
+    assert np.any(kicked.columns["kl"] < first.columns["kl"] - 1e-3)
+    assert np.all(candidate_mask(lm)[kicked.arrays["token_ids"]])
+    # The reported prompt is the reported KL's.
+    np.testing.assert_allclose(token_prompt_kl(lm, targets, kicked.arrays["token_ids"], plain), kicked.columns["kl"],
+                               atol=2e-5)
+    # Every kick re-descends for at least a period of positions before the next: 6 kicks end the search early.
+    few = hard_prompt(lm, targets, dataclasses.replace(kicked_config, kicks=1))
+    assert np.all(few.columns["steps"] <= kicked.columns["steps"]) and np.all(few.columns["steps"] < plain.max_steps)
+    with pytest.raises(ValueError, match="kicks applies to mode='hotflip' only"):
+        hard_prompt(lm, targets, dataclasses.replace(GCG, kicks=1))
+    for field, bad, message in (("kicks", -1, "kicks must be a non-negative integer"),
+                                ("kick_size", 4, "kick_size must be between 1 and prompt_len=3")):
+        with pytest.raises(ValueError, match=message):
+            hard_prompt(lm, targets, dataclasses.replace(kicked_config, **{field: bad}))

@@ -84,6 +84,12 @@ class HardPromptConfig:
     # up to this many times before the target stops; a new prompt returns to the top k. 0: stop at the first
     # stand-still. GCG draws new swaps every iteration and takes 0.
     widen: int = 0
+    # hotflip: each time the search is stuck for good (a stand-still after its last window), `kick_size`
+    # random positions of the best prompt are re-drawn from the target (as init="sample" draws) and the search
+    # goes on from there, up to this many times before the target stops (iterated local search: the unused
+    # budget explores near the best basin found, where `restarts` start over). The best prompt is kept.
+    kicks: int = 0
+    kick_size: int = 3
     beam_width: int = 1  # prompts kept per target; each proposes its own candidates
     max_steps: int = 200  # iterations
     # stop a target after this many iterations without improving by more than min_delta (counted afresh when
@@ -161,6 +167,12 @@ class HardPromptConfig:
             fail(f"widen must be a non-negative integer, got {self.widen!r}")
         if self.widen and self.mode != "hotflip":
             fail("widen applies to mode='hotflip' only (GCG draws new swaps every iteration)")
+        if isinstance(self.kicks, bool) or not isinstance(self.kicks, int) or self.kicks < 0:
+            fail(f"kicks must be a non-negative integer, got {self.kicks!r}")
+        if self.kicks and self.mode != "hotflip":
+            fail("kicks applies to mode='hotflip' only (GCG draws new swaps every iteration)")
+        if not 1 <= self.kick_size <= self.prompt_len:
+            fail(f"kick_size must be between 1 and prompt_len={self.prompt_len}, got {self.kick_size}")
         if self.mode != "hotflip" and self.positions != "cycle":
             fail(f"positions={self.positions!r} applies to mode='hotflip' only")
         if self.init_token is not None and self.init != "repeat":
@@ -238,6 +250,7 @@ class HardState(NamedTuple):
     path: jax.Array  # [max_steps] best KL after each iteration
     since_change: jax.Array  # iterations in a row that left the beam as it was
     window: jax.Array  # which k ranks of the gradient score the candidates are (0: the top k; see `widen`)
+    kicks: jax.Array  # kicks given so far (see `kicks`)
     key: jax.Array  # uint32 key data of the search's random stream (gcg): plain data, as checkpoints want
 
 
@@ -259,6 +272,8 @@ class HardProblem:
     n_replace: int
     positions: str
     widen: int
+    kicks: int
+    kick_size: int
     beam_width: int
     max_steps: int
     patience: int
@@ -301,7 +316,7 @@ class HardProblem:
         return cls(
             lm=model_structure(lm), prompt_len=config.prompt_len, mode=config.mode, k=config.k,
             num_swaps=config.num_swaps, n_replace=config.n_replace, positions=config.positions,
-            widen=config.widen, beam_width=config.beam_width,
+            widen=config.widen, kicks=config.kicks, kick_size=config.kick_size, beam_width=config.beam_width,
             max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta,
             floor_tolerance=config.floor_tolerance, candidate_block=config.candidate_block,
             reuse_prefix=config.reuse_prefix and not config.shard_params,
@@ -562,13 +577,22 @@ class HardProblem:
             ids=jnp.broadcast_to(ids, (self.beam_width, self.prompt_len)),
             best_ids=ids, best_step=jnp.int32(0), initial_kl=initial_kl,
             path=jnp.zeros((self.max_steps,), jnp.float32), since_change=jnp.int32(0), window=jnp.int32(0),
-            key=jax.random.key_data(key_search),
+            kicks=jnp.int32(0), key=jax.random.key_data(key_search),
         )
 
     def _sampled_start(self, params, p, log_p, key):
         """The best of `init_samples` prompts whose tokens are drawn i.i.d. from p (allowed tokens only): a
         model continues a list of tokens with a mixture of them, so such a prompt already puts mass where p
         does (measured on SmolLM2: the best of 64 draws is 6.5 nats below " the" × 10 on average)."""
+        samples = self._draw_tokens(p, key, (self.init_samples, self.prompt_len))
+        kl = self.candidate_kl(params, self.lm.embedding_matrix(params), p, log_p, samples)
+        if self.round_trip_prompts:
+            kl = jnp.where(self._round_trips(samples), kl, jnp.inf)
+        return samples[jnp.argmin(kl)]
+
+    def _draw_tokens(self, p, key, shape):
+        """Tokens [*shape] drawn i.i.d. from p restricted to the allowed tokens (uniformly from them where p
+        has no mass there)."""
         allowed = jnp.asarray(self.allowed)
         drawable = allowed & (p > 0)
         # A target with no mass on allowed tokens draws them uniformly.
@@ -582,12 +606,15 @@ class HardProblem:
         tokens = jnp.nonzero(mask, size=vocab, fill_value=0)[0]
         count = mask.sum()
         cdf = jnp.cumsum(jnp.where(jnp.arange(vocab) < count, weights[tokens], 0.0))
-        uniform = jax.random.uniform(key, (self.init_samples, self.prompt_len), dtype=cdf.dtype) * cdf[-1]
-        samples = tokens[jnp.minimum(jnp.searchsorted(cdf, uniform, side="right"), count - 1)].astype(jnp.int32)
-        kl = self.candidate_kl(params, self.lm.embedding_matrix(params), p, log_p, samples)
-        if self.round_trip_prompts:
-            kl = jnp.where(self._round_trips(samples), kl, jnp.inf)
-        return samples[jnp.argmin(kl)]
+        uniform = jax.random.uniform(key, shape, dtype=cdf.dtype) * cdf[-1]
+        return tokens[jnp.minimum(jnp.searchsorted(cdf, uniform, side="right"), count - 1)].astype(jnp.int32)
+
+    def _kick(self, p, ids, key):
+        """`ids` [L] with `kick_size` distinct random positions re-drawn from the target."""
+        key_positions, key_tokens = jax.random.split(key)
+        chosen = jax.random.permutation(key_positions, self.prompt_len)[: self.kick_size]
+        redrawn = jnp.zeros(self.prompt_len, bool).at[chosen].set(True)
+        return jnp.where(redrawn, self._draw_tokens(p, key_tokens, (self.prompt_len,)), ids)
 
     def step(self, params, target, s: HardState) -> HardState:
         p, log_p, _, floor = target
@@ -611,13 +638,21 @@ class HardProblem:
         since_change = jnp.where(widened, 0, since_change)
         since_improve = jnp.where(widened, 0, since_improve)
         stuck = stalled & ~widened
+        best_ids = jnp.where(better, ids[0], s.best_ids)
+        kicked = stuck & (s.kicks < self.kicks)
+        if self.kicks:  # the search goes on from the best prompt with some positions re-drawn
+            key = jax.random.fold_in(jax.random.wrap_key_data(s.key), steps)  # hotflip draws nothing else
+            ids = jnp.where(kicked, jnp.broadcast_to(self._kick(p, best_ids, key), ids.shape), ids)
+            since_change, since_improve, window = (jnp.where(kicked, 0, x) for x in (since_change, since_improve,
+                                                                                      window))
+        stuck = stuck & ~kicked
         at_floor = best <= floor + self.floor_tolerance
         active = (steps < self.max_steps) & (since_improve < self.patience) & ~stuck & ~at_floor
         return HardState(
             progress=Progress(steps, best, active), patience=Patience(since_improve), ids=ids,
-            best_ids=jnp.where(better, ids[0], s.best_ids), best_step=jnp.where(better, steps, s.best_step),
+            best_ids=best_ids, best_step=jnp.where(better, steps, s.best_step),
             initial_kl=s.initial_kl, path=s.path.at[s.progress.steps].set(best) if self.max_steps else s.path,
-            since_change=since_change, window=window,
+            since_change=since_change, window=window, kicks=s.kicks + kicked,
             key=s.key,
         )
 
