@@ -1,7 +1,7 @@
 """Finding 2: at equal entropy, targets with outlier tokens are easier than vanilla ones.
 
 32 outlier targets (k = 10 tokens holding nearly the most mass possible at their entropy) and 32 vanilla
-targets at exactly the same entropies (paired; the report runs a Wilcoxon signed-rank test). About 7
+targets at exactly the same entropies (paired; the report runs a Wilcoxon signed-rank test). At most 13
 minutes on a 2-core CPU; on a GPU raise both n (keep them paired: vanilla takes the outliers' entropies).
 """
 
