@@ -171,7 +171,7 @@ class HardPromptConfig:
             fail(f"kicks must be a non-negative integer, got {self.kicks!r}")
         if self.kicks and self.mode != "hotflip":
             fail("kicks applies to mode='hotflip' only (GCG draws new swaps every iteration)")
-        if not 1 <= self.kick_size <= self.prompt_len:
+        if self.kicks and not 1 <= self.kick_size <= self.prompt_len:
             fail(f"kick_size must be between 1 and prompt_len={self.prompt_len}, got {self.kick_size}")
         if self.mode != "hotflip" and self.positions != "cycle":
             fail(f"positions={self.positions!r} applies to mode='hotflip' only")
