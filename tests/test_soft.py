@@ -255,3 +255,17 @@ def test_warmup_starts_the_learning_rate_at_zero_and_reaches_it_after_the_warmup
     # Adam's first steps move by the learning rate itself (sign-like), so the sizes are the schedule.
     np.testing.assert_allclose(sizes[:5], [0.0, 0.005, 0.01, 0.015, 0.02], rtol=1e-4, atol=1e-7)
     assert sizes[5] < 0.02  # cosine decay after the warmup
+
+
+def test_the_default_learning_rate_is_relative_to_the_embeddings_scale(peaked_lm):
+    from distprompt_jax import PrefixPromptConfig, prefix_prompt
+    from distprompt_jax.prompting.soft import LEARNING_RATE_PER_STD, SoftProblem
+
+    lm = peaked_lm("llama")
+    sigma = float(np.std(np.asarray(lm.embedding_matrix(lm.params), np.float64)))
+    assert SoftProblem.build(lm, SoftPromptConfig()).recipe.learning_rate == pytest.approx(
+        LEARNING_RATE_PER_STD * sigma, rel=1e-5)
+    assert SoftProblem.build(lm, SoftPromptConfig(learning_rate=0.05)).recipe.learning_rate == 0.05
+    targets = self_generated_targets(lm, 1, length=3, seed=5)
+    with pytest.raises(ValueError, match="PrefixPromptConfig: learning_rate must be a positive number, got None"):
+        prefix_prompt(lm, targets, PrefixPromptConfig(learning_rate=None))

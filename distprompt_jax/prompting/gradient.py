@@ -26,16 +26,20 @@ from distprompt_jax.solve import DriverOptions, Patience, Progress, track
 SCHEDULES = ("constant", "cosine", "linear")
 
 
-def check_recipe_fields(config) -> None:
+def check_recipe_fields(config, learning_rate_may_be_none: bool = False) -> None:
     """The optimizer fields' checks (schedule, learning_rate, warmup, restart_above, clip_norm) for any config
-    with them; a ValueError names the config class and the field."""
+    with them; a ValueError names the config class and the field. `learning_rate_may_be_none`: the config
+    resolves None to a default of its own."""
 
     def fail(message):
         raise ValueError(f"{type(config).__name__}: {message}")
 
     if config.schedule not in SCHEDULES:
         fail(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
-    if not config.learning_rate > 0:
+    if config.learning_rate is None:
+        if not learning_rate_may_be_none:
+            fail("learning_rate must be a positive number, got None")
+    elif not config.learning_rate > 0:
         fail(f"learning_rate must be positive, got {config.learning_rate}")
     if not 0 <= config.warmup < 1:
         fail(f"warmup must be a fraction of max_steps in [0, 1), got {config.warmup}")
@@ -73,9 +77,10 @@ class Recipe:
     floor_tolerance: float
 
     @classmethod
-    def from_config(cls, config) -> Recipe:
+    def from_config(cls, config, learning_rate: float | None = None) -> Recipe:
+        """The recipe of `config`; `learning_rate` in place of config.learning_rate when given."""
         return cls(
-            learning_rate=config.learning_rate, schedule=config.schedule,
+            learning_rate=config.learning_rate if learning_rate is None else learning_rate, schedule=config.schedule,
             warmup_steps=int(round(config.warmup * config.max_steps)), clip_norm=config.clip_norm,
             max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta,
             floor_tolerance=config.floor_tolerance,
