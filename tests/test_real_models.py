@@ -89,8 +89,9 @@ def test_smollm2_knows_paris():
     assert np.exp(log_q[paris[0]]) == pytest.approx(0.7725, abs=2e-3)
     assert -np.sum(np.exp(log_q) * log_q) == pytest.approx(1.4812, abs=2e-3)
     # The soft prompts' relative default step is, in float32, the 0.02 the recipe was tuned with here.
-    from distprompt_jax.prompting.soft import default_learning_rate
-    assert np.float32(default_learning_rate(lm)) == np.float32(0.02)
+    from distprompt_jax import SoftPromptConfig
+    from distprompt_jax.prompting.soft import SoftProblem
+    assert np.float32(SoftProblem.build(lm, SoftPromptConfig()).recipe.learning_rate) == np.float32(0.02)
 
 
 def test_smollm2_chat_template_frames_the_user_turn():

@@ -155,11 +155,13 @@ class SoftProblem:
                 raise ValueError(
                     f"init_text is {len(init_ids)} tokens, but prompt_len is {config.prompt_len}: make them equal"
                 )
+        embed_std = _embedding_std(lm)  # a pass over the whole embedding matrix: once
         return cls(
             lm=model_structure(lm), prompt_len=config.prompt_len, init_kind=config.init,
             intervention_layer=config.intervention_layer, intervention_mode=config.intervention_mode,
-            recipe=Recipe.from_config(config, default_learning_rate(lm) if config.learning_rate is None else None),
-            top_k=config.top_k, context=context, init_ids=init_ids, embed_std=_embedding_std(lm),
+            recipe=Recipe.from_config(
+                config, default_learning_rate(embed_std) if config.learning_rate is None else None),
+            top_k=config.top_k, context=context, init_ids=init_ids, embed_std=embed_std,
             candidate_ids=np.flatnonzero(ordinary_token_mask(lm)),
         )
 
@@ -228,9 +230,9 @@ def _embedding_std(lm: LanguageModel) -> float:
 LEARNING_RATE_PER_STD = 0.02 / 0.1355782
 
 
-def default_learning_rate(lm: LanguageModel) -> float:
-    """The soft prompts' default Adam step for `lm`: LEARNING_RATE_PER_STD × its embedding std."""
-    return LEARNING_RATE_PER_STD * _embedding_std(lm)
+def default_learning_rate(embed_std: float) -> float:
+    """The soft prompts' default Adam step for a model whose embedding matrix has std `embed_std`."""
+    return LEARNING_RATE_PER_STD * embed_std
 
 
 def nearest_tokens(lm: LanguageModel, params, vectors):
