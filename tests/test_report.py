@@ -118,6 +118,8 @@ def test_the_found_vs_bound_lines_follow_an_inverted_u_of_24_targets(tmp_path, m
     monkeypatch.setattr(report.figures, "save_figure", lambda fig, stem: drawn.append(fig) or [])
     report.figures.plot_found_vs_bound(gaps, tmp_path / "f")
     lines = {line.get_label(): line.get_ydata() for line in drawn[0].axes[0].get_lines()}
+    import matplotlib.pyplot as plt
+    plt.close(drawn[0])  # save_figure, which closes it, was replaced
     floor, found = lines["certified bound (floor)"], lines["soft: found KL"]
     assert len(floor) == len(found) == 8  # 8 bins of 3 targets
     top = int(np.argmax(floor))
