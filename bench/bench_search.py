@@ -174,15 +174,17 @@ def main() -> None:
             name = min(overall, key=lambda row: row["median_gap"])["recipe"]
         overrides = {"max_steps": args.max_steps} | (recipes | RECIPES).get(name, {})
         kl = {}  # (seed, slots) -> per-target KL; each run is saved, so a stopped --spread resumes
+        signature = json.dumps(overrides, sort_keys=True)
         for seed in (0, 1, 2):
             for slots in SPREAD_SLOTS:
                 path = out / f"spread_{name}_seed{seed}_slots{slots}.csv"
-                if not path.is_file():
-                    table = run_recipe(lm, probs, kl_bound, overrides, use_floor=name not in ("old", "peer"),
-                                       seed=seed, slots=slots)[0]
-                    table.to_csv(path.with_suffix(".tmp"), index=False)
+                saved = saved_run(path, signature, kl_bound)
+                if saved is None:
+                    saved = run_recipe(lm, probs, kl_bound, overrides, use_floor=name not in ("old", "peer"),
+                                       seed=seed, slots=slots)[0].assign(overrides=signature)
+                    saved.to_csv(path.with_suffix(".tmp"), index=False)
                     path.with_suffix(".tmp").rename(path)
-                kl[seed, slots] = pd.read_csv(path).kl.to_numpy()
+                kl[seed, slots] = saved.kl.to_numpy()
         spread = pd.DataFrame({
             "band": suite.band,
             "spread": np.ptp(np.stack(list(kl.values())), axis=0),
@@ -196,6 +198,17 @@ def main() -> None:
                   "slot counts at the same seed.", "",
                   markdown(per_band.reset_index()), "", f"Max over the suite: {spread.spread.max():.3f} nats.", ""]
     print(write_summary(out, lines, overall))
+
+
+def saved_run(path: Path, signature: str, kl_bound: np.ndarray) -> pd.DataFrame | None:
+    """A --spread run saved at `path`, if it ran the same recipe (`signature`) on the same suite (the same
+    per-target bounds); else None (it is run again)."""
+    if not path.is_file():
+        return None
+    saved = pd.read_csv(path)
+    same = ("overrides" in saved and (saved.overrides == signature).all() and len(saved) == len(kl_bound)
+            and np.allclose(saved.kl_bound, kl_bound, equal_nan=True))
+    return saved if same else None
 
 
 def write_summary(out: Path, lines: list[str], overall: list[dict]) -> str:
