@@ -87,7 +87,7 @@ def test_self_generated_targets_are_reached(peaked_lm, family, reparam_hidden):
     result = prefix_prompt(lm, targets, config, with_bound=False)
     table = result.to_pandas()
     assert list(table.columns[:3]) == ["target_id", "method", "kl"]
-    assert (table.method == "prefix").all() and (table.prompt_len == 4).all()
+    assert (table.method == "prefix").all() and (table.prompt_len == 4).all() and (table.learning_rate == 0.02).all()
     assert (table.reparam_hidden == (reparam_hidden or 0)).all()
     assert table.kl.max() < 1e-3, table.kl.tolist()
     shape = (4, lm.n_layers, 4, lm.config.n_kv_heads, lm.config.head_dim)

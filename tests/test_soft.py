@@ -267,5 +267,8 @@ def test_the_default_learning_rate_is_relative_to_the_embeddings_scale(peaked_lm
         LEARNING_RATE_PER_STD * sigma, rel=1e-5)
     assert SoftProblem.build(lm, SoftPromptConfig(learning_rate=0.05)).recipe.learning_rate == 0.05
     targets = self_generated_targets(lm, 1, length=3, seed=5)
+    # Results say which step ran.
+    ran = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, max_steps=2, slots=1)).columns["learning_rate"]
+    np.testing.assert_allclose(ran, LEARNING_RATE_PER_STD * sigma, rtol=1e-5)
     with pytest.raises(ValueError, match="PrefixPromptConfig: learning_rate must be a positive number, got None"):
         prefix_prompt(lm, targets, PrefixPromptConfig(learning_rate=None))

@@ -162,11 +162,13 @@ class GradientMethod:
     def split_reports(self, reports: dict[str, np.ndarray], array_results: tuple[str, ...],
                       prompt_len: int) -> tuple[dict, dict]:
         """(columns, arrays) of the driver's reports: `kl` first (the figure every table is read for), then the
-        other scalars, the config's template and `prompt_len`; `array_results` (prompts, keys) as arrays."""
+        other scalars, the config's template and `prompt_len`, and the learning rate the search ran with (a
+        config's default may be resolved from the model); `array_results` (prompts, keys) as arrays."""
         columns = {"kl": reports["kl"]} | {k: v for k, v in reports.items() if k not in array_results}
         n = len(columns["kl"])
         columns["template"] = np.full(n, self.config.template)
         columns["prompt_len"] = np.full(n, prompt_len)
+        columns["learning_rate"] = np.full(n, self._problem.recipe.learning_rate)
         return columns, {k: v for k, v in reports.items() if k in array_results}
 
     def run_info(self) -> dict:
