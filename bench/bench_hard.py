@@ -247,10 +247,6 @@ STRATEGIES = {
     "sample_hotflip_kick3": (dict(init="sample", kicks=1000, kick_size=3), 64, 0),
     "sample_hotflip_kick2": (dict(init="sample", kicks=1000, kick_size=2), 64, 0),
     "sample_hotflip_kick5": (dict(init="sample", kicks=1000, kick_size=5), 64, 0),
-    # 16 (32) of the 64 candidates at the visited position drawn from the target afresh every iteration, the rest
-    # the gradient's top ranks (no stand-still stops the search: it runs until patience or the budget ends)
-    "sample_hotflip_t16": (dict(init="sample", target_candidates=16), 64, 0),
-    "sample_hotflip_t32": (dict(init="sample", target_candidates=32), 64, 0),
     # the best of 1024 draws (16 hotflip iterations' evaluations) instead of 64
     "sample1024_hotflip": (dict(init="sample", init_samples=1024), 64, 0),
     "sample1024_hotflip_w15": (dict(init="sample", init_samples=1024, widen=15), 64, 0),

@@ -307,8 +307,8 @@ def test_multi_token_swaps_place_only_allowed_tokens(peaked_lm):
     g = -np.where(allowed, 0.1, 1.0)[None, None, :] @ table + rng.normal(size=(2, 5, lm.d_model))
 
     candidates, starts, valid = jax.jit(problem._candidates, static_argnums=())(
-        jax.numpy.asarray(table), jax.numpy.asarray(allowed), None, jax.numpy.asarray(g, jax.numpy.float32), ids, 0,
-        0, jax.random.key(0))  # no target draws, step 0, the top window
+        jax.numpy.asarray(table), jax.numpy.asarray(allowed), jax.numpy.asarray(g, jax.numpy.float32), ids, 0, 0,
+        jax.random.key(0))  # step 0, the top window
     candidates, starts, valid = map(np.asarray, (candidates, starts, valid))
     assert candidates.shape == (2, 64, 5) and valid.all()
     assert allowed[candidates].all()
@@ -320,54 +320,6 @@ def test_multi_token_swaps_place_only_allowed_tokens(peaked_lm):
     result = hard_prompt(lm, targets, dataclasses.replace(config, k=32, max_steps=4, slots=2))
     assert allowed[result.arrays["token_ids"]].all()
     assert np.all(result.columns["kl"] < result.columns["initial_kl"])
-
-
-def test_target_candidates_are_distinct_allowed_tokens_of_the_target(peaked_lm):
-    lm = dataclasses.replace(peaked_lm("llama"), tokenizer=tiny_tokenizer(296))
-    plain = HardPromptConfig(prompt_len=4, k=16, ascii_only=True)
-    drawing = dataclasses.replace(plain, target_candidates=6)
-    allowed = candidate_mask(lm, plain)
-    rng = np.random.default_rng(2)
-    ids = rng.choice(np.flatnonzero(allowed), (1, 4))
-    table = np.asarray(lm.embedding_matrix(lm.params), np.float32)
-    g = rng.normal(size=(1, 4, lm.d_model)).astype(np.float32)
-
-    def candidates_of(config, p):
-        problem = HardProblem.build(lm, config)
-        out = problem._candidates(jax.numpy.asarray(table), jax.numpy.asarray(allowed), p, g, ids, 1, 0,
-                                  jax.random.key(0))  # step 1: position 1
-        return map(np.asarray, out)
-
-    gradient_candidates, _, _ = candidates_of(plain, None)
-    gradient_tokens = gradient_candidates[0, :, 1]
-    # Mass on the current token, a banned token, the gradient's best candidate, and three other allowed tokens.
-    others = [t for t in np.flatnonzero(allowed) if t not in gradient_tokens and t != ids[0, 1]][:3]
-    banned = int(np.flatnonzero(~allowed)[0])
-    p = np.zeros(lm.vocab_size, np.float32)
-    p[[ids[0, 1], banned, gradient_tokens[0], *others]] = [0.3, 0.3, 0.1, 0.1, 0.1, 0.1]
-    candidates, starts, valid = candidates_of(drawing, jax.numpy.asarray(p))
-    assert candidates.shape == (1, 16, 4)
-    np.testing.assert_array_equal(starts, 1)
-    np.testing.assert_array_equal(candidates[0, :, [0, 2, 3]], np.repeat(ids[0, [0, 2, 3]][:, None], 16, axis=1))
-    # The first k − 6 are the gradient's top ranks, the rest drawn: only the three drawable tokens are valid.
-    np.testing.assert_array_equal(candidates[0, :10, 1], gradient_tokens[:10])
-    assert valid[0, :10].all() and valid[0, 10:].sum() == 3
-    assert sorted(candidates[0, 10:, 1][valid[0, 10:]]) == sorted(others)
-
-    targets = random_targets(3, lm.vocab_size, seed=4)
-    config = dataclasses.replace(drawing, prompt_len=3, k=8, target_candidates=4, max_steps=30, patience=30, slots=3)
-    result, again = hard_prompt(lm, targets, config), hard_prompt(lm, targets, config)
-    np.testing.assert_array_equal(result.arrays["token_ids"], again.arrays["token_ids"])
-    assert allowed[result.arrays["token_ids"]].all()
-    assert np.all(result.columns["kl"] <= result.columns["initial_kl"])
-    np.testing.assert_allclose(token_prompt_kl(lm, targets, result.arrays["token_ids"], config), result.columns["kl"],
-                               atol=2e-5)
-    for changes, message in (({"target_candidates": 17}, "target_candidates must be an integer between 0 and k=16"),
-                             ({"mode": "gcg"}, "applies to mode='hotflip' with positions='cycle' only"),
-                             ({"positions": "best"}, "applies to mode='hotflip' with positions='cycle' only"),
-                             ({"widen": 2}, "does not combine with widen or kicks")):
-        with pytest.raises(ValueError, match=message):
-            hard_prompt(lm, targets, dataclasses.replace(drawing, **changes))
 
 
 def test_round_trip_filter_keeps_only_prompts_that_round_trip(peaked_lm):

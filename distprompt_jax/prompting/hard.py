@@ -90,11 +90,6 @@ class HardPromptConfig:
     # budget explores near the best basin found, where `restarts` start over). The best prompt is kept.
     kicks: int = 0
     kick_size: int = 3
-    # hotflip, positions="cycle": this many of the k candidates at the visited position are tokens drawn from the
-    # target without replacement (allowed tokens other than the gradient's candidates and the current token),
-    # fresh every iteration; the other k − target_candidates are the gradient's top ranks. The draws make the
-    # search random, so a stand-still no longer means stuck for good: patience alone stops a target.
-    target_candidates: int = 0
     beam_width: int = 1  # prompts kept per target; each proposes its own candidates
     max_steps: int = 200  # iterations
     # stop a target after this many iterations without improving by more than min_delta (counted afresh when
@@ -178,14 +173,6 @@ class HardPromptConfig:
             fail("kicks applies to mode='hotflip' only (GCG draws new swaps every iteration)")
         if self.kicks and not 1 <= self.kick_size <= self.prompt_len:
             fail(f"kick_size must be between 1 and prompt_len={self.prompt_len}, got {self.kick_size}")
-        if (isinstance(self.target_candidates, bool) or not isinstance(self.target_candidates, int)
-                or not 0 <= self.target_candidates <= self.k):
-            fail(f"target_candidates must be an integer between 0 and k={self.k}, got {self.target_candidates!r}")
-        if self.target_candidates and (self.mode != "hotflip" or self.positions != "cycle"):
-            fail("target_candidates applies to mode='hotflip' with positions='cycle' only")
-        if self.target_candidates and (self.widen or self.kicks):
-            fail("target_candidates does not combine with widen or kicks: both act when the search stands still "
-                 "for good, and with candidates drawn afresh every iteration it never does")
         if self.mode != "hotflip" and self.positions != "cycle":
             fail(f"positions={self.positions!r} applies to mode='hotflip' only")
         if self.init_token is not None and self.init != "repeat":
@@ -287,7 +274,6 @@ class HardProblem:
     widen: int
     kicks: int
     kick_size: int
-    target_candidates: int
     beam_width: int
     max_steps: int
     patience: int
@@ -330,8 +316,7 @@ class HardProblem:
         return cls(
             lm=model_structure(lm), prompt_len=config.prompt_len, mode=config.mode, k=config.k,
             num_swaps=config.num_swaps, n_replace=config.n_replace, positions=config.positions,
-            widen=config.widen, kicks=config.kicks, kick_size=config.kick_size,
-            target_candidates=config.target_candidates, beam_width=config.beam_width,
+            widen=config.widen, kicks=config.kicks, kick_size=config.kick_size, beam_width=config.beam_width,
             max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta,
             floor_tolerance=config.floor_tolerance, candidate_block=config.candidate_block,
             reuse_prefix=config.reuse_prefix and not config.shard_params,
@@ -348,15 +333,14 @@ class HardProblem:
         """Next-token logits of prompt embeddings x [L, d] inside the fixed context."""
         return self.lm.logits(params, self.context.around(params, self.lm, x))
 
-    def _propose(self, table32, allowed, p, g, ids, step, window, key, count: int):
+    def _propose(self, table32, allowed, g, ids, step, window, key, count: int):
         """`count` candidates of each beam member: (positions [W, count, n], tokens [W, count, n], valid
         [W, count]), a candidate placing tokens[..., r] at positions[..., r] (n = n_replace for GCG, else 1).
 
         A token's score at position i is (e_w − e_i)·g_i, the first-order change of the loss; candidates
         are the lowest scores among allowed tokens other than the current one (hotflip: ranks
-        window·count … window·count + count − 1, see `widen`), and with `target_candidates` the last of them
-        tokens drawn from the target p instead. A candidate with a score of +inf (fewer allowed tokens than
-        asked for) is marked invalid.
+        window·count … window·count + count − 1, see `widen`). A candidate with a score of +inf (fewer allowed
+        tokens than asked for) is marked invalid.
         """
         L, V = self.prompt_len, self.lm.vocab_size
 
@@ -374,14 +358,8 @@ class HardProblem:
 
         if self.mode == "hotflip" and self.positions == "cycle":
             position = step % L
-            drawn = self.target_candidates * count // self.k  # count is k, or a multiple for round_trip_prompts
-            count -= drawn
             neg, tokens = in_window(*jax.lax.top_k(-scores(g[:, position], ids[:, position]), min(ranked, V)))
-            valid = jnp.isfinite(neg)
-            if drawn:
-                tokens, drawn_valid = self._target_draws(allowed, p, ids[:, position], tokens, key, drawn)
-                valid = jnp.concatenate([valid, drawn_valid], axis=1)
-            return jnp.full(tokens.shape + (1,), position), tokens[..., None], valid
+            return jnp.full(tokens.shape + (1,), position), tokens[..., None], jnp.isfinite(neg)
         top = min(self.k if self.mode == "gcg" else ranked, V)
         neg, tokens = jax.lax.top_k(-scores(g, ids), top)  # [W, L, top]
         if self.mode == "hotflip":  # the best (position, token) pairs: they lie among the per-position top ones
@@ -397,25 +375,13 @@ class HardProblem:
         valid = jnp.all(jnp.isfinite(neg[member, position, rank]), axis=-1)
         return position, tokens[member, position, rank], valid
 
-    def _target_draws(self, allowed, p, current, proposed, key, drawn: int):
-        """`proposed` [W, c] with `drawn` tokens per beam member appended, drawn from p without replacement
-        (Gumbel top-k over log p) among allowed tokens with mass that are neither proposed nor `current` [W];
-        and whether each drawn one is valid [W, drawn] (false where fewer such tokens exist)."""
-        width, vocab = proposed.shape[0], p.shape[0]
-        member = jnp.arange(width)[:, None]
-        excluded = jnp.zeros((width, vocab), bool).at[member, proposed].set(True).at[member[:, 0], current].set(True)
-        drawable = allowed & (p > 0) & ~excluded
-        noisy = jnp.where(drawable, safe_log(p) + jax.random.gumbel(key, (width, vocab)), -jnp.inf)
-        score, tokens = jax.lax.top_k(noisy, min(drawn, vocab))
-        return jnp.concatenate([proposed, tokens.astype(proposed.dtype)], axis=1), jnp.isfinite(score)
-
-    def _candidates(self, table32, allowed, p, g, ids, step, window, key):
+    def _candidates(self, table32, allowed, g, ids, step, window, key):
         """Each beam member's candidate prompts [W, C, L], the positions before which they equal the member
         [W, C], and whether each is valid [W, C]; with `round_trip_prompts`, the first C of twice as many
         proposals whose text encodes back to them (the rest are not worth a forward)."""
         count = {"hotflip": self.k, "gcg": self.num_swaps}[self.mode]
         asked = count * (ROUND_TRIP_OVERSAMPLE if self.round_trip_prompts else 1)
-        positions, tokens, valid = self._propose(table32, allowed, p, g, ids, step, window, key, asked)
+        positions, tokens, valid = self._propose(table32, allowed, g, ids, step, window, key, asked)
         candidates = jnp.broadcast_to(ids[:, None, :], positions.shape[:2] + (self.prompt_len,))
         for r in range(positions.shape[-1]):
             candidates = jnp.where(jnp.arange(self.prompt_len) == positions[..., r, None], tokens[..., r, None],
@@ -561,7 +527,7 @@ class HardProblem:
         current_kl, g = jax.vmap(jax.value_and_grad(loss))(table32[ids])  # [W], [W, L, d]
         if self.round_trip_prompts:  # only an initial prompt can fail: it gives way to any candidate
             current_kl = jnp.where(self._round_trips(ids), current_kl, jnp.inf)
-        candidates, starts, valid = self._candidates(table32, allowed, p, g, ids, step, window,
+        candidates, starts, valid = self._candidates(table32, allowed, g, ids, step, window,
                                                      jax.random.fold_in(key, step))
         candidate_kl = self.beam_candidate_kl(params, table, fixed, p, log_p, ids, candidates, starts)
         candidate_kl = jnp.where(valid, candidate_kl, jnp.inf).reshape(-1)
@@ -665,8 +631,7 @@ class HardProblem:
         steps = s.progress.steps + 1
         # A deterministic search whose beam stood still for a whole period of positions is stuck for good in its
         # window of candidates: the next window is tried (`widen`), and after the last the target stops.
-        deterministic = self.mode == "hotflip" and not self.target_candidates
-        period = {"cycle": self.prompt_len, "best": 1}[self.positions] if deterministic else None
+        period = {"cycle": self.prompt_len, "best": 1}[self.positions] if self.mode == "hotflip" else None
         stalled = since_change >= period if period is not None else jnp.asarray(False)
         widened = stalled & (s.window < self.widen)
         window = jnp.where(since_change == 0, 0, s.window + widened)
