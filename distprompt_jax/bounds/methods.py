@@ -38,7 +38,9 @@ class BoundConfig:
     tolerance: float = 1e-6  # stop a target when the float32 gradient norm is below this
     memory: int = 10  # L-BFGS history pairs
     init: str = "auto"  # "zeros" | "lstsq" (least-squares fit of W h + b + c to log p) | "auto": the better
-    refine_steps: int = 100  # float64 Newton steps on the host where the certificate is not yet tight
+    # float64 Newton steps on the host where the certificate is not yet tight (a row stops once it is; a
+    # long-tailed Gemma-3-270M target took 50, BENCHMARKS.md)
+    refine_steps: int = 100
     support: int = 2048  # tokens (the most probable under q) the certificate's repair may move mass on
     gap_tolerance: float = 1e-6  # refine until the certified gap (primal − bound) is below this, in nats
     max_gap: float = 1e-3  # rows whose certified gap exceeds this are reported uncertified (kl NaN)
