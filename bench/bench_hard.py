@@ -250,10 +250,6 @@ STRATEGIES = {
     # the best of 1024 draws (16 hotflip iterations' evaluations) instead of 64
     "sample1024_hotflip": (dict(init="sample", init_samples=1024), 64, 0),
     "sample1024_hotflip_w15": (dict(init="sample", init_samples=1024, widen=15), 64, 0),
-    # candidates ranked by the gradient averaged over the current token and 4 (8) random ones at the visited
-    # position (ARCA); each extra gradient pass is charged 3 evaluations
-    "sample_hotflip_arca4": (dict(init="sample", score_samples=4), 64 + 3 * 4, 0),
-    "sample_hotflip_arca8": (dict(init="sample", score_samples=8), 64 + 3 * 8, 0),
     "hotflip_roundtrip": (dict(init="repeat", round_trip_prompts=True), 64, 0),
     "gcg_roundtrip": (dict(init="repeat", mode="gcg", round_trip_prompts=True), 128, 0),
 }

@@ -90,11 +90,6 @@ class HardPromptConfig:
     # budget explores near the best basin found, where `restarts` start over). The best prompt is kept.
     kicks: int = 0
     kick_size: int = 3
-    # hotflip (cycling): the gradient that ranks the visited position's candidates is averaged over the current
-    # prompt and this many copies with a random allowed token there (ARCA, Jones et al. 2023: a first-order score
-    # taken at several points of the position ranks swaps better than at the current token alone). Each copy
-    # costs a gradient pass (about 3 candidate evaluations). 0: the current prompt's gradient only.
-    score_samples: int = 0
     beam_width: int = 1  # prompts kept per target; each proposes its own candidates
     max_steps: int = 200  # iterations
     # stop a target after this many iterations without improving by more than min_delta (counted afresh when
@@ -176,10 +171,6 @@ class HardPromptConfig:
             fail(f"kicks must be a non-negative integer, got {self.kicks!r}")
         if self.kicks and self.mode != "hotflip":
             fail("kicks applies to mode='hotflip' only (GCG draws new swaps every iteration)")
-        if isinstance(self.score_samples, bool) or not isinstance(self.score_samples, int) or self.score_samples < 0:
-            fail(f"score_samples must be a non-negative integer, got {self.score_samples!r}")
-        if self.score_samples and (self.mode, self.positions) != ("hotflip", "cycle"):
-            fail("score_samples applies to mode='hotflip' with positions='cycle' only (one position per iteration)")
         if self.kicks and not 1 <= self.kick_size <= self.prompt_len:
             fail(f"kick_size must be between 1 and prompt_len={self.prompt_len}, got {self.kick_size}")
         if self.mode != "hotflip" and self.positions != "cycle":
@@ -283,7 +274,6 @@ class HardProblem:
     widen: int
     kicks: int
     kick_size: int
-    score_samples: int
     beam_width: int
     max_steps: int
     patience: int
@@ -326,8 +316,7 @@ class HardProblem:
         return cls(
             lm=model_structure(lm), prompt_len=config.prompt_len, mode=config.mode, k=config.k,
             num_swaps=config.num_swaps, n_replace=config.n_replace, positions=config.positions,
-            widen=config.widen, kicks=config.kicks, kick_size=config.kick_size,
-            score_samples=config.score_samples, beam_width=config.beam_width,
+            widen=config.widen, kicks=config.kicks, kick_size=config.kick_size, beam_width=config.beam_width,
             max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta,
             floor_tolerance=config.floor_tolerance, candidate_block=config.candidate_block,
             reuse_prefix=config.reuse_prefix and not config.shard_params,
@@ -536,9 +525,6 @@ class HardProblem:
             return kl_from_logits(p, logits, log_p)
 
         current_kl, g = jax.vmap(jax.value_and_grad(loss))(table32[ids])  # [W], [W, L, d]
-        if self.score_samples:
-            key_scores = jax.random.fold_in(jax.random.fold_in(key, step), 1)  # not the candidates' key
-            g = self._averaged_gradient(loss, table32, ids, g, step, key_scores)
         if self.round_trip_prompts:  # only an initial prompt can fail: it gives way to any candidate
             current_kl = jnp.where(self._round_trips(ids), current_kl, jnp.inf)
         candidates, starts, valid = self._candidates(table32, allowed, g, ids, step, window,
@@ -556,19 +542,6 @@ class HardProblem:
             duplicate = jnp.any(same & jnp.tri(len(pool), k=-1, dtype=bool), axis=1)
             keep = jnp.argsort(jnp.where(duplicate, jnp.inf, pool_kl), stable=True)[: self.beam_width]
         return pool[keep], pool_kl[keep], keep[0] >= self.beam_width
-
-    def _averaged_gradient(self, loss, table32, ids, g, step, key):
-        """g [W, L, d] with the visited position's gradient averaged over the beam's prompts and
-        `score_samples` copies of each whose token there is drawn uniformly from the allowed tokens: the scores
-        (e_w − e_i)·ḡ then rank tokens by a first-order model fitted at several points of the position, not at
-        the current token alone."""
-        position = step % self.prompt_len
-        members, samples = ids.shape[0], self.score_samples
-        drawn = jax.random.choice(key, jnp.asarray(np.flatnonzero(self.allowed), jnp.int32), (members, samples))
-        copies = jnp.repeat(ids[:, None, :], samples, axis=1).at[:, :, position].set(drawn)
-        g_copies = jax.vmap(jax.grad(loss))(table32[copies.reshape(-1, self.prompt_len)])
-        g_copies = g_copies[:, position].reshape(members, samples, -1)
-        return g.at[:, position].set((g[:, position] + g_copies.sum(axis=1)) / (samples + 1))
 
     def prompt_kl(self, params, p, log_p, ids):
         """KL of one token prompt [L]."""
