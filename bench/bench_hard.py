@@ -5,7 +5,8 @@
     python bench/bench_hard.py --reuse [--lengths 10 20] [--reuse-reps 3] [--reuse-cycles 1] [--reuse-rounds pool]
                                [--iteration-targets 64] [--iterations 3]
     python bench/bench_hard.py --strategies hotflip,gcg,gcg_n2,soft_hotflip [--strategy-targets 32 | --entropies
-                               0.5,1,3] [--seed 0] [--budget 12800] [--soft-steps 300] [--out results.csv]
+                               0.5,1,3 | --own-targets 16] [--seed 0] [--budget 12800] [--soft-steps 300]
+                               [--out results.csv]
     python bench/bench_hard.py --readme-example
 
 1. Candidate evaluations per second: the engine's batched candidate evaluation (every target's candidate
@@ -38,6 +39,9 @@
    soft warm start (`--soft-steps`, one attempt, no bound) is charged 3 candidate evaluations per soft step it
    ran (a value_and_grad of the prompt). The name `soft` runs `soft_prompt`'s defaults on the same targets:
    the floor a hard prompt of the same length is held to (hard ≥ soft up to search error).
+   `--own-targets N` runs the same on N of the model's own next-token distributions after 10-token texts it
+   sampled after its BOS, every prompt after BOS too: a text of KL 0 exists for each, so the KL a search ends
+   at is the search's shortfall alone (on vanilla targets it is the search's and the token set's together).
 5. `--readme-example`: README.md's hard-prompt example as written (4 vanilla targets, h = 1, 3, 6, 9, the
    defaults, the certified bound beside): its wall time, and each target's KL, bound and prompt.
 
@@ -257,8 +261,9 @@ SOFT = "soft"  # not a hard search: soft_prompt's defaults on the same targets, 
 BANDS = ((0.0, 3.0), (3.0, 6.0), (6.0, 9.0), (9.0, np.inf))
 
 
-def run_strategy(lm, targets, name: str, budget: int, soft_steps: int):
-    """(per-target DataFrame, seconds): KL after a quarter, half and all of `budget` evaluations per target."""
+def run_strategy(lm, targets, name: str, budget: int, soft_steps: int, bos: bool = False):
+    """(per-target DataFrame, seconds): KL after a quarter, half and all of `budget` evaluations per target
+    (`bos`: every prompt, soft and hard, after the model's BOS token)."""
     import pandas as pd
 
     from distprompt_jax import SoftPromptConfig, soft_prompt
@@ -266,7 +271,7 @@ def run_strategy(lm, targets, name: str, budget: int, soft_steps: int):
 
     if name == SOFT:
         start = time.perf_counter()
-        result = soft_prompt(lm, targets)
+        result = soft_prompt(lm, targets, SoftPromptConfig(bos=bos))
         table = pd.DataFrame({"strategy": name, "entropy": targets.metadata["entropy"].to_numpy(),
                               "initial_kl": result.columns["initial_kl"], "kl": result.columns["kl"],
                               "best_step": result.columns["best_step"], "steps": result.columns["steps"],
@@ -274,10 +279,11 @@ def run_strategy(lm, targets, name: str, budget: int, soft_steps: int):
         table["evaluations"] = 3.0 * table["steps"]  # a value_and_grad of the prompt per step
         return table, time.perf_counter() - start
     fields, per_iteration, from_soft = STRATEGIES[name]
+    fields = {**fields, "bos": bos}
     start = time.perf_counter()
     init_ids, spent = None, np.zeros(len(targets.probs))
     if from_soft:
-        soft = soft_prompt(lm, targets, SoftPromptConfig(max_steps=soft_steps, restarts=1))
+        soft = soft_prompt(lm, targets, SoftPromptConfig(max_steps=soft_steps, restarts=1, bos=bos))
         init_ids, spent = project_soft_prompts(lm, soft), 3.0 * soft.columns["steps"]
     chosen = HardPromptConfig(**fields)
     if chosen.init == "sample" and init_ids is None:
@@ -290,7 +296,8 @@ def run_strategy(lm, targets, name: str, budget: int, soft_steps: int):
     table = pd.DataFrame({"strategy": name, "entropy": targets.metadata["entropy"].to_numpy(),
                           "initial_kl": result.columns["initial_kl"], "kl": result.columns["kl"],
                           "best_step": result.columns["best_step"], "steps": result.columns["steps"],
-                          "round_trips": result.columns.get("round_trips", np.nan), "spent_before": spent})
+                          "round_trips": result.columns.get("round_trips", np.nan), "spent_before": spent,
+                          "text": result.columns.get("text")})
     for column, fraction in (("kl_quarter", 0.25), ("kl_half", 0.5)):
         table[column] = path[:, max(0, int(fraction * iterations) - 1)]
     table["evaluations"] = spent + per_iteration * table["steps"]  # with restarts: the best attempt's only
@@ -301,24 +308,43 @@ def strategies_section(lm, args):
     import pandas as pd
 
     from distprompt_jax import unembedding_bound
-    from distprompt_jax.targets import vanilla_targets
+    from distprompt_jax.prompting.hard import HardPromptConfig, token_prompt_kl
+    from distprompt_jax.targets import model_targets, vanilla_targets
 
     unknown = sorted(set(args.strategies.split(",")) - set(STRATEGIES) - {SOFT})
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; known: {sorted(STRATEGIES) + [SOFT]}")
-    entropies = (np.array([float(h) for h in args.entropies.split(",")]) if args.entropies
-                 else np.linspace(0.25, np.log(lm.vocab_size) - 0.25, args.strategy_targets))
-    targets = vanilla_targets(lm.vocab_size, entropies, seed=args.seed, progress=False)
+    if args.own_targets and any(STRATEGIES[name][0].get("init") == "bank" for name in args.strategies.split(",")
+                                if name in STRATEGIES):
+        # the bank samples its texts with the seeds model_targets uses: it would hold the answers
+        raise SystemExit("--own-targets: the bank_* strategies' bank holds the targets' own texts (the same seeds)")
+    if args.own_targets:
+        # Reachable by construction: the model's next-token distribution after a text it sampled after its BOS,
+        # PROMPT_LEN tokens long; with bos=True that text is a prompt of KL 0 (checked below), so whatever KL a
+        # search ends at is the search's shortfall, not the token set's.
+        targets = model_targets(lm, args.own_targets, seed=args.seed, context_len=PROMPT_LEN, progress=False)
+        texts = np.array(targets.metadata["context_ids"].tolist(), np.int32)[:, -PROMPT_LEN:]  # BOS first there
+        known = token_prompt_kl(lm, targets, texts, HardPromptConfig(bos=True))
+        what = f"of {lm.name}'s own next-token distributions after {PROMPT_LEN}-token texts it sampled"
+        print(f"the sampled texts as prompts after BOS: KL max {known.max():.2e}", flush=True)
+    else:
+        entropies = (np.array([float(h) for h in args.entropies.split(",")]) if args.entropies
+                     else np.linspace(0.25, np.log(lm.vocab_size) - 0.25, args.strategy_targets))
+        targets = vanilla_targets(lm.vocab_size, entropies, seed=args.seed, progress=False)
+        what = "vanilla targets"
+    entropies = targets.metadata["entropy"].to_numpy()
     bound = unembedding_bound(lm, targets).columns["kl"]
-    print(f"\n## Strategies at {args.budget} candidate evaluations per target, {len(entropies)} vanilla targets "
+    print(f"\n## Strategies at {args.budget} candidate evaluations per target, {len(entropies)} {what} "
           f"(h {entropies.min():.2f} … {entropies.max():.2f}, seed {args.seed}), certified bound beside\n", flush=True)
     print("| strategy | mean KL | median KL | median gap | h∈[0,3): median KL / gap | [3,6) | [6,9) | ≥9 | "
           "mean KL at ¼ budget | at ½ | never improved | seconds |")
     print("|---|" + "---:|" * 11, flush=True)
     tables = []
     for name in args.strategies.split(","):
-        table, seconds = run_strategy(lm, targets, name, args.budget, args.soft_steps)
+        table, seconds = run_strategy(lm, targets, name, args.budget, args.soft_steps, bos=bool(args.own_targets))
         table["bound"], table["seconds"] = bound, seconds
+        if args.own_targets:
+            table["known_text"] = lm.tokenizer.batch_decode(texts.tolist())
         tables.append(table)
         gap = table.kl - table.bound
         stuck = int(np.sum(table.best_step == 0))
@@ -382,8 +408,11 @@ def main():
     parser.add_argument("--strategies", default="", help="run only section 4: comma-separated STRATEGIES names")
     parser.add_argument("--strategy-targets", type=int, default=32, help="spread from 0.25 to ln|V| − 0.25 nats")
     parser.add_argument("--entropies", default="", help="section 4's target entropies instead (comma-separated)")
+    parser.add_argument("--own-targets", type=int, default=0,
+                        help="section 4 on this many of the model's own next-token distributions after texts of "
+                             f"{PROMPT_LEN} tokens it sampled (reachable: KL 0), prompts after BOS")
     parser.add_argument("--budget", type=int, default=12_800, help="candidate evaluations per target")
-    parser.add_argument("--seed", type=int, default=0, help="vanilla targets' seed in section 4")
+    parser.add_argument("--seed", type=int, default=0, help="section 4's targets' seed")
     parser.add_argument("--soft-steps", type=int, default=300, help="soft steps of the soft_* warm starts")
     parser.add_argument("--out", default="", help="section 4's per-target table (CSV)")
     parser.add_argument("--readme-example", action="store_true", help="run only section 5")
