@@ -251,10 +251,6 @@ STRATEGIES = {
     "sample_hotflip_kick3": (dict(init="sample", kicks=1000, kick_size=3), 64, 0),
     "sample_hotflip_kick2": (dict(init="sample", kicks=1000, kick_size=2), 64, 0),
     "sample_hotflip_kick5": (dict(init="sample", kicks=1000, kick_size=5), 64, 0),
-    # tabu search: every iteration moves to the best candidate at its position, better or not, a position never
-    # taking back one of the tokens it held in its last 2 (5) changes
-    "sample_hotflip_tabu2": (dict(init="sample", tabu=2), 64, 0),
-    "sample_hotflip_tabu5": (dict(init="sample", tabu=5), 64, 0),
     # the best of 1024 draws (16 hotflip iterations' evaluations) instead of 64
     "sample1024_hotflip": (dict(init="sample", init_samples=1024), 64, 0),
     "sample1024_hotflip_w15": (dict(init="sample", init_samples=1024, widen=15), 64, 0),

@@ -448,26 +448,3 @@ def test_kicks_go_on_from_the_best_prompt_and_never_lose_it(peaked_lm):
                                 ("kick_size", 4, "kick_size must be between 1 and prompt_len=3")):
         with pytest.raises(ValueError, match=message):
             hard_prompt(lm, targets, dataclasses.replace(kicked_config, **{field: bad}))
-
-
-def test_tabu_moves_on_never_loses_the_best_and_keeps_left_tokens_out(peaked_lm):
-    lm = peaked_lm("llama")
-    targets = random_targets(4, lm.vocab_size, seed=3)
-    plain = HardPromptConfig(prompt_len=3, k=4, init="repeat", max_steps=60, patience=60, slots=4)
-    first, tabu = hard_prompt(lm, targets, plain), hard_prompt(lm, targets, dataclasses.replace(plain, tabu=2))
-    assert np.all(first.columns["steps"] < plain.max_steps), "a plain search ran out of iterations: no stand-still"
-    # Moving at every iteration, the tabu search runs its whole budget; its best only ever falls and is reported.
-    assert np.all(tabu.columns["steps"] == plain.max_steps)
-    assert np.all(np.diff(tabu.arrays["kl_path"], axis=1) <= 0)
-    assert np.all(tabu.arrays["kl_path"][:, -1] == tabu.columns["kl"])
-    np.testing.assert_allclose(token_prompt_kl(lm, targets, tabu.arrays["token_ids"], plain), tabu.columns["kl"],
-                               atol=2e-5)
-    assert np.all(tabu.columns["kl"] <= first.columns["kl"] + 1e-5)
-    assert np.any(tabu.columns["kl"] < first.columns["kl"] - 1e-3)
-    assert np.all(candidate_mask(lm)[tabu.arrays["token_ids"]])
-    for field, bad, message in (("tabu", -1, "tabu must be a non-negative integer"),
-                                ("kicks", 1, "tabu moves on at every iteration")):
-        with pytest.raises(ValueError, match=message):
-            hard_prompt(lm, targets, dataclasses.replace(plain, **({"tabu": 2} | {field: bad})))
-    with pytest.raises(ValueError, match="tabu applies to mode='hotflip'"):
-        hard_prompt(lm, targets, dataclasses.replace(GCG, tabu=2))

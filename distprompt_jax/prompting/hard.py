@@ -90,10 +90,6 @@ class HardPromptConfig:
     # budget explores near the best basin found, where `restarts` start over). The best prompt is kept.
     kicks: int = 0
     kick_size: int = 3
-    # hotflip (cycling, one prompt): each iteration moves to the best candidate at the visited position even when
-    # it is worse than the current prompt (tabu search), never putting back a token that position held in its
-    # last `tabu` changes unless that beats the best; the best prompt is kept. 0: only improvements are taken.
-    tabu: int = 0
     beam_width: int = 1  # prompts kept per target; each proposes its own candidates
     max_steps: int = 200  # iterations
     # stop a target after this many iterations without improving by more than min_delta (counted afresh when
@@ -177,12 +173,6 @@ class HardPromptConfig:
             fail("kicks applies to mode='hotflip' only (GCG draws new swaps every iteration)")
         if self.kicks and not 1 <= self.kick_size <= self.prompt_len:
             fail(f"kick_size must be between 1 and prompt_len={self.prompt_len}, got {self.kick_size}")
-        if isinstance(self.tabu, bool) or not isinstance(self.tabu, int) or self.tabu < 0:
-            fail(f"tabu must be a non-negative integer, got {self.tabu!r}")
-        if self.tabu and not (self.mode == "hotflip" and self.positions == "cycle" and self.beam_width == 1):
-            fail("tabu applies to mode='hotflip' with positions='cycle' and beam_width=1 only")
-        if self.tabu and (self.widen or self.kicks):
-            fail("tabu moves on at every iteration: it takes neither widen nor kicks")
         if self.mode != "hotflip" and self.positions != "cycle":
             fail(f"positions={self.positions!r} applies to mode='hotflip' only")
         if self.init_token is not None and self.init != "repeat":
@@ -261,7 +251,6 @@ class HardState(NamedTuple):
     since_change: jax.Array  # iterations in a row that left the beam as it was
     window: jax.Array  # which k ranks of the gradient score the candidates are (0: the top k; see `widen`)
     kicks: jax.Array  # kicks given so far (see `kicks`)
-    tabu: jax.Array  # [L, max(tabu, 1)] the tokens each position held before its last changes, newest first; −1: none
     key: jax.Array  # uint32 key data of the search's random stream (gcg): plain data, as checkpoints want
 
 
@@ -285,7 +274,6 @@ class HardProblem:
     widen: int
     kicks: int
     kick_size: int
-    tabu: int
     beam_width: int
     max_steps: int
     patience: int
@@ -328,8 +316,7 @@ class HardProblem:
         return cls(
             lm=model_structure(lm), prompt_len=config.prompt_len, mode=config.mode, k=config.k,
             num_swaps=config.num_swaps, n_replace=config.n_replace, positions=config.positions,
-            widen=config.widen, kicks=config.kicks, kick_size=config.kick_size, tabu=config.tabu,
-            beam_width=config.beam_width,
+            widen=config.widen, kicks=config.kicks, kick_size=config.kick_size, beam_width=config.beam_width,
             max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta,
             floor_tolerance=config.floor_tolerance, candidate_block=config.candidate_block,
             reuse_prefix=config.reuse_prefix and not config.shard_params,
@@ -524,10 +511,9 @@ class HardProblem:
             starts.reshape(targets * width, -1), round_units)
         return kl.reshape(starts.shape)
 
-    def _iterate(self, params, p, log_p, ids, step, window, key, tabu, best):
+    def _iterate(self, params, p, log_p, ids, step, window, key):
         """One iteration: the new beam [W, L] (best first), the beam's KL [W], and whether the new best is a
-        candidate (not a prompt already in the beam). With `tabu`, the best allowed candidate replaces the
-        prompt whatever its KL (`tabu` [L, M]: tokens the visited position may not take unless below `best`)."""
+        candidate (not a prompt already in the beam)."""
         table = self.lm.embedding_matrix(params)
         table32 = table.astype(jnp.float32)
         allowed = jnp.asarray(self.allowed)
@@ -546,12 +532,6 @@ class HardProblem:
         candidate_kl = self.beam_candidate_kl(params, table, fixed, p, log_p, ids, candidates, starts)
         candidate_kl = jnp.where(valid, candidate_kl, jnp.inf).reshape(-1)
         candidates = candidates.reshape(-1, self.prompt_len)
-        if self.tabu:
-            placed = candidates[:, step % self.prompt_len]
-            forbidden = jnp.any(placed[:, None] == tabu[step % self.prompt_len][None, :], axis=1)
-            candidate_kl = jnp.where(forbidden & (candidate_kl >= best), jnp.inf, candidate_kl)
-            # the prompt stays only when no candidate may replace it
-            current_kl = jnp.where(jnp.isfinite(candidate_kl).any(), jnp.inf, current_kl)
         # The current beam comes first, so on ties it stays (and a beam that cannot improve does not move).
         pool = jnp.concatenate([ids, candidates])
         pool_kl = jnp.concatenate([current_kl, candidate_kl])
@@ -597,8 +577,7 @@ class HardProblem:
             ids=jnp.broadcast_to(ids, (self.beam_width, self.prompt_len)),
             best_ids=ids, best_step=jnp.int32(0), initial_kl=initial_kl,
             path=jnp.zeros((self.max_steps,), jnp.float32), since_change=jnp.int32(0), window=jnp.int32(0),
-            kicks=jnp.int32(0), tabu=jnp.full((self.prompt_len, max(self.tabu, 1)), -1, jnp.int32),
-            key=jax.random.key_data(key_search),
+            kicks=jnp.int32(0), key=jax.random.key_data(key_search),
         )
 
     def _sampled_start(self, params, p, log_p, key):
@@ -640,7 +619,7 @@ class HardProblem:
     def step(self, params, target, s: HardState) -> HardState:
         p, log_p, _, floor = target
         ids, beam_kl, found = self._iterate(params, p, log_p, s.ids, s.progress.steps, s.window,
-                                            jax.random.wrap_key_data(s.key), s.tabu, s.progress.best)
+                                            jax.random.wrap_key_data(s.key))
         new_kl = beam_kl[0]
         # Only a new prompt can improve: the gradient pass's KL of a known prompt may differ from the
         # candidate pass's in the last float32 bits, which is no progress.
@@ -660,12 +639,6 @@ class HardProblem:
         since_improve = jnp.where(widened, 0, since_improve)
         stuck = stalled & ~widened
         best_ids = jnp.where(better, ids[0], s.best_ids)
-        tabu = s.tabu
-        if self.tabu:  # the visited position's left token joins its list, the oldest leaves
-            position = s.progress.steps % self.prompt_len
-            left = s.ids[0, position]
-            pushed = jnp.concatenate([left[None], tabu[position, :-1]])
-            tabu = tabu.at[position].set(jnp.where(ids[0, position] != left, pushed, tabu[position]))
         kicked = stuck & (s.kicks < self.kicks)
         if self.kicks:  # the search goes on from the best prompt with some positions re-drawn
             key = jax.random.fold_in(jax.random.wrap_key_data(s.key), steps)  # hotflip draws nothing else
@@ -679,7 +652,7 @@ class HardProblem:
             progress=Progress(steps, best, active), patience=Patience(since_improve), ids=ids,
             best_ids=best_ids, best_step=jnp.where(better, steps, s.best_step),
             initial_kl=s.initial_kl, path=s.path.at[s.progress.steps].set(best) if self.max_steps else s.path,
-            since_change=since_change, window=window, kicks=s.kicks + kicked, tabu=tabu,
+            since_change=since_change, window=window, kicks=s.kicks + kicked,
             key=s.key,
         )
 
