@@ -139,6 +139,11 @@ def main() -> None:
 
     from distprompt_jax import load_model
 
+    recipes = {name: RECIPES[name] for name in filter(None, args.recipes.split(","))} | json.loads(args.variants)
+    if args.spread and args.spread_recipe != "best" and args.spread_recipe not in recipes | RECIPES:
+        # checked before the model loads and any recipe runs (they may take hours)
+        raise SystemExit(f"--spread_recipe {args.spread_recipe!r} is neither a recipe {sorted(RECIPES)} nor among "
+                         "--variants")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model(args.model)
@@ -151,7 +156,6 @@ def main() -> None:
              f"{args.model_targets} model), {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
              f"{os.cpu_count()} CPUs", "",
              f"Certified bound: {bound_seconds:.0f} s (0 when cached); certified {np.isfinite(kl_bound).sum()}.", ""]
-    recipes = {name: RECIPES[name] for name in filter(None, args.recipes.split(","))} | json.loads(args.variants)
     overall = []
     for name, overrides in recipes.items():
         table, seconds, target_steps, slot_steps = run_recipe(
@@ -172,11 +176,12 @@ def main() -> None:
         name = args.spread_recipe
         if name == "best":
             name = min(overall, key=lambda row: row["median_gap"])["recipe"]
-        overrides = {"max_steps": args.max_steps} | (recipes | RECIPES).get(name, {})
+        overrides = {"max_steps": args.max_steps} | (recipes | RECIPES)[name]
         kl = {}  # (seed, slots) -> per-target KL; each run is saved, so a stopped --spread resumes
         signature = json.dumps(overrides, sort_keys=True)
-        for seed in (0, 1, 2):
-            for slots in SPREAD_SLOTS:
+        # the seeds at the default pool first: the seed moves KLs most, so a run stopped early has that part
+        for slots in SPREAD_SLOTS[::-1]:
+            for seed in (0, 1, 2):
                 path = out / f"spread_{name}_seed{seed}_slots{slots}.csv"
                 saved = saved_run(path, signature, kl_bound)
                 if saved is None:
