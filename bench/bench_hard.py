@@ -314,17 +314,21 @@ def strategies_section(lm, args):
     unknown = sorted(set(args.strategies.split(",")) - set(STRATEGIES) - {SOFT})
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; known: {sorted(STRATEGIES) + [SOFT]}")
-    if args.own_targets and any(STRATEGIES[name][0].get("init") == "bank" for name in args.strategies.split(",")
-                                if name in STRATEGIES):
-        # the bank samples its texts with the seeds model_targets uses: it would hold the answers
-        raise SystemExit("--own-targets: the bank_* strategies' bank holds the targets' own texts (the same seeds)")
+    known_text = None
     if args.own_targets:
+        if any(STRATEGIES[name][0].get("init") == "bank" for name in args.strategies.split(",") if name in STRATEGIES):
+            # the bank samples its texts with the seeds model_targets uses: it would hold the answers
+            raise SystemExit("--own-targets: the bank_* strategies' bank holds the targets' own texts (same seeds)")
         # Reachable by construction: the model's next-token distribution after a text it sampled after its BOS,
-        # PROMPT_LEN tokens long; with bos=True that text is a prompt of KL 0 (checked below), so whatever KL a
+        # PROMPT_LEN tokens long; with bos=True that text is a prompt of KL 0 (checked here), so whatever KL a
         # search ends at is the search's shortfall, not the token set's.
         targets = model_targets(lm, args.own_targets, seed=args.seed, context_len=PROMPT_LEN, progress=False)
         texts = np.array(targets.metadata["context_ids"].tolist(), np.int32)[:, -PROMPT_LEN:]  # BOS first there
         known = token_prompt_kl(lm, targets, texts, HardPromptConfig(bos=True))
+        if known.max() > 1e-4:
+            raise SystemExit(f"--own-targets: the sampled texts reach their targets only to KL {known.max():.2e}, "
+                             "not 0: the targets are not the texts' next-token distributions")
+        known_text = lm.tokenizer.batch_decode(texts.tolist())
         what = f"of {lm.name}'s own next-token distributions after {PROMPT_LEN}-token texts it sampled"
         print(f"the sampled texts as prompts after BOS: KL max {known.max():.2e}", flush=True)
     else:
@@ -343,8 +347,8 @@ def strategies_section(lm, args):
     for name in args.strategies.split(","):
         table, seconds = run_strategy(lm, targets, name, args.budget, args.soft_steps, bos=bool(args.own_targets))
         table["bound"], table["seconds"] = bound, seconds
-        if args.own_targets:
-            table["known_text"] = lm.tokenizer.batch_decode(texts.tolist())
+        if known_text is not None:
+            table["known_text"] = known_text
         tables.append(table)
         gap = table.kl - table.bound
         stuck = int(np.sum(table.best_step == 0))
