@@ -314,6 +314,8 @@ def strategies_section(lm, args):
     unknown = sorted(set(args.strategies.split(",")) - set(STRATEGIES) - {SOFT})
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; known: {sorted(STRATEGIES) + [SOFT]}")
+    if args.own_targets and args.entropies:
+        raise SystemExit("--own-targets and --entropies choose section 4's targets two ways: give one")
     known_text = None
     if args.own_targets:
         if any(STRATEGIES[name][0].get("init") == "bank" for name in args.strategies.split(",") if name in STRATEGIES):

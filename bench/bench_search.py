@@ -139,9 +139,14 @@ def main() -> None:
 
     from distprompt_jax import load_model
 
+    # Names are checked before the model loads and any recipe runs (they may take hours).
+    unknown = sorted(set(filter(None, args.recipes.split(","))) - set(RECIPES))
+    if unknown:
+        raise SystemExit(f"--recipes: unknown {unknown}; known: {sorted(RECIPES)} (variants go in --variants)")
     recipes = {name: RECIPES[name] for name in filter(None, args.recipes.split(","))} | json.loads(args.variants)
+    if args.spread and args.spread_recipe == "best" and not recipes:
+        raise SystemExit("--spread_recipe best picks among the recipes this run measures, and it measures none")
     if args.spread and args.spread_recipe != "best" and args.spread_recipe not in recipes | RECIPES:
-        # checked before the model loads and any recipe runs (they may take hours)
         raise SystemExit(f"--spread_recipe {args.spread_recipe!r} is neither a recipe {sorted(RECIPES)} nor among "
                          "--variants")
     out = Path(args.out)
