@@ -254,6 +254,8 @@ STRATEGIES = {
     # the best of 1024 draws (16 hotflip iterations' evaluations) instead of 64
     "sample1024_hotflip": (dict(init="sample", init_samples=1024), 64, 0),
     "sample1024_hotflip_w15": (dict(init="sample", init_samples=1024, widen=15), 64, 0),
+    # every prompt after the model's BOS token (as `--own-targets` runs them): the start a natural context has
+    "sample_hotflip_bos": (dict(init="sample", bos=True), 64, 0),
     "hotflip_roundtrip": (dict(init="repeat", round_trip_prompts=True), 64, 0),
     "gcg_roundtrip": (dict(init="repeat", mode="gcg", round_trip_prompts=True), 128, 0),
 }
@@ -279,7 +281,7 @@ def run_strategy(lm, targets, name: str, budget: int, soft_steps: int, bos: bool
         table["evaluations"] = 3.0 * table["steps"]  # a value_and_grad of the prompt per step
         return table, time.perf_counter() - start
     fields, per_iteration, from_soft = STRATEGIES[name]
-    fields = {**fields, "bos": bos}
+    fields = {**fields, "bos": bos or fields.get("bos", False)}
     start = time.perf_counter()
     init_ids, spent = None, np.zeros(len(targets.probs))
     if from_soft:
