@@ -164,7 +164,7 @@ def reuse_evaluation(lm, length: int, mode: str, n_targets: int, reps: int, roun
         problem = HardProblem.build(lm, config)
 
         def evaluate(params, p, ids, candidates, starts):
-            table, fixed = lm.embedding_matrix(params), problem.fixed_prefix_cache(params)
+            table, fixed = lm.embedding_matrix(params), problem.context.prefix_cache(params, lm)
 
             def one(p, ids, candidates, starts):  # one target, a beam of one
                 return problem.beam_candidate_kl(params, table, fixed, p, safe_log(p), ids[None], candidates[None],
@@ -240,6 +240,9 @@ STRATEGIES = {
     # the best of 64 prompts drawn from the target (its 64 evaluations are charged: `spent_before`)
     "sample_hotflip": (dict(init="sample"), 64, 0),
     "sample_gcg_n2": (dict(mode="gcg", n_replace=2, init="sample"), 128, 0),
+    "sample_gcg_n3": (dict(mode="gcg", n_replace=3, init="sample"), 128, 0),
+    # a buffer of the 4 best prompts, 32 swaps from each (128 candidates an iteration, as above)
+    "sample_gcg_n2_beam4": (dict(mode="gcg", n_replace=2, beam_width=4, num_swaps=32, init="sample"), 128, 0),
     # the budget split over 3 (5) attempts (targets within 1 nat of 0 stop), each from its own 64 draws
     "sample_hotflip_r3": (dict(init="sample", restarts=3), 64, 0),
     "sample_hotflip_r5": (dict(init="sample", restarts=5), 64, 0),

@@ -1,6 +1,7 @@
 """Soft-prompt engine benchmark on smollm2-135m (L = 10), against PyTorch measured in the same run.
 
     python bench/bench_soft.py [--sizes 1,8,64,256] [--steps 5] [--memory 256,1024,4096] [--quality 64]
+    python bench/bench_soft.py --fixed-prefix 64
 
 1. Throughput, target·steps/s: our compiled segment (`jit(vmap(value_and_grad(KL)))` + per-target Adam
    inside a `while_loop`, every target active) against HF PyTorch with `inputs_embeds` + torch Adam,
@@ -8,6 +9,10 @@
 2. MFU: model FLOPs of a step (counted from the architecture: XLA's cost analysis counts a scanned
    layer once) over its time, divided by this machine's dense float32 matmul peak, measured here.
 3. Peak memory (max RSS of a fresh process) of `soft_prompt` on N targets with the automatic chunk size.
+5. `--fixed-prefix N`: only this section. N targets' steps inside SmolLM2's chat template (fixed tokens before
+   and after the prompt) with the fixed prefix's keys and values computed once per step for all targets, as the
+   engine runs, against the same problem with the prefix recomputed in every target's input (the engine before
+   2026-12-02), alternating, median of `--repeats`; and the largest |ΔKL| between the two at the same prompts.
 4. Quality per compute: the default recipe against the peer recipe (N(0,1) init, Adam 0.1, L = 5,
    patience 20) at the same step budget, on vanilla targets across entropies.
 """
@@ -62,13 +67,15 @@ def step_flops(config, prompt_len: int) -> float:
     return 2 * forward_linear + 3 * forward_attention
 
 
-def jax_segment(lm, n: int, steps: int):
-    """A callable running `steps` optimizer steps for n targets (one compiled segment of the driver's pool)."""
+def jax_segment(lm, n: int, steps: int, problem=None):
+    """A callable running `steps` optimizer steps for n targets (one compiled segment of the driver's pool) of
+    `problem` (default: the soft-prompt problem of the default config)."""
     from distprompt_jax.prompting.soft import SoftProblem, SoftPromptConfig
     from distprompt_jax.solve import compiled
 
-    functions = compiled(SoftProblem.build(lm, SoftPromptConfig(max_steps=10**6, patience=10**6)))
-    inputs = {"p": jnp.asarray(random_targets(n, lm.vocab_size), jnp.float32)}
+    functions = compiled(problem or SoftProblem.build(lm, SoftPromptConfig(max_steps=10**6, patience=10**6)))
+    # floor 0: no target stops at a bound, so every step of the timed segments runs
+    inputs = {"p": jnp.asarray(random_targets(n, lm.vocab_size), jnp.float32), "floor": jnp.zeros(n, jnp.float32)}
     index = jnp.arange(n, dtype=jnp.int32)
     targets, states = functions.start(lm.params, inputs, np.uint32(0), index, jnp.zeros(n, jnp.int32),
                                       jnp.ones(n, bool))
@@ -79,6 +86,46 @@ def jax_segment(lm, n: int, steps: int):
         jax.block_until_ready(pool[0])
 
     return run
+
+
+def fixed_prefix_rates(lm, n: int, steps: int, repeats: int):
+    """Section 5: target·steps/s inside the chat template, the fixed prefix cached (the engine) and recomputed in
+    every input (a subclass restoring the old `logits`), alternating; and max |ΔKL| at the same prompts."""
+    import dataclasses
+
+    from distprompt_jax.prompting.soft import SoftProblem, SoftPromptConfig
+
+    class WholeInput(SoftProblem):
+        def logits(self, params, v):  # the prefix's positions in every target's input, forward and backward
+            return self.lm.logits(params, self.context.around(params, self.lm, v))
+
+    cached = SoftProblem.build(lm, SoftPromptConfig(template="chat", max_steps=10**6, patience=10**6))
+    whole = WholeInput(**{f.name: getattr(cached, f.name) for f in dataclasses.fields(cached)})
+    context = cached.context
+    print(f"chat template: {len(context.prefix_ids)} fixed tokens before the prompt of {cached.prompt_len}, "
+          f"{len(context.suffix_ids)} after")
+    runs = {"cached": jax_segment(lm, n, steps, cached), "whole": jax_segment(lm, n, steps, whole)}
+    times = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # compile
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    rates = {name: n * steps / statistics.median(t) for name, t in times.items()}
+    prompts = cached.embed_std * jax.random.normal(jax.random.key(0), (n, cached.prompt_len, lm.d_model))
+    kl = jax.jit(jax.vmap(lambda problem, v, p: problem_kl(problem, lm.params, v, p), in_axes=(None, 0, 0)),
+                 static_argnums=0)
+    p = jnp.asarray(random_targets(n, lm.vocab_size), jnp.float32)
+    delta = float(jnp.max(jnp.abs(kl(cached, prompts, p) - kl(whole, prompts, p))))
+    return rates, delta
+
+
+def problem_kl(problem, params, v, p):
+    from distprompt_jax.prompting.objective import kl_from_logits, safe_log
+
+    return kl_from_logits(p, problem.logits(params, v), safe_log(p))
 
 
 def torch_steps(hf, targets: np.ndarray, steps: int, embed_std: float):
@@ -155,7 +202,18 @@ def main():
     parser.add_argument("--memory", default="256,1024,4096", help="target counts for peak memory ('' to skip)")
     parser.add_argument("--quality", type=int, default=64, help="targets for the recipe comparison (0 to skip)")
     parser.add_argument("--budget", type=int, default=100, help="step budget of the recipe comparison")
+    parser.add_argument("--fixed-prefix", type=int, default=0, help="run only section 5 with this many targets")
     args = parser.parse_args()
+    if args.fixed_prefix:
+        from distprompt_jax import load_model
+
+        print(f"# {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.devices()[0].platform}), "
+              f"{time.strftime('%Y-%m-%d %H:%M')}, load {os.getloadavg()[0]:.2f}\n")
+        rates, delta = fixed_prefix_rates(load_model(MODEL), args.fixed_prefix, args.steps, args.repeats)
+        print(f"\n| targets | steps per run | fixed prefix cached, target·steps/s | recomputed per target | speed-up |"
+              f" max |ΔKL| |\n|---:|---:|---:|---:|---:|---:|\n| {args.fixed_prefix} | {args.steps} | "
+              f"{rates['cached']:.1f} | {rates['whole']:.1f} | {rates['cached'] / rates['whole']:.2f}× | {delta:.1e} |")
+        return
 
     import torch
     from transformers import AutoModelForCausalLM

@@ -283,7 +283,7 @@ def test_candidates_after_the_shared_prefix_have_their_whole_kl(peaked_lm, famil
 
     @jax.jit
     def kl(params, p, ids, candidates, starts):
-        table, log_p, fixed = lm.embedding_matrix(params), safe_log(p), problem.fixed_prefix_cache(params)
+        table, log_p, fixed = lm.embedding_matrix(params), safe_log(p), problem.context.prefix_cache(params, lm)
         whole = jax.vmap(problem.candidate_kl, in_axes=(None, None, 0, 0, 0))(params, table, p, log_p, candidates)
         by_target, pooled = (problem.prompts_candidate_kl(params, table, fixed, p, log_p, ids, candidates, starts,
                                                           round_units) for round_units in (1, 3))

@@ -41,10 +41,31 @@ def test_reported_kl_is_the_kl_of_the_returned_prompt(peaked_lm):
     targets = self_generated_targets(lm, 3, length=4, seed=1)
     result = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=4, max_steps=30, slots=4))
     logits = jax.vmap(lm.logits, in_axes=(None, 0))(lm.params, result.arrays["prompt"])
-    log_q = np.asarray(jax.nn.log_softmax(logits), np.float64)
-    direct = np.sum(np.where(targets > 0, targets * (np.log(np.where(targets > 0, targets, 1)) - log_q), 0), -1)
-    np.testing.assert_allclose(result.columns["kl"], direct, atol=2e-5)
+    np.testing.assert_allclose(result.columns["kl"], kl_of(targets, logits), atol=2e-5)
     assert np.all(result.columns["kl"] <= result.columns["final_kl"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_prompts_run_after_the_fixed_prefixs_cache_as_inside_the_whole_input(peaked_lm, family):
+    """The fixed tokens before the prompt are computed once for all targets and each prompt runs after their
+    keys and values (rotary offsets, learned positions, sliding windows): the KL reported for the returned
+    prompt must be that of the whole input — BOS, prefix, prompt, suffix — run from scratch."""
+    lm = peaked_lm(family)
+    targets = self_generated_targets(lm, 3, length=4, seed=2)
+    prefix, suffix = (5, 9, 11), (7, 3)
+    config = SoftPromptConfig(prompt_len=4, max_steps=30, slots=4, prefix=prefix, suffix=suffix, bos=True)
+    result = soft_prompt(lm, targets, config, with_bound=False)
+    before = lm.embed(lm.params, np.asarray((lm.config.bos_token_id, *prefix)))
+    after = lm.embed(lm.params, np.asarray(suffix))
+    whole = [np.concatenate([before, prompt, after]) for prompt in result.arrays["prompt"]]
+    logits = jax.vmap(lm.logits, in_axes=(None, 0))(lm.params, np.stack(whole))
+    np.testing.assert_allclose(result.columns["kl"], kl_of(targets, logits), atol=2e-5)
+
+
+def kl_of(targets: np.ndarray, logits) -> np.ndarray:
+    """KL(p ‖ softmax(logits)) per row, in float64."""
+    log_q = np.asarray(jax.nn.log_softmax(logits), np.float64)
+    return np.sum(np.where(targets > 0, targets * (np.log(np.where(targets > 0, targets, 1)) - log_q), 0), -1)
 
 
 def test_best_kl_never_increases_with_more_steps(peaked_lm):

@@ -12,6 +12,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from distprompt_jax.models.kv_cache import KVCache
+
 TEMPLATES = ("none", "chat")
 # Stands for the user's part while the chat template is rendered; templates copy message content verbatim.
 _MARKER = "<<distprompt-user-turn>>"
@@ -42,6 +44,26 @@ class FixedContext:
     @property
     def is_empty(self) -> bool:
         return not self.prefix_ids and not self.suffix_ids
+
+    def prefix_cache(self, params, lm) -> KVCache | None:
+        """The keys and values of the fixed tokens before the optimized part (None when there are none).
+
+        They depend on the weights alone: an engine computes them once per step for all of its targets (under
+        the driver's vmap over slots they stay unbatched) and runs each target's prompt after them, where a
+        whole input would recompute them, forward and backward, for every target.
+        """
+        if not self.prefix_ids:
+            return None
+        return lm.prefix_cache(params, lm.embed(params, jnp.asarray(self.prefix_ids)))
+
+    def logits_after(self, params, lm, cache: KVCache | None, x):
+        """Next-token logits of embeddings x [..., n, d] followed by the fixed suffix, after the cached positions
+        (`prefix_cache`, or a cache extending it): with `prefix_cache` the logits of `around(x)`, up to rounding."""
+        x = x.astype(lm.dtype)
+        if self.suffix_ids:
+            suffix = lm.embed(params, jnp.asarray(self.suffix_ids))
+            x = jnp.concatenate([x, jnp.broadcast_to(suffix, x.shape[:-2] + suffix.shape)], -2)
+        return lm.logits(params, x, cache=cache)
 
     def around(self, params, lm, middle):
         """Input embeddings [len(prefix) + L + len(suffix), d] with `middle` ([L, d] or None) in between."""

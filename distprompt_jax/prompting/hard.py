@@ -33,6 +33,7 @@ it is checked afterwards and reported per target (`round_trips`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -422,20 +423,6 @@ class HardProblem:
             return jax.vmap(kl)(candidates)
         return jax.lax.map(kl, candidates, batch_size=block)
 
-    def fixed_prefix_cache(self, params) -> KVCache | None:
-        """The keys/values of the fixed tokens before the prompt (BOS, prefix, template), None when there are none."""
-        if not self.context.prefix_ids:
-            return None
-        return self.lm.prefix_cache(params, self.lm.embed(params, jnp.asarray(self.context.prefix_ids)))
-
-    def logits_after(self, params, fixed: KVCache | None, x):
-        """Next-token logits of embeddings x [..., n, d] followed by the fixed suffix, after the cached positions
-        `fixed` (the fixed prefix's cache: then the same as `logits`)."""
-        if self.context.suffix_ids:
-            suffix = self.lm.embed(params, jnp.asarray(self.context.suffix_ids))
-            x = jnp.concatenate([x.astype(self.lm.dtype), jnp.broadcast_to(suffix, x.shape[:-2] + suffix.shape)], -2)
-        return self.lm.logits(params, x, cache=fixed)
-
     def prompts_candidate_kl(self, params, table, fixed, p, log_p, ids, candidates, starts,
                              round_units: int | None):
         """Exact KL of the candidates of N prompts -> [N, C]: p, log_p [N, V], ids [N, L], candidates [N, C, L],
@@ -473,9 +460,10 @@ class HardProblem:
                 shared = fixed_length + split
                 if shared:
                     cache = KVCache(prompt_cache.keys[prompts, :, :shared], prompt_cache.values[prompts, :, :shared])
-                    logits = jax.vmap(lambda x, cache: self.logits_after(params, cache, x))(x, cache)
+                    after = functools.partial(self.context.logits_after, params, self.lm)
+                    logits = jax.vmap(after)(cache, x)
                 else:
-                    logits = self.logits_after(params, None, x)
+                    logits = self.context.logits_after(params, self.lm, None, x)
                 kl = jax.vmap(kl_from_logits, in_axes=(None, 0, None))  # one prompt's block
                 return jax.vmap(kl)(p[prompts], logits, log_p[prompts])
 
@@ -518,10 +506,11 @@ class HardProblem:
         table32 = table.astype(jnp.float32)
         allowed = jnp.asarray(self.allowed)
         # Depends on the weights alone: under the driver's vmap it is computed once for all targets.
-        fixed = self.fixed_prefix_cache(params) if self.reuse_prefix else None
+        fixed = self.context.prefix_cache(params, self.lm) if self.reuse_prefix else None
+        context = self.context
 
         def loss(x):
-            logits = self.logits_after(params, fixed, x) if self.reuse_prefix else self.logits(params, x)
+            logits = context.logits_after(params, self.lm, fixed, x) if self.reuse_prefix else self.logits(params, x)
             return kl_from_logits(p, logits, log_p)
 
         current_kl, g = jax.vmap(jax.value_and_grad(loss))(table32[ids])  # [W], [W, L, d]

@@ -213,15 +213,10 @@ class PrefixProblem:
         cfg = self.lm.config
         return (cfg.n_layers, self.prompt_len, cfg.n_kv_heads, cfg.head_dim)
 
-    def fixed_cache(self, params) -> KVCache | None:
-        """The cache of the fixed tokens before the learned positions (None when there are none)."""
-        ids = self.context.prefix_ids
-        return self.lm.prefix_cache(params, self.lm.embed(params, jnp.asarray(ids))) if ids else None
-
     def text_kv(self, params, ids) -> KVCache:
         """The float32 keys and values of token ids [P] placed where the learned positions are."""
         x = self.lm.embed(params, jnp.asarray(ids))
-        fixed = self.fixed_cache(params)
+        fixed = self.context.prefix_cache(params, self.lm)
         if fixed is None:
             kv = self.lm.prefix_cache(params, x)
         else:
@@ -243,7 +238,7 @@ class PrefixProblem:
     def logits(self, params, v):
         lm = self.lm
         learned = jax.tree.map(lambda a: a.astype(lm.dtype), self.prefix_kv(v))
-        fixed = self.fixed_cache(params)
+        fixed = self.context.prefix_cache(params, self.lm)
         cache = learned if fixed is None else fixed.concatenate(learned)
         return lm.logits(params, lm.embed(params, jnp.asarray(self.context.suffix_ids)), cache)
 

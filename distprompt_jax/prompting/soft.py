@@ -175,8 +175,8 @@ class SoftProblem:
 
     def logits(self, params, v):
         lm = self.lm
-        if not self.intervening:
-            return lm.logits(params, self.context.around(params, lm, v))
+        if not self.intervening:  # the fixed prefix computed once for all targets, each prompt after it
+            return self.context.logits_after(params, lm, self.context.prefix_cache(params, lm), v)
         x = self.context.around(params, lm, None)
         if self.intervention_layer == "final_norm":
             h = lm.final_norm(params, lm.run_layers(params, lm.input_stream(params, x))[-1])
