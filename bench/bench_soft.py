@@ -9,12 +9,12 @@
 2. MFU: model FLOPs of a step (counted from the architecture: XLA's cost analysis counts a scanned
    layer once) over its time, divided by this machine's dense float32 matmul peak, measured here.
 3. Peak memory (max RSS of a fresh process) of `soft_prompt` on N targets with the automatic chunk size.
+4. Quality per compute: the default recipe against the peer recipe (N(0,1) init, Adam 0.1, L = 5,
+   patience 20) at the same step budget, on vanilla targets across entropies.
 5. `--fixed-prefix N`: only this section. N targets' steps inside SmolLM2's chat template (fixed tokens before
    and after the prompt) with the fixed prefix's keys and values computed once per step for all targets, as the
    engine runs, against the same problem with the prefix recomputed in every target's input (the engine before
    2026-12-02), alternating, median of `--repeats`; and the largest |ΔKL| between the two at the same prompts.
-4. Quality per compute: the default recipe against the peer recipe (N(0,1) init, Adam 0.1, L = 5,
-   patience 20) at the same step budget, on vanilla targets across entropies.
 """
 
 from __future__ import annotations
