@@ -204,6 +204,8 @@ def main():
     parser.add_argument("--budget", type=int, default=100, help="step budget of the recipe comparison")
     parser.add_argument("--fixed-prefix", type=int, default=0, help="run only section 5 with this many targets")
     args = parser.parse_args()
+    if args.fixed_prefix < 0:
+        parser.error(f"--fixed-prefix is a number of targets, got {args.fixed_prefix}")
     if args.fixed_prefix:
         from distprompt_jax import load_model
 

@@ -507,11 +507,11 @@ class HardProblem:
         allowed = jnp.asarray(self.allowed)
         # Depends on the weights alone: under the driver's vmap it is computed once for all targets.
         fixed = self.context.prefix_cache(params, self.lm) if self.reuse_prefix else None
-        context = self.context
 
         def loss(x):
-            logits = context.logits_after(params, self.lm, fixed, x) if self.reuse_prefix else self.logits(params, x)
-            return kl_from_logits(p, logits, log_p)
+            if not self.reuse_prefix:
+                return kl_from_logits(p, self.logits(params, x), log_p)
+            return kl_from_logits(p, self.context.logits_after(params, self.lm, fixed, x), log_p)
 
         current_kl, g = jax.vmap(jax.value_and_grad(loss))(table32[ids])  # [W], [W, L, d]
         if self.round_trip_prompts:  # only an initial prompt can fail: it gives way to any candidate
