@@ -70,6 +70,18 @@ class LanguageModel:
             return _map_leading(lambda xi: self._module(params).logits(xi), x, 2)
         return _map_with_cache(lambda xi, ci: self._module(params).logits(xi, ci), x, cache)
 
+    def logits_and_cache(self, params, x, cache: KVCache | None = None) -> tuple[jax.Array, KVCache]:
+        """`logits(params, x, cache)` and the keys/values of x's own positions (`prefix_cache(params, x)`, or
+        with a `cache` the part `extend_cache` adds to it), from one forward pass: a search that takes the
+        gradient of a prompt's loss gets the prompt's cache, for evaluating its continuations, at no extra
+        pass. Under `jax.value_and_grad(..., has_aux=True)` the cache is the auxiliary output. Leading axes
+        pair as in `logits`.
+        """
+        self._check_embeddings(x, past=cache)
+        if cache is None:
+            return _map_leading(lambda xi: self._module(params).logits_and_keys_values(xi), x, 2)
+        return _map_with_cache(lambda xi, ci: self._module(params).logits_and_keys_values(xi, ci), x, cache)
+
     def prefix_cache(self, params, x_prefix) -> KVCache:
         """The keys and values of a prefix of input embeddings x_prefix [P, d] (P >= 0) at every layer.
 

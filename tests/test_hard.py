@@ -285,8 +285,9 @@ def test_candidates_after_the_shared_prefix_have_their_whole_kl(peaked_lm, famil
     def kl(params, p, ids, candidates, starts):
         table, log_p, fixed = lm.embedding_matrix(params), safe_log(p), problem.context.prefix_cache(params, lm)
         whole = jax.vmap(problem.candidate_kl, in_axes=(None, None, 0, 0, 0))(params, table, p, log_p, candidates)
-        by_target, pooled = (problem.prompts_candidate_kl(params, table, fixed, p, log_p, ids, candidates, starts,
-                                                          round_units) for round_units in (1, 3))
+        prompts = problem.prompt_cache(params, table, fixed, ids)
+        by_target, pooled = (problem.prompts_candidate_kl(params, table, fixed, p, log_p, prompts, candidates,
+                                                          starts, round_units) for round_units in (1, 3))
         return whole, by_target, pooled
 
     whole, by_target, pooled = kl(lm.params, p, ids, candidates, starts)

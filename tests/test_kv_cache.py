@@ -86,6 +86,33 @@ def test_extend_cache_equals_the_cache_of_the_whole_prefix(family, tiny_lm):
     np.testing.assert_allclose(lm.logits(lm.params, x[7:], cache), lm.logits(lm.params, x), atol=2e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_pass_gives_the_logits_and_the_cache_of_its_positions(family, tiny_lm):
+    """What the hard search's gradient pass hands its candidates: the prompt's cache, from the same forward."""
+    lm = tiny_lm(family)
+    ids = _ids(3)
+    ids[:, :2] = ids[0, :2]
+    x = lm.embed(lm.params, ids)
+    fixed = lm.prefix_cache(lm.params, x[0, :2])  # one cache before a batch of continuations
+    whole = lm.extend_cache(lm.params, fixed, x[:, 2:])
+    for cache, part, want_cache in [(None, x, lm.prefix_cache(lm.params, x)),
+                                    (fixed, x[:, 2:], KVCache(whole.keys[:, :, 2:], whole.values[:, :, 2:]))]:
+        logits, own = jax.jit(jax.vmap(lm.logits_and_cache, in_axes=(None, 0, None)))(lm.params, part, cache)
+        np.testing.assert_allclose(logits, lm.logits(lm.params, x), atol=2e-5, rtol=1e-5)
+        assert own.keys.shape == want_cache.keys.shape
+        np.testing.assert_allclose(own.keys, want_cache.keys, atol=1e-5)
+        np.testing.assert_allclose(own.values, want_cache.values, atol=1e-5)
+
+    def loss(x):  # as the gradient pass takes it: the cache as the auxiliary output
+        logits, own = lm.logits_and_cache(lm.params, x)
+        return jax.nn.log_softmax(logits)[7], own
+
+    (value, own), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(x[0])
+    want = jax.grad(lambda x: jax.nn.log_softmax(lm.logits(lm.params, x))[7])(x[0])
+    np.testing.assert_allclose(grad, want, atol=1e-5 * float(np.abs(want).max()) + 1e-7, rtol=1e-4)
+    np.testing.assert_allclose(own.keys, lm.prefix_cache(lm.params, x[0]).keys, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["gemma3", "gpt2"])  # windows and per-layer RoPE; learned positions
 def test_bfloat16_cached_logits_equal_uncached(family, tiny_lm):
     lm = tiny_lm(family, "bfloat16")

@@ -86,6 +86,12 @@ class DecoderLM(nnx.Module):
         h, _ = self._scan_layers(self.input_stream(x, past_length), 0, self.cfg.n_layers, past=cache)
         return self.unembed(self.final_norm(h[-1]))
 
+    def logits_and_keys_values(self, x, cache: KVCache | None = None) -> tuple[jax.Array, KVCache]:
+        """`logits` and `keys_values` of x from one pass."""
+        past_length = 0 if cache is None else cache.length
+        h, kv = self._scan_layers(self.input_stream(x, past_length), 0, self.cfg.n_layers, past=cache, collect=True)
+        return self.unembed(self.final_norm(h[-1])), kv
+
     def keys_values(self, x, cache: KVCache | None = None) -> KVCache:
         """The cache of x's positions [L], which follow the cached ones (if any)."""
         past_length = 0 if cache is None else cache.length

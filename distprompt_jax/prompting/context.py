@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from distprompt_jax.models.kv_cache import KVCache
@@ -59,11 +60,21 @@ class FixedContext:
     def logits_after(self, params, lm, cache: KVCache | None, x):
         """Next-token logits of embeddings x [..., n, d] followed by the fixed suffix, after the cached positions
         (`prefix_cache`, or a cache extending it): with `prefix_cache` the logits of `around(x)`, up to rounding."""
+        return lm.logits(params, self._with_suffix(params, lm, x), cache=cache)
+
+    def logits_and_cache_after(self, params, lm, cache: KVCache | None, x) -> tuple[jax.Array, KVCache]:
+        """`logits_after` and the keys/values of x's n positions (the suffix's left out), from one pass: with
+        `prefix_cache`, `lm.extend_cache(params, prefix_cache, x)` less the prefix's part, up to rounding."""
+        n = x.shape[-2]
+        logits, own = lm.logits_and_cache(params, self._with_suffix(params, lm, x), cache=cache)
+        return logits, KVCache(own.keys[..., :n, :, :], own.values[..., :n, :, :])
+
+    def _with_suffix(self, params, lm, x):
         x = x.astype(lm.dtype)
         if self.suffix_ids:
             suffix = lm.embed(params, jnp.asarray(self.suffix_ids))
             x = jnp.concatenate([x, jnp.broadcast_to(suffix, x.shape[:-2] + suffix.shape)], -2)
-        return lm.logits(params, x, cache=cache)
+        return x
 
     def around(self, params, lm, middle):
         """Input embeddings [len(prefix) + L + len(suffix), d] with `middle` ([L, d] or None) in between."""

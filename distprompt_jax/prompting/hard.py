@@ -12,12 +12,12 @@ needs no sampling — and the best is kept if it beats the current prompt.
   `n_replace` distinct positions (nanoGCG's n_replace; 1 in the paper).
 
 A candidate equals its prompt before its (first) swapped position i, so by default it is computed from i on,
-after the prompt's keys/values (`reuse_prefix`; the fixed prefix's are computed once per iteration for all
-targets, from the weights alone). Split points are static shapes: candidates sorted by i run in blocks, each
-block from its smallest i through a `lax.switch` over the L split points, all targets' blocks sorted
-together into L calls (or each target's alone: `reuse_rounds`). Under the driver's vmap a
-switch would run every branch, so the evaluation sees the whole batch of targets (`_over_targets`). Cycling
-hotflip saves half the prompt on average; measured in BENCHMARKS.md.
+after the prompt's keys/values (`reuse_prefix`), which the iteration's gradient pass returns beside the loss (the
+fixed prefix's are computed once per iteration for all targets, from the weights alone). Split points are
+static shapes: candidates sorted by i run in blocks, each block from its smallest i through a `lax.switch` over
+the L split points, all targets' blocks sorted together into L calls (or each target's alone: `reuse_rounds`).
+Under the driver's vmap a switch would run every branch, so the evaluation sees the whole batch of targets
+(`_over_targets`). Cycling hotflip saves half the prompt on average; measured in BENCHMARKS.md.
 
 The search is a pure function of (target, its index in the set, config): `HardProblem` is one target's
 search, and the solver driver (distprompt_jax.solve) runs a pool of them side by side under vmap, their
@@ -423,18 +423,23 @@ class HardProblem:
             return jax.vmap(kl)(candidates)
         return jax.lax.map(kl, candidates, batch_size=block)
 
-    def prompts_candidate_kl(self, params, table, fixed, p, log_p, ids, candidates, starts,
-                             round_units: int | None):
-        """Exact KL of the candidates of N prompts -> [N, C]: p, log_p [N, V], ids [N, L], candidates [N, C, L],
-        starts [N, C], where candidate c of prompt n equals ids[n] before position starts[n, c].
+    def prompt_cache(self, params, table, fixed, ids) -> KVCache:
+        """The keys/values of prompts ids [N, L] after the fixed prefix (cache `fixed`): [N, n_layers, L, ...].
+        A search iteration takes them from its gradient pass; this computes them on their own."""
+        return self.context.logits_and_cache_after(params, self.lm, fixed, table[ids])[1]
 
-        Each prompt's keys/values are computed once; a candidate is computed only from a split point on, after
-        them. A prompt's candidates, sorted by start, form blocks of `candidate_block`; the blocks of all N
-        prompts, sorted by start, run in rounds of `round_units` blocks, each round from its smallest start
-        (a `lax.switch` over the L split points, so each compiles its own shapes). With one block a round, a
-        prompt's results do not depend on the other prompts; larger rounds batch more work per call. None: L
-        rounds (a round per split point where the starts are spread evenly, so each round starts near its own
-        blocks' starts).
+    def prompts_candidate_kl(self, params, table, fixed, p, log_p, prompt_cache, candidates, starts,
+                             round_units: int | None):
+        """Exact KL of the candidates of N prompts -> [N, C]: p, log_p [N, V], prompt_cache the prompts' keys/
+        values after the fixed prefix (`prompt_cache`), candidates [N, C, L], starts [N, C], where candidate c
+        of prompt n equals prompt n before position starts[n, c].
+
+        A candidate is computed only from a split point on, after its prompt's keys/values. A prompt's
+        candidates, sorted by start, form blocks of `candidate_block`; the blocks of all N prompts, sorted by
+        start, run in rounds of `round_units` blocks, each round from its smallest start (a `lax.switch` over
+        the L split points, so each compiles its own shapes). With one block a round, a prompt's results do not
+        depend on the other prompts; larger rounds batch more work per call. None: L rounds (a round per split
+        point where the starts are spread evenly, so each round starts near its own blocks' starts).
         """
         n, count, length = candidates.shape
         block = min(self.candidate_block or count, count)
@@ -449,8 +454,8 @@ class HardProblem:
         n_rounds = -(-len(blocks) // round_units)
         rounds = jnp.argsort(block_starts, stable=True)
         rounds = jnp.concatenate([rounds, jnp.full(n_rounds * round_units - len(blocks), rounds[-1])])
-        x = table[ids]
-        prompt_cache = self.lm.prefix_cache(params, x) if fixed is None else self.lm.extend_cache(params, fixed, x)
+        if fixed is not None:
+            prompt_cache = jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), fixed).concatenate(prompt_cache)
         fixed_length = len(self.context.prefix_ids)
 
         def from_position(split):
@@ -476,8 +481,9 @@ class HardProblem:
         sorted_kl = block_kl.reshape(n, n_blocks * block)
         return jnp.zeros((n, count), sorted_kl.dtype).at[jnp.arange(n)[:, None], order].set(sorted_kl)[:, :count]
 
-    def beam_candidate_kl(self, params, table, fixed, p, log_p, ids, candidates, starts):
-        """KL of one target's beam members' candidates [W, C, L] (members ids [W, L], starts [W, C]) -> [W, C].
+    def beam_candidate_kl(self, params, table, fixed, p, log_p, prompt_cache, candidates, starts):
+        """KL of one target's beam members' candidates [W, C, L] (starts [W, C]) -> [W, C]; `prompt_cache`: the
+        members' keys/values after the fixed prefix ([W, n_layers, L, ...]; None when `reuse_prefix` is off).
 
         Under vmap over targets (the driver's slots), the members of all targets (on each device) form the
         batch of prompts of `prompts_candidate_kl` (`_over_targets`), with rounds of one block ("target") or L
@@ -486,17 +492,17 @@ class HardProblem:
         if not self.reuse_prefix:
             flat = candidates.reshape(-1, self.prompt_len)
             return self.candidate_kl(params, table, p, log_p, flat).reshape(starts.shape)
-        return _over_targets(self._targets_candidate_kl, shared=3)(params, table, fixed, p, log_p, ids, candidates,
-                                                                    starts)
+        return _over_targets(self._targets_candidate_kl, shared=3)(params, table, fixed, p, log_p, prompt_cache,
+                                                                    candidates, starts)
 
-    def _targets_candidate_kl(self, params, table, fixed, p, log_p, ids, candidates, starts):
+    def _targets_candidate_kl(self, params, table, fixed, p, log_p, prompt_cache, candidates, starts):
         """`beam_candidate_kl` of S targets at once ([S, ...] each): their W members are S × W prompts."""
-        targets, width, length = ids.shape
+        targets, width, count, length = candidates.shape
         round_units = 1 if self.reuse_rounds == "target" else None
         kl = self.prompts_candidate_kl(
             params, table, fixed, jnp.repeat(p, width, axis=0), jnp.repeat(log_p, width, axis=0),
-            ids.reshape(-1, length), candidates.reshape(targets * width, -1, length),
-            starts.reshape(targets * width, -1), round_units)
+            jax.tree.map(lambda a: a.reshape((targets * width,) + a.shape[2:]), prompt_cache),
+            candidates.reshape(targets * width, count, length), starts.reshape(targets * width, count), round_units)
         return kl.reshape(starts.shape)
 
     def _iterate(self, params, p, log_p, ids, step, window, key):
@@ -508,17 +514,19 @@ class HardProblem:
         # Depends on the weights alone: under the driver's vmap it is computed once for all targets.
         fixed = self.context.prefix_cache(params, self.lm) if self.reuse_prefix else None
 
-        def loss(x):
+        def loss(x):  # with the prompt's keys/values after the fixed prefix, where the candidates reuse them
             if not self.reuse_prefix:
-                return kl_from_logits(p, self.logits(params, x), log_p)
-            return kl_from_logits(p, self.context.logits_after(params, self.lm, fixed, x), log_p)
+                return kl_from_logits(p, self.logits(params, x), log_p), None
+            logits, prompt_cache = self.context.logits_and_cache_after(params, self.lm, fixed, x)
+            return kl_from_logits(p, logits, log_p), prompt_cache
 
-        current_kl, g = jax.vmap(jax.value_and_grad(loss))(table32[ids])  # [W], [W, L, d]
+        # [W], [W, n_layers, L, ...], [W, L, d]
+        (current_kl, prompt_cache), g = jax.vmap(jax.value_and_grad(loss, has_aux=True))(table32[ids])
         if self.round_trip_prompts:  # only an initial prompt can fail: it gives way to any candidate
             current_kl = jnp.where(self._round_trips(ids), current_kl, jnp.inf)
         candidates, starts, valid = self._candidates(table32, allowed, g, ids, step, window,
                                                      jax.random.fold_in(key, step))
-        candidate_kl = self.beam_candidate_kl(params, table, fixed, p, log_p, ids, candidates, starts)
+        candidate_kl = self.beam_candidate_kl(params, table, fixed, p, log_p, prompt_cache, candidates, starts)
         candidate_kl = jnp.where(valid, candidate_kl, jnp.inf).reshape(-1)
         candidates = candidates.reshape(-1, self.prompt_len)
         # The current beam comes first, so on ties it stays (and a beam that cannot improve does not move).
@@ -705,17 +713,17 @@ def _over_targets(batched, shared: int = 0):
 
     @jax.custom_batching.custom_vmap
     def per_target(*args):
-        out = batched(*args[:shared], *(a[None] for a in args[shared:]))
+        out = batched(*args[:shared], *jax.tree.map(lambda a: a[None], args[shared:]))
         return jax.tree.map(lambda a: a[0], out)
 
     @per_target.def_vmap
     def rule(axis_size, in_batched, *args):
         if any(jax.tree.leaves(in_batched[:shared])):
             raise NotImplementedError("the shared arguments are one for all targets")
-        per = [a if mapped else jnp.broadcast_to(a, (axis_size,) + a.shape)
-               for a, mapped in zip(args[shared:], in_batched[shared:])]
+        per = jax.tree.map(lambda a, mapped: a if mapped else jnp.broadcast_to(a, (axis_size,) + a.shape),
+                           tuple(args[shared:]), tuple(in_batched[shared:]))
         run = batched
-        mesh = jax.typeof(per[0]).sharding.mesh
+        mesh = jax.typeof(jax.tree.leaves(per)[0]).sharding.mesh
         devices = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(parallel.TARGET_AXIS, 1)
         if devices > 1 and axis_size % devices == 0:
             split, whole = PartitionSpec(parallel.TARGET_AXIS), PartitionSpec()
