@@ -3,6 +3,7 @@
     python bench/bench_hard.py [--targets 64] [--candidates 128] [--torch-targets 2] [--paired 3]
                                [--quality 32] [--hotflip-iterations 4] [--gcg-iterations 2]
     python bench/bench_hard.py --reuse [--lengths 10 20] [--reuse-reps 3] [--reuse-cycles 1] [--reuse-rounds pool]
+                               [--reuse-modes hotflip gcg]
                                [--iteration-targets 64] [--iterations 3]
     python bench/bench_hard.py --strategies hotflip,gcg,gcg_n2,soft_hotflip [--strategy-targets 32 | --entropies
                                0.5,1,3 | --own-targets 16] [--seed 0] [--budget 12800] [--soft-steps 300]
@@ -23,7 +24,8 @@
 3. `--reuse`: candidates computed from their swapped position on after the prompt's cached keys/values
    (`reuse_prefix=True`, the default) against candidates computed whole, at each of `--lengths`:
    a. the search's own candidate evaluation (`HardProblem.beam_candidate_kl`, vmapped over targets as the
-      driver does), hotflip k = 64 with target t swapping position t mod L (`--reuse-cycles` × L targets:
+      driver does; the cached path is given each prompt's keys/values, which the search's gradient pass
+      computes for both paths), hotflip k = 64 with target t swapping position t mod L (`--reuse-cycles` × L targets:
       every split point equally often, the average over a cycle of positions) and GCG B = 128 swaps at
       uniform positions; whole and cached timed alternately `--reuse-reps` times, medians; the largest KL
       difference between the paths is printed;
@@ -163,17 +165,29 @@ def reuse_evaluation(lm, length: int, mode: str, n_targets: int, reps: int, roun
         config = HardPromptConfig(prompt_len=length, mode=mode, reuse_prefix=reuse, reuse_rounds=rounds)
         problem = HardProblem.build(lm, config)
 
-        def evaluate(params, p, ids, candidates, starts):
-            table, fixed = lm.embedding_matrix(params), problem.context.prefix_cache(params, lm)
+        def fixed_cache(params):
+            return lm.embedding_matrix(params), problem.context.prefix_cache(params, lm)
 
-            def one(p, ids, candidates, starts):  # one target, a beam of one
-                return problem.beam_candidate_kl(params, table, fixed, p, safe_log(p), ids[None], candidates[None],
+        # The search takes each prompt's keys/values from its gradient pass (which both paths run), so the
+        # cached evaluation is given them, computed beforehand.
+        @jax.jit
+        def prompt_caches(params, ids):
+            table, fixed = fixed_cache(params)
+            return problem.prompt_cache(params, table, fixed, ids) if reuse else None
+
+        def evaluate(params, p, caches, candidates, starts):
+            table, fixed = fixed_cache(params)
+
+            def one(p, cache, candidates, starts):  # one target, a beam of one
+                cache = jax.tree.map(lambda a: a[None], cache)
+                return problem.beam_candidate_kl(params, table, fixed, p, safe_log(p), cache, candidates[None],
                                                  starts[None])[0]
 
-            return jax.vmap(one)(p, ids, candidates, starts)
+            return jax.vmap(one)(p, caches, candidates, starts)
 
-        run = jax.jit(evaluate).lower(lm.params, probs, *args).compile()
-        return lambda: np.asarray(jax.block_until_ready(run(lm.params, probs, *args)))
+        inputs = (probs, prompt_caches(lm.params, args[0]), *args[1:])
+        run = jax.jit(evaluate).lower(lm.params, *inputs).compile()
+        return lambda: np.asarray(jax.block_until_ready(run(lm.params, *inputs)))
 
     whole, cached = compiled(False), compiled(True)
     difference = np.abs(whole() - cached()).max()  # also the warm-up
@@ -196,7 +210,7 @@ def reuse_evaluation_table(lm, args):
     print("| L | mode | targets × candidates | whole | cached | speed-up | max |ΔKL| |")
     print("|---:|---|---|---:|---:|---:|---:|")
     for length in args.lengths:
-        for mode in ("hotflip", "gcg"):
+        for mode in args.reuse_modes:
             n = args.reuse_cycles * length
             whole, cached, difference = reuse_evaluation(lm, length, mode, n, args.reuse_reps, args.reuse_rounds)
             per_target = 64 if mode == "hotflip" else 128
@@ -412,6 +426,8 @@ def main():
     parser.add_argument("--reuse-cycles", type=int, default=1, help="targets = cycles × L in section 3a (0 skips)")
     parser.add_argument("--reuse-rounds", default="pool", choices=["target", "pool"],
                         help="section 3a's HardPromptConfig.reuse_rounds")
+    parser.add_argument("--reuse-modes", nargs="+", default=["hotflip", "gcg"], choices=["hotflip", "gcg"],
+                        help="section 3a's search modes")
     parser.add_argument("--iteration-targets", type=int, default=64, help="section 3b (0 to skip)")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--iteration-modes", nargs="+", default=["hotflip", "gcg"], choices=["hotflip", "gcg"],
