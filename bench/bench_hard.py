@@ -3,7 +3,7 @@
     python bench/bench_hard.py [--targets 64] [--candidates 128] [--torch-targets 2] [--paired 3]
                                [--quality 32] [--hotflip-iterations 4] [--gcg-iterations 2]
     python bench/bench_hard.py --reuse [--lengths 10 20] [--reuse-reps 3] [--reuse-cycles 1] [--reuse-rounds pool]
-                               [--reuse-modes hotflip gcg]
+                               [--reuse-modes hotflip gcg] [--gradient-targets 0]
                                [--iteration-targets 64] [--iterations 3]
     python bench/bench_hard.py --strategies hotflip,gcg,gcg_n2,soft_hotflip [--strategy-targets 32 | --entropies
                                0.5,1,3 | --own-targets 16] [--seed 0] [--budget 12800] [--soft-steps 300]
@@ -33,6 +33,8 @@
       modes, `--iterations` iterations of one compiled segment each; the median of the iterations after
       the first (which compiles). Cycling hotflip's iteration t swaps position t − 1, so the few
       iterations timed see the early, least-cached positions: a conservative ratio.
+   c. `--gradient-targets N`: the gradient pass of N targets' prompts with the prompt's keys/values as its
+      auxiliary output (what the cached path takes from it) and without, alternately `--reuse-reps` times.
 4. `--strategies`: search variants at an equal budget of candidate evaluations per target (`--budget`;
    12,800 = the default 200 hotflip iterations of k = 64), each run to its whole budget (patience off), on
    `--strategy-targets` vanilla targets spread over entropy, with the certified `unembedding_bound` beside
@@ -201,6 +203,45 @@ def reuse_section(lm, args):
         reuse_evaluation_table(lm, args)
     if args.iteration_targets:
         reuse_iteration_table(lm, args)
+    if args.gradient_targets:
+        gradient_pass_table(lm, args)
+
+
+def gradient_pass_table(lm, args):
+    """Section 3c: the search's gradient pass (value_and_grad of each target's prompt KL) with the prompt's keys/
+    values as its auxiliary output (`lm.logits_and_cache`, what the cached path reuses) and without."""
+    from distprompt_jax.prompting.hard import candidate_mask
+    from distprompt_jax.prompting.objective import kl_from_logits, safe_log
+
+    n = args.gradient_targets
+    print(f"\n## The gradient pass with and without the prompt's cache, {n} targets (median of {args.reuse_reps}, "
+          "alternating)\n")
+    print("| L | without (s) | with the cache (s) | ratio |")
+    print("|---:|---:|---:|---:|")
+    allowed = np.flatnonzero(candidate_mask(lm))
+    probs = jnp.asarray(random_targets(n, lm.vocab_size, seed=2))
+    for length in args.lengths:
+        ids = jnp.asarray(np.random.default_rng(2).choice(allowed, (n, length)).astype(np.int32))
+
+        def compiled(with_cache: bool):
+            def loss(params, p, x):
+                if with_cache:
+                    logits, cache = lm.logits_and_cache(params, x)
+                    return kl_from_logits(p, logits, safe_log(p)), cache
+                return kl_from_logits(p, lm.logits(params, x), safe_log(p)), None
+
+            def gradient_pass(params, p, ids):
+                x = lm.embedding_matrix(params)[ids]
+                return jax.vmap(jax.value_and_grad(loss, argnums=2, has_aux=True), in_axes=(None, 0, 0))(params, p, x)
+
+            run = jax.jit(gradient_pass).lower(lm.params, probs, ids).compile()
+            return lambda: jax.block_until_ready(run(lm.params, probs, ids))
+
+        without, with_cache = compiled(False), compiled(True)
+        without(), with_cache()
+        rounds = [(timed(without)[0], timed(with_cache)[0]) for _ in range(args.reuse_reps)]
+        without_s, with_s = (float(np.median(r)) for r in zip(*rounds))
+        print(f"| {length} | {without_s:.3f} | {with_s:.3f} | {with_s / without_s:.3f} |", flush=True)
 
 
 def reuse_evaluation_table(lm, args):
@@ -429,6 +470,7 @@ def main():
     parser.add_argument("--reuse-modes", nargs="+", default=["hotflip", "gcg"], choices=["hotflip", "gcg"],
                         help="section 3a's search modes")
     parser.add_argument("--iteration-targets", type=int, default=64, help="section 3b (0 to skip)")
+    parser.add_argument("--gradient-targets", type=int, default=0, help="section 3c (0 to skip)")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--iteration-modes", nargs="+", default=["hotflip", "gcg"], choices=["hotflip", "gcg"],
                         help="section 3b's search modes")
