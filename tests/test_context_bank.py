@@ -39,7 +39,7 @@ def test_a_target_made_from_a_context_finds_that_context(lm):
     # Among given rows only (an index into the whole bank): without context 7, the next nearest of the rest.
     rows = np.delete(np.arange(12), 7)
     index, kl = bank.nearest(targets, rows=rows)
-    # The same KL summed in other chunks: float32 rounding of terms ~1 leaves ~1e-6 (rel 2e-4 at this KL).
+    # The same KL summed in other chunks differs by float32 rounding (4.8e-7 measured: rel 1.7e-4 at this KL).
     assert index[0] == rows[np.argmin(table[0, rows])] and kl[0] == pytest.approx(table[0, rows].min(), abs=1e-5)
     assert index[1] == 2
 
