@@ -77,21 +77,11 @@ def random_targets(n: int, vocab: int, seed: int = 0, scale: float = 2.0) -> np.
 
 
 def quality_targets(vocab: int, n: int):
-    """Vanilla targets across entropies; if that module is not importable yet, softmax of N(0, σ²) logits."""
-    entropies = np.linspace(0.0, np.log(vocab), n)
-    try:
-        try:
-            from distprompt_jax.targets import vanilla_targets
-        except ImportError:
-            from distprompt_jax.targets.vanilla import vanilla_targets
-        targets = vanilla_targets(vocab, entropies, seed=0, progress=False)
-        return targets.probs, targets.metadata["entropy"].to_numpy(), "vanilla targets (Adam, lr 0.1)"
-    except ImportError:
-        scales = np.geomspace(0.25, 16, n)
-        probs = np.concatenate([random_targets(1, vocab, seed=i, scale=s) for i, s in enumerate(scales)])
-        from distprompt_jax.targets import entropy_nats
+    """Vanilla targets with entropies spread evenly from 0 to ln|V| (seed 0)."""
+    from distprompt_jax.targets import vanilla_targets
 
-        return probs, entropy_nats(probs), "softmax of N(0, σ²) logits, σ from 0.25 to 16 (vanilla_targets missing)"
+    targets = vanilla_targets(vocab, np.linspace(0.0, np.log(vocab), n), seed=0, progress=False)
+    return targets.probs, targets.metadata["entropy"].to_numpy(), "vanilla targets (Adam, lr 0.1)"
 
 
 def compiled_evaluation(lm, probs: np.ndarray, candidates: np.ndarray):
