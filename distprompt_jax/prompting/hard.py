@@ -702,10 +702,10 @@ def _check_allowed(ids: np.ndarray, allowed: np.ndarray, what: str) -> None:
 
 def _over_targets(batched, shared: int = 0):
     """A per-target function made of `batched`, which takes `shared` arguments common to all targets and then
-    per-target arrays (or pytrees of them) with a leading target axis. Vmapped over targets (the driver's slots), it is one call of
-    `batched` on each device's targets: the batch can be regrouped (candidates of all targets sorted by their
-    split point), a `lax.switch` keeps a scalar index (vmapped, it would run every branch) and a host callback
-    sees its own device's share.
+    per-target arrays (or pytrees of them) with a leading target axis. Vmapped over targets (the driver's
+    slots), it is one call of `batched` on each device's targets: the batch can be regrouped (candidates of all
+    targets sorted by their split point), a `lax.switch` keeps a scalar index (vmapped, it would run every
+    branch) and a host callback sees its own device's share.
 
     Where the targets live on a mesh with the driver's target axis (`parallel.TARGET_AXIS`), each device runs
     its own share (`shard_map`): left to the partitioner, the work would be gathered onto every device.
