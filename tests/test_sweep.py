@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import build_tiny_hf_model
+from distprompt_jax.bounds import BoundConfig
 
 CONFIG = """
 from ml_collections import ConfigDict
@@ -234,7 +235,15 @@ def test_two_processes_split_the_targets_and_match_one(experiment, tmp_path):
         assert done == ["00000000.npz", "00000004.npz"], method
     one = pd.read_parquet(tmp_path / "one" / "results.parquet")
     two = pd.read_parquet(tmp_path / "two" / "results.parquet")
-    pd.testing.assert_frame_equal(one, two)
+    # Another split puts a target beside other targets in the pool and in the certificate's batches: results
+    # agree to float32 rounding (README), not bit for bit. KLs, certified bounds and every other column to
+    # assert_frame_equal's rtol 1e-5; the certificate's residual ‖Wᵀ(p̄ − q)‖ is the gradient norm at which the
+    # solver stopped, a rounding-level diagnostic (measured 4.2e-7 against 4.6e-7 for one target), so to the
+    # solver's stopping tolerance: a split that moved the bound's point would exceed it.
+    diagnostics = {"residual": BoundConfig().tolerance}
+    pd.testing.assert_frame_equal(one.drop(columns=list(diagnostics)), two.drop(columns=list(diagnostics)))
+    for column, tolerance in diagnostics.items():
+        np.testing.assert_allclose(two[column], one[column], rtol=0, atol=tolerance, err_msg=column)
 
 
 def test_every_shipped_config_loads():
