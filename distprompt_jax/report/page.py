@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from distprompt_jax.files import atomic_write, os_error_message, real_dir
 from distprompt_jax.report import figures
 from distprompt_jax.report.statistics import (
     BELOW_BOUND_TOLERANCE,
@@ -116,7 +117,7 @@ def write_report(workdir) -> Path:
                 (workdir / name).unlink()
             manifest.pop(name)
         for name in written:
-            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+            real_dir((workdir / name).parent, workdir)
             os.replace(staging / name, workdir / name)
             manifest[name] = _sha256(workdir / name)
         _write_manifest(workdir, manifest)
@@ -138,9 +139,8 @@ def _read_manifest(workdir: Path) -> dict[str, str]:
 
 
 def _write_manifest(workdir: Path, manifest: dict[str, str]) -> None:
-    temporary = workdir / f"{MANIFEST}.tmp-{os.getpid()}"
-    temporary.write_text(json.dumps({"files": dict(sorted(manifest.items()))}, indent=1))
-    os.replace(temporary, workdir / MANIFEST)
+    text = json.dumps({"files": dict(sorted(manifest.items()))}, indent=1)
+    atomic_write(workdir / MANIFEST, lambda file: file.write(text.encode()))
 
 
 def _owned(workdir: Path, name: str, manifest: dict[str, str]) -> bool:
@@ -153,10 +153,10 @@ def _foreign_files(workdir: Path, report_name: str, figures_name: str, manifest:
     """Files at a report location that the package did not write (or that were changed since)."""
     foreign = []
     report = workdir / report_name
-    if report.exists() and not _owned(workdir, report_name, manifest):
+    if report.is_symlink() or (report.exists() and not _owned(workdir, report_name, manifest)):
         foreign.append(report)
     folder = workdir / figures_name
-    if folder.exists() and not folder.is_dir():
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):  # never written through a link
         foreign.append(folder)
     elif folder.is_dir():
         for path in sorted(folder.rglob("*")):
@@ -531,6 +531,9 @@ def main(argv):
         print(path)
     except (FileNotFoundError, ReportError) as err:
         raise SystemExit(f"distprompt-report: {err}") from None
+    except OSError as err:  # a read-only workdir, a full disk: one line naming the path
+        raise SystemExit(f"distprompt-report: cannot write the report: {os_error_message(err, flags.FLAGS.workdir)}") \
+            from None
 
 
 def run():
