@@ -66,6 +66,8 @@ LENGTH_METHODS = {
     "soft": ("prompt length", "soft prompt length", "kl_vs_prompt_length"),
     "prefix": ("prefix length", "prefix length", "kl_vs_prefix_length"),
 }
+# What a diverged row's KL says nothing about: left out of the page (`set_aside_diverged`).
+DIVERGED_COLUMNS = ("kl", "gap_to_bound", "gap_to_norm_bound")
 # Rung inversions listed one by one on the page, at most (all are counted).
 MAX_LISTED_INVERSIONS = 30
 # (report file, figures folder), in order of preference.
@@ -204,6 +206,8 @@ def build_report(results: pd.DataFrame, figures_dir: Path, figures_name: str) ->
     """The report's lines; figures are written to `figures_dir`, which the page links as `figures_name`/.
     Where a bound ran the page opens with the found KL against it, else with the KL against target entropy."""
     lines = [f"# Report: {results.model.iloc[0]}, {results.target_id.nunique()} targets"]
+    results, warning = set_aside_diverged(results)
+    lines += warning
     gaps = gap_rows(results)
     if gaps is not None:
         lines += _bound_section(gaps, figures_dir, figures_name)
@@ -216,6 +220,26 @@ def build_report(results: pd.DataFrame, figures_dir: Path, figures_name: str) ->
         if results.method.str.match(rf"{method}-L\d+$").any():
             lines += _prompt_length_section(results, method, figures_dir, figures_name)
     return lines
+
+
+def set_aside_diverged(results: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """`results` with the KL (and gaps) of every diverged row made NaN, so that no statistic or figure counts a
+    search that blew up as a finding, and the page's warning about them (no lines when none diverged)."""
+    if "diverged" not in results.columns:
+        return results, []
+    diverged = results["diverged"].eq(True).to_numpy()
+    if not diverged.any():
+        return results, []
+    out = results.copy()
+    for column in DIVERGED_COLUMNS:
+        if column in out.columns:
+            out.loc[diverged, column] = np.nan
+    counts = ", ".join(f"{method}: {int(rows.diverged.eq(True).sum())} of {len(rows)}"
+                       for method, rows in results.groupby("method") if rows.diverged.eq(True).any())
+    return out, ["", f"**Warning: searches diverged** ({counts} targets): the optimizer blew up (a KL or prompt no "
+                     "longer finite, prompts beyond what the model's norms can take, or one output for every "
+                     "target). These rows are no findings: their KL is left out of every statistic and figure "
+                     "below. Rerun with a lower learning rate."]
 
 
 def _entropy_section(results: pd.DataFrame, figures_dir: Path, figures_name: str) -> list[str]:
