@@ -76,6 +76,8 @@ def _chosen(result, target_ids) -> tuple[list[int], list[int]]:
         chosen = [int(i) for i in ids]
     elif _is_id(target_ids):
         chosen = [int(target_ids)]
+    elif np.ndim(target_ids) == 0:  # a float, a string: int() would truncate 0.5 and parse "0"
+        raise ValueError(f"target_ids must be integers; got {target_ids!r} ({type(target_ids).__name__})")
     else:
         wrong = [i for i in target_ids if not _is_id(i)]
         if wrong:  # int() would truncate 0.5 and parse "0": either would export a target nobody named

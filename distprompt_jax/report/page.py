@@ -543,10 +543,16 @@ def main(argv):
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    report_command(flags.FLAGS.workdir)
+
+
+def report_command(workdir) -> None:
+    """`distprompt-report --workdir=DIR`: write the report and print its path; a problem ends the program with
+    one line saying it (SystemExit)."""
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ReportLocationWarning)
-            path = write_report(flags.FLAGS.workdir)
+            path = write_report(workdir)
         for warning in caught:
             if issubclass(warning.category, ReportLocationWarning):
                 print(f"distprompt-report: {warning.message}", file=sys.stderr)
@@ -556,8 +562,7 @@ def main(argv):
     except (FileNotFoundError, ReportError) as err:
         raise SystemExit(f"distprompt-report: {err}") from None
     except OSError as err:  # a read-only workdir, a full disk: one line naming the path
-        raise SystemExit(f"distprompt-report: cannot write the report: {os_error_message(err, flags.FLAGS.workdir)}") \
-            from None
+        raise SystemExit(f"distprompt-report: cannot write the report: {os_error_message(err, workdir)}") from None
 
 
 def run():
