@@ -65,8 +65,11 @@ def open_no_follow(path: Path, flags: int, mode: int = 0o644) -> int:
 def append_line(path: Path, line: str) -> None:
     """Append `line` and a newline to the file at `path` (created if needed), never through a link."""
     fd = open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    with os.fdopen(fd, "a") as file:
-        file.write(line + "\n")
+    try:
+        with os.fdopen(fd, "a") as file:
+            file.write(line + "\n")
+    except OSError as err:  # a full disk: the write's error carries no path
+        raise named_os_error(err, path) from err
 
 
 def real_dir(path: Path, below: Path) -> Path:

@@ -50,7 +50,7 @@ from distprompt_jax.experiment import (
     BOUND_METHODS, bound_config, final_norm_config, hard_config, prefix_config, run_order, soft_config, validate,
 )
 from distprompt_jax.files import (
-    LinkedPathError, append_line, atomic_write, open_no_follow, real_dir, remove_stale_temporaries,
+    LinkedPathError, append_line, atomic_write, named_os_error, open_no_follow, real_dir, remove_stale_temporaries,
 )
 from distprompt_jax.metrics import segment_scalars
 from distprompt_jax.prompting.engine import Method, run_method
@@ -191,7 +191,11 @@ def _ensure_targets(config, lm, workdir: Path):
     shutil.rmtree(staging, ignore_errors=True)
     targets = build_targets(config, lm)
     staging.mkdir()  # afresh: nothing placed at that name meanwhile is written into
-    targets.save(staging)
+    try:
+        targets.save(staging)
+    except OSError as err:  # a full disk: numpy's and pyarrow's errors carry no path
+        shutil.rmtree(staging, ignore_errors=True)
+        raise named_os_error(err, staging) from err
     staging.rename(path)
 
 

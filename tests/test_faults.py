@@ -267,6 +267,16 @@ def test_a_full_disk_while_results_are_written_leaves_no_temporary_and_names_the
     assert not list(workdir.glob(".*.tmp-*")), "temporaries survived a successful rerun"
 
 
+def test_a_disk_full_from_the_start_names_the_path_and_leaves_no_staging(model, tmp_path, monkeypatch):
+    def full(file, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write's error: no path in it
+
+    monkeypatch.setattr(np, "save", full)  # the targets' first file
+    with pytest.raises(OSError, match=f"{tmp_path / 'targets.tmp'}: No space left on device"):
+        sweep.run(experiment_config(model), tmp_path)
+    assert not (tmp_path / "targets.tmp").exists() and not (tmp_path / "targets").exists()
+
+
 def test_a_missing_targets_file_says_what_is_missing_and_what_to_do(finished, model, tmp_path):
     workdir = copy_of(finished, tmp_path)
     (workdir / "results.parquet").unlink()
