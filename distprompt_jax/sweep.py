@@ -21,7 +21,11 @@ A killed run (SIGKILL at any moment) rerun with the same command resumes from th
 are written under a temporary name and renamed into place, orbax finalizes a checkpoint only when it is
 complete, and the job order and pool size are fixed by the config, so the final results equal an
 uninterrupted run's. A corrupt results file or checkpoint is reported by name and recomputed from the last
-good state.
+good state. The temporaries of an interrupted write are removed when the next run starts; log.jsonl gets
+each segment once, however often the run was resumed.
+
+A workdir may be shared (a pod's workers, several people): nothing is ever written through a symbolic link in
+it (`files.py`): a link where the run writes is refused, naming it.
 """
 
 from __future__ import annotations
