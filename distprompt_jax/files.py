@@ -63,11 +63,14 @@ def open_no_follow(path: Path, flags: int, mode: int = 0o644) -> int:
 
 
 def append_line(path: Path, line: str) -> None:
-    """Append `line` and a newline to the file at `path` (created if needed), never through a link."""
-    fd = open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    """Append `line` and a newline to the file at `path` (created if needed), never through a link. A last line
+    a kill cut short is ended first, so that it does not take this one with it."""
+    fd = open_no_follow(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
     try:
+        size = os.fstat(fd).st_size
+        cut_short = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
         with os.fdopen(fd, "a") as file:
-            file.write(line + "\n")
+            file.write(("\n" if cut_short else "") + line + "\n")
     except OSError as err:  # a full disk: the write's error carries no path
         raise named_os_error(err, path) from err
 

@@ -310,6 +310,13 @@ def test_a_resumed_run_logs_each_segment_once(model, tmp_path, monkeypatch):
     assert len(resumed) == N_TARGETS and not (tmp_path / "checkpoints").exists()
 
 
+def test_a_log_line_cut_short_by_a_kill_does_not_take_the_next_one_with_it(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"segment": 1}\n{"segm')
+    files.append_line(log, '{"segment": 2}')
+    assert log.read_text().splitlines()[-1] == '{"segment": 2}'
+
+
 def test_a_killed_conversion_is_cleaned_at_the_next_load_and_one_lock_file_serves_all(tmp_path, monkeypatch):
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     ggufs = []
