@@ -9,6 +9,7 @@ directory is given; `DISTPROMPT_JAX_COMPILATION_CACHE=off` (or the CLI's --nocom
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import jax
@@ -29,11 +30,21 @@ def default_dir() -> Path | None:
 def enable(directory: str | os.PathLike | None = None, *, min_compile_seconds: float = 1.0) -> Path | None:
     """Use a persistent compilation cache in `directory` (default: `default_dir()`); returns it, or None
     when the environment turned it off. Programs that compile faster than `min_compile_seconds` are not
-    stored (reading them back would cost about as much)."""
+    stored (reading them back would cost about as much). A directory that cannot be created or written (a
+    read-only cache) leaves the cache off, with a warning: compiling again is slower, never wrong."""
     path = Path(directory).expanduser() if directory is not None else default_dir()
     if path is None:
         return None
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        warnings.warn(f"no persistent compilation cache: cannot create {path} ({err.strerror}); programs are "
+                      f"compiled afresh (set {ENV} to a writable folder, or to 'off')")
+        return None
+    if not os.access(path, os.W_OK):
+        warnings.warn(f"no persistent compilation cache: {path} is not writable; programs are compiled afresh "
+                      f"(set {ENV} to a writable folder, or to 'off')")
+        return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

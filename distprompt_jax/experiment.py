@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from ml_collections import ConfigDict, FieldReference, config_dict
 
+from distprompt_jax import metrics
 from distprompt_jax.prompting.prefix import PrefixPromptConfig
 from distprompt_jax.prompting.soft import SoftPromptConfig
 from distprompt_jax.targets import TargetSet
@@ -406,6 +407,9 @@ def validate(config, lm=None) -> None:
     _check_int(config.get("checkpoint_every"), "config.checkpoint_every", minimum=1)
     if not isinstance(config.get("tensorboard", False), bool):
         raise ConfigError(f"config.tensorboard = {config.tensorboard!r}: must be True or False")
+    if config.get("tensorboard", False) and not metrics.available():
+        raise ConfigError(f"config.tensorboard = True needs tensorboardX, which is not installed: {metrics.INSTALL}, "
+                          "or run with --config.tensorboard=False")
     methods = config.get("methods")
     if not isinstance(methods, (tuple, list)) or not methods:
         raise ConfigError(f"config.methods = {methods!r}: give a tuple of methods from {METHODS}")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
 
 from distprompt_jax.checkpoints import hub, registry
 from distprompt_jax.checkpoints.cache import (
-    CACHE_ENV, cache_dir, file_sha256, is_owned, make_owned_dir, manifest_problem, remove_owned,
+    CACHE_ENV, cache_dir, file_sha256, held_lock, is_owned, make_owned_dir, manifest_problem, remove_owned,
     remove_stale_scratch, scratch_path, write_manifest,
 )
 from distprompt_jax.checkpoints.hf_safetensors import CheckpointError, ShardedTensors, read_config
@@ -106,22 +107,15 @@ def converted_gguf_dir(gguf_path: str | os.PathLike, *, sha256: str | None = Non
     gguf_path = Path(gguf_path).resolve()
     key = sha256 or file_sha256(gguf_path)
     root = cache_dir() / "converted"
+    # What killed conversions left (a staging copy of the whole model): best effort, dead processes' only.
+    remove_stale_scratch(root)
     target = root / key
     info = {"kind": "gguf conversion", "version": CONVERSION_VERSION, "source_sha256": key}
     if manifest_problem(target, info) is None:
         return target
-    from filelock import FileLock, Timeout
-
     try:
         root.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(root / f".{key}.lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            print(f"distprompt_jax: waiting for another process converting {gguf_path.name} ...", file=sys.stderr)
-            lock.acquire()
-        try:
-            remove_stale_scratch(root)
+        with held_lock(root, f"distprompt_jax: waiting for another process converting into {root} ..."):
             problem = manifest_problem(target, info)  # another process may have finished it meanwhile
             if problem is None:
                 return target
@@ -130,8 +124,6 @@ def converted_gguf_dir(gguf_path: str | os.PathLike, *, sha256: str | None = Non
                     raise CheckpointError(f"{target} exists but was not made by distprompt_jax; move it away")
                 warnings.warn(f"the conversion of {gguf_path.name} in {target} is damaged ({problem}); converting anew")
             _convert(gguf_path, target, {**info, "converted_from": str(gguf_path)})
-        finally:
-            lock.release()
     except OSError as err:
         raise CheckpointError(
             f"cannot write the conversion of {gguf_path} into {root}: {err}. Set {CACHE_ENV} to a writable folder."
@@ -147,10 +139,14 @@ def _convert(gguf_path: Path, target: Path, info: dict):
     print(f"distprompt_jax: converting {gguf_path.name} to float32 safetensors in {target} (once) ...", file=sys.stderr)
     hf_config, tensors, tokenizer = read_gguf(gguf_path)
     staging = make_owned_dir(scratch_path(target, "tmp"))
-    (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
-    save_file(tensors, str(staging / "model.safetensors"))
-    tokenizer.save_pretrained(str(staging))
-    write_manifest(staging, info)
+    try:
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
+        save_file(tensors, str(staging / "model.safetensors"))
+        tokenizer.save_pretrained(str(staging))
+        write_manifest(staging, info)
+    except BaseException:  # Ctrl-C or a full disk included: a staging copy of a whole model is not left behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if target.exists():
         old = target.rename(scratch_path(target, "old"))
         staging.rename(target)

@@ -19,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from distprompt_jax.checkpoints import registry
+from distprompt_jax.files import os_error_message
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the experiment's files (resumed if it exists).")
@@ -68,15 +69,15 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         # absl logs at INFO by default, which surfaces JAX's backend probing.
         logging.set_verbosity(logging.WARNING)
-    if _COMPILATION_CACHE.value:
-        from distprompt_jax import compilation_cache
-
-        compilation_cache.enable(_COMPILATION_CACHE_DIR.value)
-    if _DISTRIBUTED.value:
-        # Cross-process collectives on CPU devices (a CPU-only cluster) go through gloo.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
+        if _COMPILATION_CACHE.value:
+            from distprompt_jax import compilation_cache
+
+            compilation_cache.enable(_COMPILATION_CACHE_DIR.value)
+        if _DISTRIBUTED.value:
+            # Cross-process collectives on CPU devices (a CPU-only cluster) go through gloo.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         if _CONFIG.value is not None:
             run_experiment(_CONFIG.value, _WORKDIR.value)
         elif _PROMPT.value is not None:
@@ -86,7 +87,13 @@ def main(argv):
             print(next_token_report(lm, _PROMPT.value, _TOP_K.value))
         else:
             raise app.UsageError("give --config and --workdir to run an experiment, or --prompt to check a model")
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except KeyboardInterrupt:
+        # Everything a run keeps is written atomically or checkpointed: the same command goes on from there.
+        print("distprompt: interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    except OSError as err:
+        sys.exit(f"distprompt: {os_error_message(err)}")
+    except (ValueError, KeyError, RuntimeError) as err:
         sys.exit(f"distprompt: {err}")
 
 

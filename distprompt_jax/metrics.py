@@ -10,12 +10,20 @@ Written with tensorboardX (numpy and protobuf only; no TensorFlow): `pip install
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import time
 from collections.abc import Mapping
 
 import numpy as np
+
+INSTALL = "pip install 'distprompt_jax[tensorboard]'"
+
+
+def available() -> bool:
+    """Whether tensorboardX can be imported (checked before a run claims its workdir)."""
+    return importlib.util.find_spec("tensorboardX") is not None
 
 
 class SegmentMetrics:
@@ -29,9 +37,7 @@ class SegmentMetrics:
         try:
             from tensorboardX import SummaryWriter
         except ImportError as err:
-            raise ImportError(
-                "TensorBoard metrics need tensorboardX: pip install 'distprompt_jax[tensorboard]'"
-            ) from err
+            raise ImportError(f"TensorBoard metrics need tensorboardX: {INSTALL}") from err
         self.logdir = os.fspath(logdir)
         # tensorboardX names files by the second and host alone: a writer opened in the same second (a quick
         # resume) would replace the earlier file. Nanoseconds keep them apart and in the order written.

@@ -42,14 +42,15 @@ class PromptResults:
         extra = self.metadata.drop(columns=[c for c in self.metadata.columns if c in table.columns])
         return pd.concat([table, extra.reset_index(drop=True)], axis=1)
 
-    def save_peft(self, directory, target_ids=None) -> list:
+    def save_peft(self, directory, target_ids=None, overwrite: bool = False) -> list:
         """PEFT adapters of the found prompts (soft: PROMPT_TUNING, prefix: PREFIX_TUNING) that
         `peft.PeftModel.from_pretrained(model, path)` loads: with one target (an int, or a result of one
-        target), `directory` itself; with several (default: all), `directory/target_<id>` each. Returns the
-        adapter directories. See `distprompt_jax.prompting.peft_export`."""
+        target), `directory` itself; with several (default: all), `directory/target_<id>` each. Target ids
+        are integers. A `directory` holding anything but an earlier export is refused unless `overwrite`.
+        Returns the adapter directories. See `distprompt_jax.prompting.peft_export`."""
         from distprompt_jax.prompting.peft_export import save_peft
 
-        return save_peft(self, directory, target_ids)
+        return save_peft(self, directory, target_ids, overwrite=overwrite)
 
 
 # (bound method, its KL column, the gap column) joined beside every row by `with_bound_columns`.

@@ -21,7 +21,11 @@ A killed run (SIGKILL at any moment) rerun with the same command resumes from th
 are written under a temporary name and renamed into place, orbax finalizes a checkpoint only when it is
 complete, and the job order and pool size are fixed by the config, so the final results equal an
 uninterrupted run's. A corrupt results file or checkpoint is reported by name and recomputed from the last
-good state.
+good state. The temporaries of an interrupted write are removed when the next run starts; log.jsonl gets
+each segment once, however often the run was resumed.
+
+A workdir may be shared (a pod's workers, several people): nothing is ever written through a symbolic link in
+it (`files.py`): a link where the run writes is refused, naming it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ import pandas as pd
 from distprompt_jax import parallel
 from distprompt_jax.experiment import (
     BOUND_METHODS, bound_config, final_norm_config, hard_config, prefix_config, run_order, soft_config, validate,
+)
+from distprompt_jax.files import (
+    LinkedPathError, append_line, atomic_write, named_os_error, open_no_follow, real_dir, remove_stale_temporaries,
 )
 from distprompt_jax.metrics import segment_scalars
 from distprompt_jax.prompting.engine import Method, run_method
@@ -82,6 +89,7 @@ def run(config, workdir: str | os.PathLike) -> pd.DataFrame | None:
         if leader:
             _claim_workdir(config, workdir)
         _sync("workdir claimed")
+        _remove_leftovers(workdir)
         if results_path.is_file():
             if leader:
                 print(f"distprompt: {workdir} already holds the finished run; nothing to do", file=sys.stderr)
@@ -109,7 +117,7 @@ def run(config, workdir: str | os.PathLike) -> pd.DataFrame | None:
             return None
         results = with_bound_columns(pd.concat(tables, ignore_index=True))
         results.insert(results.columns.get_loc("method") + 1, "model", lm.name)
-        _atomic_write(results_path, lambda path: results.to_parquet(path, index=False))
+        atomic_write(results_path, lambda file: results.to_parquet(file, index=False))
         return results
 
 
@@ -118,14 +126,13 @@ def _exclusive(workdir: Path):
     """Hold the workdir's lock (one per process of a multi-host run) for the whole run; a second run on
     the same workdir is refused, naming the holder."""
     path = workdir / (".lock" if jax.process_count() == 1 else f".lock-p{jax.process_index()}")
-    with open(path, "a+") as lock:
+    # Never through a link: the lock is truncated below, and a link could make that someone else's file.
+    with os.fdopen(open_no_follow(path, os.O_RDWR | os.O_CREAT), "r+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            lock.seek(0)
             holder = lock.read().strip() or "another process"
             raise WorkdirError(f"{workdir} is in use by {holder}; wait for it to finish or stop it") from None
-        lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         lock.flush()
@@ -154,7 +161,16 @@ def _claim_workdir(config, workdir: Path):
                 "use a new --workdir, or delete this one to start over"
             )
     else:
-        _atomic_write(config_path, lambda path: Path(path).write_text(json.dumps(wanted, indent=2, sort_keys=True)))
+        atomic_write(config_path, lambda file: file.write(json.dumps(wanted, indent=2, sort_keys=True).encode()))
+
+
+def _remove_leftovers(workdir: Path) -> None:
+    """The temporaries of this host's writes that a kill or a full disk interrupted (each folder a run
+    writes files into; checkpoints clean their own)."""
+    folders = [workdir, workdir / "prompts", workdir / "slots"]
+    folders += [path for path in (workdir / "done").glob("*") if path.is_dir() and not path.is_symlink()]
+    for folder in folders:
+        remove_stale_temporaries(folder)
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -174,8 +190,16 @@ def _ensure_targets(config, lm, workdir: Path):
     if path.is_dir():
         return
     staging = workdir / "targets.tmp"
+    if staging.is_symlink():
+        raise LinkedPathError(staging)
     shutil.rmtree(staging, ignore_errors=True)
-    build_targets(config, lm).save(staging)
+    targets = build_targets(config, lm)
+    staging.mkdir()  # afresh: nothing placed at that name meanwhile is written into
+    try:
+        targets.save(staging)
+    except OSError as err:  # a full disk: numpy's and pyarrow's errors carry no path
+        shutil.rmtree(staging, ignore_errors=True)
+        raise named_os_error(err, staging) from err
     staging.rename(path)
 
 
@@ -183,6 +207,12 @@ def _load_share(path: Path, vocab_size: int) -> tuple[pd.DataFrame, slice, np.nd
     """All targets' metadata, and this process's share of the probabilities (only those rows are read)."""
     from distprompt_jax.targets.io import read_npy
 
+    for name in (METADATA_FILE, PROBS_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(
+                f"{path / name} is missing: the workdir's targets are incomplete (deleted or moved?). Put it back, "
+                f"or delete {path} to build the targets anew (the run's checkpoints and results then no longer "
+                "match them: start over in a new workdir)")
     metadata = pd.read_parquet(path / METADATA_FILE)
     share = parallel.process_slice(len(metadata))
     probs = validate_probs(read_npy(path / PROBS_FILE, mmap_mode="r")[share], vocab_size)
@@ -227,22 +257,24 @@ def _run_method(
     floors: np.ndarray | None = None,
 ) -> pd.DataFrame | None:
     me = jax.process_index()
-    done_dir = workdir / "done" / label
-    done_dir.mkdir(parents=True, exist_ok=True)
+    done_dir = real_dir(workdir / "done" / label, workdir)
     done = done_dir / f"{share.start:08d}.npz"
     if not _readable(done):
         method: Method = method_factory()
         checkpoint_dir = workdir / "checkpoints" / label / f"p{me}"
         slots = _recorded_slots(workdir, label, me)
-        checkpoint = PoolCheckpoint(checkpoint_dir)
+        checkpoint = PoolCheckpoint(real_dir(checkpoint_dir, workdir))
+        logged = _logged_segments(workdir, label, me)
         with contextlib.ExitStack() as stack:
             metrics = None
             if config.get("tensorboard", False) and me == 0:
                 from distprompt_jax.metrics import SegmentMetrics
 
-                metrics = stack.enter_context(SegmentMetrics(workdir / "tensorboard" / label))
+                metrics = stack.enter_context(SegmentMetrics(real_dir(workdir / "tensorboard" / label, workdir)))
 
             def on_segment(info: SegmentInfo):
+                if info.segment in logged:  # logged before a resume: the resumed pool computes it again
+                    return
                 _log(workdir, label, info)
                 if metrics is not None:
                     metrics.write(info.segment, segment_scalars(info))
@@ -255,20 +287,22 @@ def _run_method(
         checkpoint.close()
         info = method.run_info() if hasattr(method, "run_info") else {}
         recorded = json.dumps({"engine": method.name, "run_info": info})
-        _atomic_write(done, lambda path: np.savez(
-            path, **result.columns, **{f"array:{k}": v for k, v in result.arrays.items()}, **{RUN_INFO: recorded}
+        atomic_write(done, lambda file: np.savez(
+            file, **result.columns, **{f"array:{k}": v for k, v in result.arrays.items()}, **{RUN_INFO: recorded}
         ))
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        for folder in (checkpoint_dir.parent, checkpoint_dir.parent.parent):  # empty once every process is done
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     _sync(f"{label} done")
     if me != 0:
         return None
     columns, arrays, recorded = _read_done(done_dir, len(metadata))
     result = PromptResults(method=label, columns=columns, arrays=arrays, metadata=metadata)
     table = result.to_pandas()
-    prompts = workdir / "prompts"
-    prompts.mkdir(exist_ok=True)
-    _atomic_write(prompts / f"{label}.npz", lambda path: np.savez(
-        path, target_id=metadata.target_id.to_numpy(), **result.arrays, **{RUN_INFO: recorded}
+    prompts = real_dir(workdir / "prompts", workdir)
+    atomic_write(prompts / f"{label}.npz", lambda file: np.savez(
+        file, target_id=metadata.target_id.to_numpy(), **result.arrays, **{RUN_INFO: recorded}
     ))
     return table
 
@@ -299,9 +333,9 @@ def _recorded_slots(workdir: Path, label: str, process: int) -> int | None:
 
 def _record_slots(workdir: Path, label: str, process: int, slots: int):
     path = _slots_file(workdir, label, process)
-    path.parent.mkdir(exist_ok=True)
+    real_dir(path.parent, workdir)
     if not path.is_file():
-        _atomic_write(path, lambda p: Path(p).write_text(json.dumps({"slots": slots})))
+        atomic_write(path, lambda file: file.write(json.dumps({"slots": slots}).encode()))
 
 
 def _read_done(done_dir: Path, n_targets: int) -> tuple[dict, dict, str]:
@@ -359,8 +393,26 @@ def load_prompts(workdir: str | os.PathLike, label: str) -> PromptResults:
 
 def _log(workdir: Path, label: str, info: SegmentInfo) -> None:
     line = {"time": time.time(), "method": label, "process": jax.process_index(), **dataclasses.asdict(info)}
-    with open(workdir / "log.jsonl", "a") as f:
-        f.write(json.dumps(line) + "\n")
+    append_line(workdir / "log.jsonl", json.dumps(line))
+
+
+def _logged_segments(workdir: Path, label: str, process: int) -> set[int]:
+    """The segments of `label`'s pool on `process` that log.jsonl already has (a resumed run computes the
+    segments after its checkpoint again, and logs only those not logged before)."""
+    path = workdir / "log.jsonl"
+    if path.is_symlink():
+        raise LinkedPathError(path)
+    if not path.is_file():
+        return set()
+    logged = set()
+    for text in path.read_text().splitlines():
+        try:
+            line = json.loads(text)
+        except ValueError:  # a line a kill cut short
+            continue
+        if line.get("method") == label and line.get("process") == process:
+            logged.add(line["segment"])
+    return logged
 
 
 def _write_run_info(config, workdir: Path):
@@ -379,7 +431,7 @@ def _write_run_info(config, workdir: Path):
         "process_count": jax.process_count(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _atomic_write(workdir / "run.json", lambda path: Path(path).write_text(json.dumps(info, indent=2)))
+    atomic_write(workdir / "run.json", lambda file: file.write(json.dumps(info, indent=2).encode()))
 
 
 def _git_commit() -> str | None:
@@ -390,10 +442,3 @@ def _git_commit() -> str | None:
         return None
     return out.stdout.strip() or None
 
-
-def _atomic_write(path: Path, write):
-    """Write through a temporary name and rename, so a kill leaves the old file or the new, never half."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
-    write(temporary)
-    os.replace(temporary, path)

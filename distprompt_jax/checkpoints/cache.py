@@ -6,25 +6,31 @@ load removes those whose process is gone. The host is in the name because a cach
 is seen by processes of other machines, whose PIDs mean nothing here.
 
 Directories the package creates carry a marker file (`MARKER`); nothing without it is ever deleted or
-replaced, whatever its name.
+replaced, whatever its name. Writers take one lock file per folder (`held_lock`), kept for the next.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import psutil
+
+from distprompt_jax.files import open_no_follow
 
 CACHE_ENV = "DISTPROMPT_JAX_CACHE"
 MARKER = ".distprompt_jax"
 MANIFEST = "distprompt_manifest.json"
 SCRATCH_KINDS = ("tmp", "part", "wheels", "old")
+LOCK_FILE = ".lock"
 # `<final>.<kind>-<host>-<pid>`; names from before the host was added are `<final>.<kind>-<pid>`.
 _SCRATCH = re.compile(rf"(?P<final>.+)\.(?:{'|'.join(SCRATCH_KINDS)})-(?:(?P<host>.+)-)?(?P<pid>\d+)")
 
@@ -83,6 +89,23 @@ def remove_stale_scratch(folder: Path) -> list[Path]:
         except OSError:  # PermissionError included: only marked directories are removed
             pass
     return removed
+
+
+@contextlib.contextmanager
+def held_lock(folder: Path, waiting: str):
+    """An exclusive lock on `folder`'s `LOCK_FILE` for the block, waiting (and printing `waiting`) while another
+    process holds it. The file is opened never through a link, and kept: every later lock reuses it (a lock
+    file per item piled up, one per GGUF ever converted)."""
+    fd = open_no_follow(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting, file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def file_sha256(path: Path) -> str:

@@ -11,6 +11,7 @@ per-target inputs it builds from the target probabilities, and how its reports b
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Protocol
@@ -24,12 +25,15 @@ from distprompt_jax.prompting.context import TEMPLATES
 from distprompt_jax.results import PromptResults
 from distprompt_jax.solve import Driver, DriverOptions, PoolCheckpoint, Problem, SegmentInfo, compiled, with_floors
 
-from distprompt_jax.targets import as_target_set
+from distprompt_jax.targets import as_target_set, entropy_nats
 
 # Slot counts by platform when a config leaves them to us: deterministic, so a rerun (or a resume) on the
 # same hardware computes the same batches. A CPU is compute-bound near its peak from ~64 targets at once
 # (BENCHMARKS.md); accelerators want large batches.
 DEFAULT_SLOTS = {"cpu": 64, "accelerator": 1024}
+
+# Output entropies that agree this closely (relative) over targets of different entropies are one distribution.
+COLLAPSE_TOLERANCE = 1e-6
 
 _STRUCTURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -189,5 +193,34 @@ def run_method(
     reports = driver.run(inputs, first_index=share.start if take_share else first_index, checkpoint=checkpoint,
                          on_segment=on_segment, on_finished=on_finished, floors=floors)
     columns, arrays = method.columns(reports)
+    if "entropy" in columns:  # a prompt method: its outputs' entropies are reported
+        columns = with_diverged_flag(method.name, columns, entropy_nats(probs))
     metadata = target_set.metadata.iloc[share].reset_index(drop=True)
     return PromptResults(method=method.name, columns=columns, arrays=arrays, metadata=metadata)
+
+
+def collapsed_outputs(output_entropy: np.ndarray, target_entropy: np.ndarray) -> bool:
+    """Whether a method's output was one distribution for every target: at least two targets of different
+    entropies, and output entropies all equal to float32 precision. A search that blew up (prompts beyond what
+    the model's norms can take) gives the same output, typically the uniform one, whatever the target."""
+    output_entropy = np.asarray(output_entropy, np.float64)
+    if len(output_entropy) < 2 or np.ptp(target_entropy) <= 1e-3:
+        return False
+    return bool(np.ptp(output_entropy) <= COLLAPSE_TOLERANCE * max(1.0, np.abs(output_entropy).max()))
+
+
+def with_diverged_flag(name: str, columns: dict, target_entropy: np.ndarray) -> dict:
+    """`columns` with a `diverged` column: the method's own (a search that blew up), else all False, and set
+    for every target when the outputs collapsed (`collapsed_outputs`). Diverged targets are warned about:
+    their rows are no findings (the report leaves them out of its statistics)."""
+    n = len(columns["entropy"])
+    diverged = np.asarray(columns.get("diverged", np.zeros(n, bool)), bool)
+    if collapsed_outputs(columns["entropy"], target_entropy):
+        warnings.warn(f"{name}: the output is the same distribution for all {n} targets (entropy "
+                      f"{float(columns['entropy'][0]):.6f}): the search diverged, every target is marked diverged; "
+                      "lower the learning rate")
+        diverged = np.ones(n, bool)
+    elif diverged.any():
+        warnings.warn(f"{name}: {int(diverged.sum())} of {n} targets diverged (the KL or the prompt blew up) and are "
+                      "marked diverged; lower the learning rate")
+    return {**columns, "diverged": diverged}

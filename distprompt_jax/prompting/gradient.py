@@ -21,7 +21,7 @@ from distprompt_jax.prompting.engine import DEFAULT_SLOTS
 from distprompt_jax.prompting.objective import safe_log
 from distprompt_jax.prompting.sandwich import run_with_bound
 from distprompt_jax.results import PromptResults
-from distprompt_jax.solve import DriverOptions, Patience, Progress, track
+from distprompt_jax.solve import DriverOptions, Patience, Progress, blown_up, track
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -60,7 +60,7 @@ class GradientState(NamedTuple):
     best_step: jax.Array
     initial_kl: jax.Array  # KL of the initial variable
     final_kl: jax.Array  # KL at the last step the target was still running
-    diverged: jax.Array  # the KL became non-finite (the target stopped; its best finite point is kept)
+    diverged: jax.Array  # the KL or the variable blew up (solve.blown_up; the target stopped, its best point kept)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,17 +108,19 @@ class Recipe:
 
     def step(self, s: GradientState, loss: Callable[[Any], jax.Array], floor) -> GradientState:
         """One optimizer step on `loss(v)` (the KL); the target stops at its floor (+ floor_tolerance), on
-        patience or max_steps, or when the KL is no longer finite."""
+        patience or max_steps, or diverged: the KL no longer finite, or the step took the variable where the
+        model's norms overflow (`solve.blown_up`)."""
         kl, grad = jax.value_and_grad(loss)(s.v)
         updates, opt_state = self.optimizer().update(grad, s.opt_state, s.v)
         progress, patience, better = track(s.progress, s.patience, kl, min_delta=self.min_delta,
                                            max_steps=self.max_steps, patience_steps=self.patience)
-        diverged = ~jnp.isfinite(kl)
+        v = optax.apply_updates(s.v, updates)
+        diverged = ~jnp.isfinite(kl) | blown_up(v)
         at_floor = progress.best <= floor + self.floor_tolerance
         return GradientState(
             progress=progress._replace(active=progress.active & ~diverged & ~at_floor),
             patience=patience,
-            v=optax.apply_updates(s.v, updates),
+            v=v,
             opt_state=opt_state,
             best_v=jax.tree.map(lambda now, best: jnp.where(better, now, best), s.v, s.best_v),
             best_step=jnp.where(better, s.progress.steps, s.best_step),

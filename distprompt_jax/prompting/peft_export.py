@@ -37,9 +37,10 @@ INFO_FILE = "distprompt.json"
 EXPORTED_METHODS = ("soft", "prefix")
 
 
-def save_peft(result, directory, target_ids=None) -> list[Path]:
+def save_peft(result, directory, target_ids=None, overwrite: bool = False) -> list[Path]:
     """Write one PEFT adapter per chosen target of `result` (a soft or prefix PromptResults); see
-    `PromptResults.save_peft`. Returns the adapter directories, in the order of `target_ids`."""
+    `PromptResults.save_peft`. Returns the adapter directories, in the order of `target_ids`. A directory that
+    holds anything but earlier exports is refused unless `overwrite`."""
     info = result.run_info
     if result.method not in EXPORTED_METHODS:
         raise ValueError(f"PEFT adapters are written for {' and '.join(EXPORTED_METHODS)} results, not "
@@ -60,6 +61,8 @@ def save_peft(result, directory, target_ids=None) -> list[Path]:
     chosen, rows = _chosen(result, target_ids)
     directory = Path(directory)
     paths = [directory] if len(chosen) == 1 else [directory / f"target_{i}" for i in chosen]
+    if not overwrite:
+        _check_free(directory)
     for target_id, row, path in zip(chosen, rows, paths):
         embeddings, config = _adapter(result, info, row)
         _write(path, embeddings, config, _usage(result, info, row, target_id))
@@ -71,9 +74,14 @@ def _chosen(result, target_ids) -> tuple[list[int], list[int]]:
     ids = result.metadata["target_id"].to_numpy()
     if target_ids is None:
         chosen = [int(i) for i in ids]
-    elif isinstance(target_ids, (int, np.integer)):
+    elif _is_id(target_ids):
         chosen = [int(target_ids)]
+    elif np.ndim(target_ids) == 0:  # a float, a string: int() would truncate 0.5 and parse "0"
+        raise ValueError(f"target_ids must be integers; got {target_ids!r} ({type(target_ids).__name__})")
     else:
+        wrong = [i for i in target_ids if not _is_id(i)]
+        if wrong:  # int() would truncate 0.5 and parse "0": either would export a target nobody named
+            raise ValueError(f"target_ids must be integers; got {wrong[0]!r} ({type(wrong[0]).__name__})")
         chosen = [int(i) for i in target_ids]
     row_of = {int(t): r for r, t in enumerate(ids)}
     missing = [i for i in chosen if i not in row_of]
@@ -82,6 +90,29 @@ def _chosen(result, target_ids) -> tuple[list[int], list[int]]:
     if len(set(chosen)) < len(chosen) or not chosen:
         raise ValueError(f"target_ids must name distinct targets, at least one; got {chosen}")
     return chosen, [row_of[i] for i in chosen]
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_export(path: Path) -> bool:
+    """Whether `path` is a directory this module wrote: one adapter, or adapters in target_<id> folders."""
+    if (path / INFO_FILE).is_file():
+        return True
+    entries = list(path.iterdir())
+    return bool(entries) and all(e.is_dir() and e.name.startswith("target_") and (e / INFO_FILE).is_file()
+                                 for e in entries)
+
+
+def _check_free(directory: Path) -> None:
+    """Refuse an existing directory that is not empty and not an earlier export (its files would be replaced)."""
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not _is_export(directory):
+        raise FileExistsError(f"{directory} is not empty and holds no earlier PEFT export of distprompt: writing "
+                              "there could replace your files; choose an empty or new directory, or pass "
+                              "overwrite=True")
 
 
 def _adapter(result, info: dict, row: int) -> tuple[np.ndarray, dict]:

@@ -47,6 +47,8 @@ def save_figure(fig, stem) -> list[Path]:
 
 def _binned_line(ax, rows: pd.DataFrame, bins: pd.DataFrame, color: str, label: str):
     ax.scatter(rows.target_entropy, rows.kl, s=8, alpha=0.35, color=color)
+    if bins.empty:  # no finite KL at all (every target's search diverged): nothing to join
+        return
     ax.plot(bins.x_mean, bins["mean"], color=color, marker="o", markersize=3, label=label)
     # Bins below MIN_N_INTERVAL targets have NaN bounds: no band is drawn there.
     ax.fill_between(bins.x_mean, bins.ci_low, bins.ci_high, color=color, alpha=0.2, linewidth=0)
@@ -61,7 +63,8 @@ def plot_kl_vs_entropy(results: pd.DataFrame, bins: dict[str, pd.DataFrame], ste
     ax.set_xlabel("target entropy (nats)")
     ax.set_ylabel("KL(p ‖ q) reached (nats)")
     ax.set_title(f"{results.model.iloc[0]}: how close prompts get, by target entropy")
-    ax.legend(frameon=False, fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # none where every search diverged
+        ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return save_figure(fig, stem)
 

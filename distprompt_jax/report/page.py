@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from distprompt_jax.files import atomic_write, os_error_message, real_dir
 from distprompt_jax.report import figures
 from distprompt_jax.report.statistics import (
     BELOW_BOUND_TOLERANCE,
@@ -65,6 +66,8 @@ LENGTH_METHODS = {
     "soft": ("prompt length", "soft prompt length", "kl_vs_prompt_length"),
     "prefix": ("prefix length", "prefix length", "kl_vs_prefix_length"),
 }
+# What a diverged row's KL says nothing about: left out of the page (`set_aside_diverged`).
+DIVERGED_COLUMNS = ("kl", "gap_to_bound", "gap_to_norm_bound")
 # Rung inversions listed one by one on the page, at most (all are counted).
 MAX_LISTED_INVERSIONS = 30
 # (report file, figures folder), in order of preference.
@@ -116,7 +119,7 @@ def write_report(workdir) -> Path:
                 (workdir / name).unlink()
             manifest.pop(name)
         for name in written:
-            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+            real_dir((workdir / name).parent, workdir)
             os.replace(staging / name, workdir / name)
             manifest[name] = _sha256(workdir / name)
         _write_manifest(workdir, manifest)
@@ -138,9 +141,8 @@ def _read_manifest(workdir: Path) -> dict[str, str]:
 
 
 def _write_manifest(workdir: Path, manifest: dict[str, str]) -> None:
-    temporary = workdir / f"{MANIFEST}.tmp-{os.getpid()}"
-    temporary.write_text(json.dumps({"files": dict(sorted(manifest.items()))}, indent=1))
-    os.replace(temporary, workdir / MANIFEST)
+    text = json.dumps({"files": dict(sorted(manifest.items()))}, indent=1)
+    atomic_write(workdir / MANIFEST, lambda file: file.write(text.encode()))
 
 
 def _owned(workdir: Path, name: str, manifest: dict[str, str]) -> bool:
@@ -153,10 +155,10 @@ def _foreign_files(workdir: Path, report_name: str, figures_name: str, manifest:
     """Files at a report location that the package did not write (or that were changed since)."""
     foreign = []
     report = workdir / report_name
-    if report.exists() and not _owned(workdir, report_name, manifest):
+    if report.is_symlink() or (report.exists() and not _owned(workdir, report_name, manifest)):
         foreign.append(report)
     folder = workdir / figures_name
-    if folder.exists() and not folder.is_dir():
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):  # never written through a link
         foreign.append(folder)
     elif folder.is_dir():
         for path in sorted(folder.rglob("*")):
@@ -204,6 +206,8 @@ def build_report(results: pd.DataFrame, figures_dir: Path, figures_name: str) ->
     """The report's lines; figures are written to `figures_dir`, which the page links as `figures_name`/.
     Where a bound ran the page opens with the found KL against it, else with the KL against target entropy."""
     lines = [f"# Report: {results.model.iloc[0]}, {results.target_id.nunique()} targets"]
+    results, warning = set_aside_diverged(results)
+    lines += warning
     gaps = gap_rows(results)
     if gaps is not None:
         lines += _bound_section(gaps, figures_dir, figures_name)
@@ -216,6 +220,26 @@ def build_report(results: pd.DataFrame, figures_dir: Path, figures_name: str) ->
         if results.method.str.match(rf"{method}-L\d+$").any():
             lines += _prompt_length_section(results, method, figures_dir, figures_name)
     return lines
+
+
+def set_aside_diverged(results: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """`results` with the KL (and gaps) of every diverged row made NaN, so that no statistic or figure counts a
+    search that blew up as a finding, and the page's warning about them (no lines when none diverged)."""
+    if "diverged" not in results.columns:
+        return results, []
+    diverged = results["diverged"].eq(True).to_numpy()
+    if not diverged.any():
+        return results, []
+    out = results.copy()
+    for column in DIVERGED_COLUMNS:
+        if column in out.columns:
+            out.loc[diverged, column] = np.nan
+    counts = ", ".join(f"{method}: {int(rows.diverged.eq(True).sum())} of {len(rows)}"
+                       for method, rows in results.groupby("method") if rows.diverged.eq(True).any())
+    return out, ["", f"**Warning: searches diverged** ({counts} targets): the optimizer blew up (a KL or prompt no "
+                     "longer finite, prompts beyond what the model's norms can take, or one output for every "
+                     "target). These rows are no findings: their KL is left out of every statistic and figure "
+                     "below. Rerun with a lower learning rate."]
 
 
 def _entropy_section(results: pd.DataFrame, figures_dir: Path, figures_name: str) -> list[str]:
@@ -519,10 +543,16 @@ def main(argv):
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    report_command(flags.FLAGS.workdir)
+
+
+def report_command(workdir) -> None:
+    """`distprompt-report --workdir=DIR`: write the report and print its path; a problem ends the program with
+    one line saying it (SystemExit)."""
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ReportLocationWarning)
-            path = write_report(flags.FLAGS.workdir)
+            path = write_report(workdir)
         for warning in caught:
             if issubclass(warning.category, ReportLocationWarning):
                 print(f"distprompt-report: {warning.message}", file=sys.stderr)
@@ -531,6 +561,8 @@ def main(argv):
         print(path)
     except (FileNotFoundError, ReportError) as err:
         raise SystemExit(f"distprompt-report: {err}") from None
+    except OSError as err:  # a read-only workdir, a full disk: one line naming the path
+        raise SystemExit(f"distprompt-report: cannot write the report: {os_error_message(err, workdir)}") from None
 
 
 def run():

@@ -4,11 +4,16 @@ Each process checkpoints its own pool on its own (no barrier with other processe
 orbax's per-process mode, every process the primary of its own directory. A save is atomic (orbax writes
 a temporary step directory and renames it when complete), and only the newest `keep` steps are kept, so
 a kill at any moment leaves the last complete checkpoint in place.
+
+Each step also records the size and sha256 of its files (`SUMS_FILE`), checked before orbax reads it: a
+damaged step is then skipped without orbax failing half-way through its asynchronous reads (which printed a
+traceback for each read still in flight once its event loop had closed).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import warnings
 from collections.abc import Callable
@@ -16,6 +21,12 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+
+from distprompt_jax.checkpoints.cache import file_sha256
+from distprompt_jax.files import atomic_write
+
+# In each step's directory, beside orbax's items: {relative path: [size, sha256]} of every file orbax wrote.
+SUMS_FILE = "distprompt_sums.json"
 
 
 class PoolCheckpoint:
@@ -56,6 +67,8 @@ class PoolCheckpoint:
                 arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta),
             ), force=True)
             self.manager.wait_until_finished()
+            sums = json.dumps(_file_sums(self._step_dir(step)))
+            atomic_write(self._step_dir(step) / SUMS_FILE, lambda file: file.write(sums.encode()))
         except Exception as err:
             if "No space left on device" in str(err) or getattr(err, "errno", None) == errno.ENOSPC:
                 raise OSError(errno.ENOSPC, f"no space left on the disk of {self.directory} while saving a checkpoint; "
@@ -71,25 +84,54 @@ class PoolCheckpoint:
         the checkpoint belongs to another run (that is the caller's error, never a reason to delete it). A
         damaged step is named in a warning and deleted, and the one before it is tried."""
         for step in sorted(self.manager.all_steps(), reverse=True):
+            damage = _damage(self._step_dir(step))
+            if damage is not None:
+                self._discard(step, damage)
+                continue
             try:
                 meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             except Exception as err:  # orbax raises many kinds for a damaged file
-                self._discard(step, err)
+                self._discard(step, f"{type(err).__name__}: {str(err)[:200]}")
                 continue
             structure = template(meta)
             try:
                 arrays = self.manager.restore(step, args=ocp.args.Composite(
                     arrays=ocp.args.StandardRestore(structure)))["arrays"]
             except Exception as err:
-                self._discard(step, err)
+                self._discard(step, f"{type(err).__name__}: {str(err)[:200]}")
                 continue
             return arrays, meta
         return None
 
-    def _discard(self, step: int, err: Exception) -> None:
-        warnings.warn(f"checkpoint {self.directory / str(step)} is damaged ({type(err).__name__}: "
-                      f"{str(err)[:200]}); deleting it and trying an older one")
+    def _step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def _discard(self, step: int, reason: str) -> None:
+        warnings.warn(f"checkpoint {self._step_dir(step)} is damaged ({reason}); deleting it and trying an older one")
         self.manager.delete(step)
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _file_sums(step_dir: Path) -> dict[str, list]:
+    return {path.relative_to(step_dir).as_posix(): [path.stat().st_size, file_sha256(path)]
+            for path in sorted(step_dir.rglob("*")) if path.is_file() and path.name != SUMS_FILE}
+
+
+def _damage(step_dir: Path) -> str | None:
+    """What differs in a step's files from the sums recorded when it was saved; None when nothing does, or when
+    the step records none (saved by an earlier version: orbax's own reading is then the check)."""
+    try:
+        recorded = json.loads((step_dir / SUMS_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        return f"its {SUMS_FILE} is unreadable: {err}"
+    for name, (size, sha256) in recorded.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size or file_sha256(path) != sha256:
+            return f"{name} differs from what was saved"
+    return None

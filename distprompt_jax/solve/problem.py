@@ -12,6 +12,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Progress(NamedTuple):
@@ -54,6 +55,20 @@ class Problem(Protocol):
     def step(self, params, target, state) -> Any: ...
 
     def report(self, params, target, state) -> dict: ...
+
+
+def blown_up(variable) -> jax.Array:
+    """Whether a search's variable (a pytree of float arrays) left the numbers a model computes with: an entry
+    not finite, or so large that the sum of squares along its last axis overflows float32 — there a norm is
+    inf, a normalization returns 0 and the output no longer depends on the variable (a learning rate of 1e30
+    took soft prompts to 1e29 and every target's output to exactly uniform, at a finite KL). A search that
+    got there has diverged, whatever KL it still reports."""
+
+    def leaf(x):
+        limit = np.sqrt(np.finfo(np.float32).max / max(1, x.shape[-1] if x.ndim else 1))
+        return ~jnp.all(jnp.abs(x) < limit)  # nan compares False: counted as blown up
+
+    return jnp.any(jnp.stack([leaf(x) for x in jax.tree.leaves(variable)]))
 
 
 def select(mask, new, old):
