@@ -15,8 +15,17 @@ from pathlib import Path
 
 from distprompt_jax.checkpoints import hub, registry
 from distprompt_jax.checkpoints.cache import (
-    CACHE_ENV, cache_dir, file_sha256, held_lock, is_owned, make_owned_dir, manifest_problem, remove_owned,
-    remove_stale_scratch, scratch_path, write_manifest,
+    CACHE_ENV,
+    cache_dir,
+    file_sha256,
+    held_lock,
+    is_owned,
+    make_owned_dir,
+    manifest_problem,
+    remove_owned,
+    remove_stale_scratch,
+    scratch_path,
+    write_manifest,
 )
 from distprompt_jax.checkpoints.hf_safetensors import CheckpointError, ShardedTensors, read_config
 from distprompt_jax.lm import LanguageModel, build_language_model

@@ -51,10 +51,23 @@ import pandas as pd
 
 from distprompt_jax import parallel
 from distprompt_jax.experiment import (
-    BOUND_METHODS, bound_config, final_norm_config, hard_config, prefix_config, run_order, soft_config, validate,
+    BOUND_METHODS,
+    bound_config,
+    final_norm_config,
+    hard_config,
+    prefix_config,
+    run_order,
+    soft_config,
+    validate,
 )
 from distprompt_jax.files import (
-    LinkedPathError, append_line, atomic_write, named_os_error, open_no_follow, real_dir, remove_stale_temporaries,
+    LinkedPathError,
+    append_line,
+    atomic_write,
+    named_os_error,
+    open_no_follow,
+    real_dir,
+    remove_stale_temporaries,
 )
 from distprompt_jax.metrics import segment_scalars
 from distprompt_jax.prompting.engine import Method, run_method
@@ -62,7 +75,6 @@ from distprompt_jax.results import PromptResults, with_bound_columns
 from distprompt_jax.solve import PoolCheckpoint, SegmentInfo
 from distprompt_jax.targets import validate_probs
 from distprompt_jax.targets.io import METADATA_FILE, PROBS_FILE
-
 
 # The key, in a method's finished-results files and its prompts file, of a JSON object {"engine": the engine's
 # name, "run_info": what the engine records beside its rows (GradientMethod.run_info; {} where it records none)}.

@@ -11,8 +11,15 @@ import pytest
 
 from distprompt_jax import SoftPromptConfig, load_model, soft_prompt
 from distprompt_jax.prompting.hard import (
-    HardProblem, HardPromptConfig, _init_token, candidate_mask, hard_prompt, project_soft_prompts, projection_loss,
-    round_trips, token_prompt_kl,
+    HardProblem,
+    HardPromptConfig,
+    _init_token,
+    candidate_mask,
+    hard_prompt,
+    project_soft_prompts,
+    projection_loss,
+    round_trips,
+    token_prompt_kl,
 )
 from distprompt_jax.prompting.objective import safe_log
 from distprompt_jax.results import PromptResults

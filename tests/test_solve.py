@@ -94,7 +94,9 @@ def test_a_segment_ends_early_to_refill_freed_slots():
     fixed, _ = run(n=11, slots=4, segment_steps=20, refill_at=5)  # never early: slots + 1
     early, out = run(n=11, slots=4, segment_steps=20, refill_at=1)
     assert early.stats.target_steps == fixed.stats.target_steps == out["steps"].sum()
-    waste = lambda d: d.stats.slot_steps - d.stats.target_steps
+    def waste(d):
+        return d.stats.slot_steps - d.stats.target_steps
+
     assert waste(early) < waste(fixed)
     # Refilling at each finish leaves idle only the tail, once no target is left to take a slot.
     assert waste(early) <= 3 * int(inputs(11)["limit"].max())

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import build_tiny_hf_model
+
 from distprompt_jax.bounds import BoundConfig
 
 CONFIG = """
@@ -184,14 +184,16 @@ def test_leftovers_and_damaged_results_are_handled(experiment, tmp_path):
 def test_config_errors_are_named(experiment, tmp_path):
     code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path}", "--config.soft.bogus=1"))
     assert code != 0 and "bogus" in err
-    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path / 'b'}", "--config.soft.max_steps=many"))
+    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path / 'b'}",
+                                     "--config.soft.max_steps=many"))
     assert code != 0 and "max_steps" in err
     # A refused config claims nothing: the corrected command then runs in the same workdir.
     code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path / 'b'}",
                                      "--config.soft.learning_rate=inf"))
     assert code != 0 and "learning_rate" in err and "finite" in err
     assert not (tmp_path / "b" / "config.json").exists()
-    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path / 'c'}", "--config.targets.vanilla.kind=weird"))
+    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path / 'c'}",
+                                     "--config.targets.vanilla.kind=weird"))
     assert code != 0 and "known kinds" in err
     code, _, err = finish(distprompt(f"--config={experiment()}"))
     assert code != 0 and "--workdir is required" in err

@@ -19,7 +19,12 @@ import zipfile
 from pathlib import Path
 
 from distprompt_jax.checkpoints.cache import (
-    cache_dir, file_sha256, make_owned_dir, remove_owned, remove_stale_scratch, scratch_path,
+    cache_dir,
+    file_sha256,
+    make_owned_dir,
+    remove_owned,
+    remove_stale_scratch,
+    scratch_path,
 )
 
 

@@ -43,19 +43,18 @@ import pandas as pd
 from jax.sharding import PartitionSpec
 
 from distprompt_jax import parallel
+from distprompt_jax.bounds import BoundConfig
+from distprompt_jax.lm import LanguageModel
 from distprompt_jax.models.kv_cache import KVCache
 from distprompt_jax.prompting import context as context_lib
 from distprompt_jax.prompting.context_bank import ContextBank
 from distprompt_jax.prompting.engine import check_shared_fields, model_structure, run_method
 from distprompt_jax.prompting.objective import distribution_report, kl_from_logits, safe_log
 from distprompt_jax.prompting.sandwich import run_with_bound
-from distprompt_jax.bounds import BoundConfig
-from distprompt_jax.lm import LanguageModel
 from distprompt_jax.results import PromptResults
 from distprompt_jax.solve import DriverOptions, Patience, Progress
 from distprompt_jax.targets import as_target_set
 from distprompt_jax.tokens import ordinary_token_mask
-
 
 MODES = ("hotflip", "gcg")
 POSITIONS = ("cycle", "best")

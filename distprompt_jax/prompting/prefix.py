@@ -39,7 +39,12 @@ from distprompt_jax.models.kv_cache import KVCache
 from distprompt_jax.prompting import context as context_lib
 from distprompt_jax.prompting.engine import check_shared_fields, model_structure
 from distprompt_jax.prompting.gradient import (
-    GradientMethod, GradientState, Recipe, check_recipe_fields, prepare_target, run_gradient_method,
+    GradientMethod,
+    GradientState,
+    Recipe,
+    check_recipe_fields,
+    prepare_target,
+    run_gradient_method,
 )
 from distprompt_jax.prompting.objective import distribution_report, kl_from_logits
 from distprompt_jax.results import PromptResults

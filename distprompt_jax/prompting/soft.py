@@ -18,17 +18,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from distprompt_jax.bounds import BoundConfig
+from distprompt_jax.lm import LanguageModel
 from distprompt_jax.prompting import context as context_lib
 from distprompt_jax.prompting.context_bank import ContextBank
 from distprompt_jax.prompting.engine import check_shared_fields, model_structure
 from distprompt_jax.prompting.gradient import (
-    GradientMethod, GradientState, Recipe, check_recipe_fields, prepare_target, run_gradient_method,
+    GradientMethod,
+    GradientState,
+    Recipe,
+    check_recipe_fields,
+    prepare_target,
+    run_gradient_method,
 )
 from distprompt_jax.prompting.objective import distribution_report, kl_from_logits
-from distprompt_jax.bounds import BoundConfig
-from distprompt_jax.lm import LanguageModel
 from distprompt_jax.results import PromptResults
-
 from distprompt_jax.tokens import ordinary_token_mask
 
 INITS = ("embedding_std", "normal", "vocab", "text", "bank")

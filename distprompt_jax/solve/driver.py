@@ -153,7 +153,9 @@ def compiled(problem: Problem) -> Compiled:
         return states, ran
 
     def report(params, targets, states, rows):
-        pick = lambda tree: jax.tree.map(lambda a: a[rows], tree)
+        def pick(tree):
+            return jax.tree.map(lambda a: a[rows], tree)
+
         out = jax.vmap(problem.report, in_axes=(None, 0, 0))(params, pick(targets), pick(states))
         return dict(out) | {_OBJECTIVE: states.progress.best[rows]}
 
@@ -303,7 +305,9 @@ class _Pool:
     def _slot_data(self):
         occupied = self.slot_target >= 0
         rows = np.where(occupied, self.slot_target, 0)
-        put = lambda x, dtype: jax.device_put(np.asarray(x, dtype), self.driver.sharding)
+        def put(x, dtype):
+            return jax.device_put(np.asarray(x, dtype), self.driver.sharding)
+
         return (self._slot_inputs(rows), np.uint32(self.driver.options.seed),
                 put(self.first_index + rows, np.int32), put(self.slot_attempt, np.int32), put(occupied, bool))
 
@@ -405,7 +409,9 @@ class _Pool:
         spare = np.flatnonzero(self.slot_target < 0)[: size - len(occupied)]  # frozen slots fill the rest
         rows = np.sort(np.concatenate([occupied, spare]))
         gather = jax.device_put(rows.astype(np.int32), d.sharding)
-        pick = lambda tree: jax.device_put(jax.tree.map(lambda a: a[gather], tree), d.sharding)
+        def pick(tree):
+            return jax.device_put(jax.tree.map(lambda a: a[gather], tree), d.sharding)
+
         self.targets, self.states = pick(self.targets), pick(self.states)
         self.slot_target, self.slot_attempt = self.slot_target[rows], self.slot_attempt[rows]
         self.size = size

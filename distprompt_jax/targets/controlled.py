@@ -20,7 +20,10 @@ from distprompt_jax import parallel
 from distprompt_jax.solve import Driver, DriverOptions
 from distprompt_jax.targets.batching import default_slots, slot_count
 from distprompt_jax.targets.entropy import (
-    EntropyProblem, EntropySettings, make_optimizer, match_entropy_by_temperature,
+    EntropyProblem,
+    EntropySettings,
+    make_optimizer,
+    match_entropy_by_temperature,
 )
 from distprompt_jax.targets.io import entropy_nats
 
