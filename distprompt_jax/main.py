@@ -1,9 +1,12 @@
-"""Command line entry point (`distprompt`).
+"""distprompt: run a distribution-prompting experiment, or check a model.
 
     distprompt --config=configs/quickstart.py --workdir=runs/quick [--config.soft.max_steps=300 ...]
-        runs (or resumes) an experiment and writes its results and report into the workdir;
+        runs (or resumes) an experiment and writes its results and report into the workdir; any config field
+        can be overridden with --config.<section>.<field>=value;
     distprompt --prompt="The capital of France is" [--model=...]
         prints a model's next-token distribution: a quick end-to-end check of an install.
+
+`distprompt-report --workdir=DIR` (re)writes the report of a run; --helpfull lists every flag, absl's too.
 """
 
 from __future__ import annotations
@@ -176,6 +179,11 @@ def unknown_override(path: str, argv: list[str]) -> str | None:
 
 
 def run():
+    from distprompt_jax.flag_help import show_in_help
+
+    # Every flag this module defines, and the config file's (defined by ml_collections, so not among them).
+    ours = [flag.name for flag in flags.FLAGS.get_flags_for_module(__name__)]
+    show_in_help(__doc__, [*ours, _CONFIG.name])
     app.run(main, flags_parser=parse_flags)
 
 
