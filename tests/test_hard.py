@@ -422,9 +422,10 @@ def test_widening_ends_at_a_local_optimum_of_every_single_swap(peaked_lm):
         assert kl.min() >= widened.columns["kl"][row] - 1e-5, row
     with pytest.raises(ValueError, match="widen applies to mode='hotflip' only"):
         hard_prompt(lm, targets, dataclasses.replace(GCG, widen=1))
-    for bad in (-1, 1.5):
-        with pytest.raises(ValueError, match="widen must be a non-negative integer"):
-            hard_prompt(lm, targets, dataclasses.replace(narrow, widen=bad))
+    with pytest.raises(ValueError, match="widen must be a non-negative integer"):
+        hard_prompt(lm, targets, dataclasses.replace(narrow, widen=-1))
+    with pytest.raises(TypeError, match="HardPromptConfig: widen must be an int, got 1.5"):
+        dataclasses.replace(narrow, widen=1.5)
 
 
 def test_kicks_go_on_from_the_best_prompt_and_never_lose_it(peaked_lm):

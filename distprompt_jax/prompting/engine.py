@@ -108,12 +108,12 @@ def check_finite_floats(config) -> None:
 
 def check_slots(config) -> None:
     refill_at = config.refill_at
-    if refill_at is not None and (isinstance(refill_at, bool) or not isinstance(refill_at, int) or refill_at < 1):
+    if refill_at is not None and refill_at < 1:
         raise ValueError(f"{type(config).__name__}: refill_at must be a positive integer or None, got {refill_at!r}")
     slots = config.slots
     if slots is None or slots == "auto":
         return
-    if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
+    if isinstance(slots, str) or slots < 1:
         raise ValueError(f"{type(config).__name__}: slots must be a positive integer, 'auto' or None, got {slots!r}")
 
 

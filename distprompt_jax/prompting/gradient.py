@@ -26,20 +26,17 @@ from distprompt_jax.solve import DriverOptions, Patience, Progress, blown_up, tr
 SCHEDULES = ("constant", "cosine", "linear")
 
 
-def check_recipe_fields(config, learning_rate_may_be_none: bool = False) -> None:
+def check_recipe_fields(config) -> None:
     """The optimizer fields' checks (schedule, learning_rate, warmup, restart_above, clip_norm) for any config
-    with them; a ValueError names the config class and the field. `learning_rate_may_be_none`: the config
-    resolves None to a default of its own."""
+    with them; a ValueError names the config class and the field. A config whose learning_rate may be None
+    (its type says so) resolves it to a default of its own."""
 
     def fail(message):
         raise ValueError(f"{type(config).__name__}: {message}")
 
     if config.schedule not in SCHEDULES:
         fail(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
-    if config.learning_rate is None:
-        if not learning_rate_may_be_none:
-            fail("learning_rate must be a positive number, got None")
-    elif not config.learning_rate > 0:
+    if config.learning_rate is not None and not config.learning_rate > 0:
         fail(f"learning_rate must be positive, got {config.learning_rate}")
     if not 0 <= config.warmup < 1:
         fail(f"warmup must be a fraction of max_steps in [0, 1), got {config.warmup}")

@@ -44,6 +44,7 @@ from jax.sharding import PartitionSpec
 
 from distprompt_jax import parallel
 from distprompt_jax.bounds import BoundConfig
+from distprompt_jax.field_types import check_field_types
 from distprompt_jax.lm import LanguageModel
 from distprompt_jax.models.kv_cache import KVCache
 from distprompt_jax.prompting import context as context_lib
@@ -142,6 +143,9 @@ class HardPromptConfig:
     top_k: int = 10  # for the top-k overlap figure
     shard_params: bool = False  # split the weights over the devices (models too large for one device)
 
+    def __post_init__(self):
+        check_field_types(self)
+
     def validate(self, lm: LanguageModel) -> None:
         def fail(message):
             raise ValueError(f"HardPromptConfig: {message}")
@@ -163,11 +167,11 @@ class HardPromptConfig:
             fail(f"n_replace must be between 1 and prompt_len={self.prompt_len}, got {self.n_replace}")
         if self.n_replace > 1 and self.mode != "gcg":
             fail("n_replace > 1 applies to mode='gcg' only")
-        if isinstance(self.widen, bool) or not isinstance(self.widen, int) or self.widen < 0:
+        if self.widen < 0:
             fail(f"widen must be a non-negative integer, got {self.widen!r}")
         if self.widen and self.mode != "hotflip":
             fail("widen applies to mode='hotflip' only (GCG draws new swaps every iteration)")
-        if isinstance(self.kicks, bool) or not isinstance(self.kicks, int) or self.kicks < 0:
+        if self.kicks < 0:
             fail(f"kicks must be a non-negative integer, got {self.kicks!r}")
         if self.kicks and self.mode != "hotflip":
             fail("kicks applies to mode='hotflip' only (GCG draws new swaps every iteration)")

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distprompt_jax.bounds import BoundConfig
+from distprompt_jax.field_types import check_field_types
 from distprompt_jax.lm import LanguageModel
 from distprompt_jax.models.kv_cache import KVCache
 from distprompt_jax.prompting import context as context_lib
@@ -92,6 +93,9 @@ class PrefixPromptConfig:
     top_k: int = 10
     shard_params: bool = False
 
+    def __post_init__(self):
+        check_field_types(self)
+
     def validate(self, lm: LanguageModel) -> None:
         def fail(message):
             raise ValueError(f"PrefixPromptConfig: {message}")
@@ -101,7 +105,7 @@ class PrefixPromptConfig:
         )
         check_recipe_fields(self)
         hidden = self.reparam_hidden
-        if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
+        if hidden is not None and hidden < 1:
             fail(f"reparam_hidden must be a positive integer or None, got {hidden!r}")
         if self.suffix is None and self.template == "none" and lm.config.bos_token_id is None:
             fail(f"suffix=None reads the prefix with the BOS token, but {lm.name} has none: give suffix, the "

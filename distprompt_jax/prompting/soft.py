@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from distprompt_jax.bounds import BoundConfig
+from distprompt_jax.field_types import check_field_types
 from distprompt_jax.lm import LanguageModel
 from distprompt_jax.prompting import context as context_lib
 from distprompt_jax.prompting.context_bank import ContextBank
@@ -84,6 +85,9 @@ class SoftPromptConfig:
     top_k: int = 10  # for the top-k overlap figure
     shard_params: bool = False  # split the weights over the devices (models too large for one device)
 
+    def __post_init__(self):
+        check_field_types(self)
+
     def validate(self, lm: LanguageModel) -> None:
         def fail(message):
             raise ValueError(f"SoftPromptConfig: {message}")
@@ -91,7 +95,7 @@ class SoftPromptConfig:
         check_shared_fields(
             self, lm, INITS, at_least_one=("max_steps", "patience", "restarts", "segment_steps", "top_k", "bank_size"),
         )
-        check_recipe_fields(self, learning_rate_may_be_none=True)
+        check_recipe_fields(self)
         if self.intervention_mode not in INTERVENTION_MODES:
             fail(f"intervention_mode must be one of {INTERVENTION_MODES}, got {self.intervention_mode!r}")
         layer = self.intervention_layer

@@ -30,6 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from distprompt_jax import parallel
+from distprompt_jax.field_types import check_field_types
 from distprompt_jax.solve.checkpoint import PoolCheckpoint
 from distprompt_jax.solve.problem import Problem, select
 
@@ -64,15 +65,18 @@ class DriverOptions:
     desc: str = "targets"
     progress: bool = True
 
+    def __post_init__(self):
+        check_field_types(self)
+
     def validate(self) -> None:
-        if self.refill_at is not None and (isinstance(self.refill_at, bool) or self.refill_at < 1):
+        if self.refill_at is not None and self.refill_at < 1:
             raise ValueError(f"DriverOptions: refill_at must be a positive integer or None, got {self.refill_at!r}")
         if self.retry_above is not None and not (np.isfinite(self.retry_above) and self.retry_above >= 0):
             raise ValueError(
                 f"DriverOptions: retry_above must be a non-negative number or None, got {self.retry_above!r}")
         for name in ("slots", "segment_steps", "attempts", "checkpoint_every"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            if value < 1:
                 raise ValueError(f"DriverOptions: {name} must be a positive integer, got {value!r}")
 
 
