@@ -70,8 +70,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
-        # absl logs at INFO by default, which surfaces JAX's backend probing.
-        logging.set_verbosity(logging.WARNING)
+        # Our status lines (a model fetched or converted, a finished run) are INFO; other libraries' INFO (JAX's
+        # backend probing, orbax's checkpoints) stays hidden unless --verbosity asks for it.
+        logging.set_verbosity(logging.INFO)
+        logging.get_absl_handler().addFilter(_own_or_warning)
     try:
         if _COMPILATION_CACHE.value:
             from distprompt_jax import compilation_cache
@@ -98,6 +100,14 @@ def main(argv):
         sys.exit(f"distprompt: {os_error_message(err)}")
     except (ValueError, KeyError, RuntimeError) as err:
         sys.exit(f"distprompt: {err}")
+
+
+def _own_or_warning(record) -> bool:
+    """A log record to show by default: a warning or worse, or a line of this package's."""
+    return record.levelno >= logging.WARNING or Path(record.pathname).resolve().is_relative_to(_PACKAGE_DIR)
+
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def run_experiment(config, workdir: str | None):

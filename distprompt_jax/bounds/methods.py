@@ -94,7 +94,7 @@ class BoundConfig:
 
 
 def unembedding_bound(
-    lm, targets, config: BoundConfig | None = None, *, devices=None, take_share: bool = True
+    lm, targets, config: BoundConfig | None = None, *, devices=None, take_share: bool = True, progress: bool = True,
 ) -> PromptResults:
     """Certified lower bound on the KL any prompt of `lm` can reach, for each target.
 
@@ -105,6 +105,7 @@ def unembedding_bound(
       devices: devices to shard the slots over (default: this process's devices). In a multi-host run
         each process bounds its own contiguous share of the targets and returns results for those.
       take_share: False when `targets` already are this process's share (as in a sweep).
+      progress: show a progress bar (tqdm) while targets are solved.
     Returns:
       PromptResults with method "bound". Columns: `kl` the certified lower bound (NaN where uncertified),
       `primal` the KL at the solver's h (an upper bound on the infimum), `gap` = primal − the best proven
@@ -113,17 +114,18 @@ def unembedding_bound(
       float64, the final-normed hidden vector the primal value belongs to.
     """
     method = BoundMethod(lm, config)
-    return run_method(method, lm, targets, devices=devices, take_share=take_share, on_finished=method.finished)
+    return run_method(method, lm, targets, devices=devices, take_share=take_share, on_finished=method.finished,
+                      progress=progress)
 
 
 def norm_bound_estimate(
     lm, targets, config: BoundConfig | None = None, *, devices=None, take_share: bool = True,
-    unconstrained: PromptResults | None = None,
+    unconstrained: PromptResults | None = None, progress: bool = True,
 ) -> PromptResults:
     """Best KL over h restricted to the final norm's image (an estimate), with a Frank–Wolfe lower bound.
 
     Args:
-      lm, targets, config, devices, take_share: as for `unembedding_bound`.
+      lm, targets, config, devices, take_share, progress: as for `unembedding_bound`.
       unconstrained: optional `unembedding_bound` results on the same targets: its `h` starts the first
         restart and its certified bound (also valid here) joins the lower bound.
     Returns:
@@ -147,7 +149,7 @@ def norm_bound_estimate(
         prior_lower = (np.asarray(unconstrained.columns["primal"], np.float64)
                        - np.asarray(unconstrained.columns["gap"], np.float64))
     method = NormMethod(lm, config, start_h=start_h, prior_lower=prior_lower)
-    return run_method(method, lm, target_set, devices=devices, take_share=take_share)
+    return run_method(method, lm, target_set, devices=devices, take_share=take_share, progress=progress)
 
 
 class BoundMethod:

@@ -129,7 +129,7 @@ def context_of(lm: LanguageModel, config: PrefixPromptConfig) -> context_lib.Fix
 
 def prefix_prompt(
     lm: LanguageModel, targets, config: PrefixPromptConfig | None = None, *, devices=None,
-    with_bound: bool | BoundConfig = True,
+    with_bound: bool | BoundConfig = True, progress: bool = True,
 ) -> PromptResults:
     """Optimize a prefix (keys and values at every layer for P positions) for each target.
 
@@ -137,15 +137,16 @@ def prefix_prompt(
       lm: a LanguageModel.
       targets: a TargetSet or an [N, V] array of probabilities over lm's vocabulary.
       config: PrefixPromptConfig (defaults as documented there).
-      devices, with_bound: as for `soft_prompt` (the certified bound runs first by default and is every
-        target's floor).
+      devices, with_bound, progress: as for `soft_prompt` (the certified bound runs first by default and is
+        every target's floor).
     Returns:
       PromptResults with method "prefix"; `.arrays["keys"]`, `.arrays["values"]` hold each target's best
       prefix, float32 [N, n_layers, P, n_kv_heads, head_dim], keys after the rotary embedding (module
-      docstring). `.save_peft(directory, target_ids)` writes PEFT PREFIX_TUNING adapters of them.
+      docstring); `.arrays["kl_path"]` [N, ⌈max_steps / segment_steps⌉] the best KL after every
+      `segment_steps` steps. `.save_peft(directory, target_ids)` writes PEFT PREFIX_TUNING adapters of them.
     """
     method = PrefixMethod(lm, config or PrefixPromptConfig())
-    return run_gradient_method(method, lm, targets, with_bound, devices=devices)
+    return run_gradient_method(method, lm, targets, with_bound, devices=devices, progress=progress)
 
 
 class Reparam(NamedTuple):

@@ -110,7 +110,7 @@ class SoftPromptConfig:
 
 def soft_prompt(
     lm: LanguageModel, targets, config: SoftPromptConfig | None = None, *, devices=None,
-    with_bound: bool | BoundConfig = True,
+    with_bound: bool | BoundConfig = True, progress: bool = True,
 ) -> PromptResults:
     """Optimize a soft prompt (or intervention vector) for each target.
 
@@ -121,16 +121,22 @@ def soft_prompt(
       devices: devices to shard the slots over (default: this process's devices). In a multi-host run
         each process optimizes its own contiguous share of the targets (`parallel.process_slice`) and
         returns results for those only.
-      with_bound: True (the default, or a BoundConfig) runs the certified `unembedding_bound` first: each
-        target stops once within `config.floor_tolerance` of it, restarts go only to targets more than
-        `config.restart_above` above it, and the results gain `kl_bound` and `gap_to_bound`. False: no
-        bound (the floor is 0).
+      with_bound: True (the default of every prompt method, or a BoundConfig) runs the certified
+        `unembedding_bound` first: each target stops once within `config.floor_tolerance` of it, restarts go
+        only to targets more than `config.restart_above` above it, and the results gain `kl_bound` and
+        `gap_to_bound`, without which a found KL cannot be told from the search's shortfall. False: no bound
+        (the floor is 0), for the search alone.
+      progress: show progress bars (tqdm). Status lines (a model being fetched or converted) go through absl
+        logging at INFO (`absl.logging.set_verbosity(absl.logging.INFO)` shows them).
     Returns:
-      PromptResults with method "soft"; `.arrays["prompt"]` holds the best variables and
-      `.arrays["nearest_tokens"]` each soft vector's nearest vocabulary token (input prompts only).
-      `.save_peft(directory, target_ids)` writes PEFT PROMPT_TUNING adapters of input prompts.
+      PromptResults with method "soft"; `.arrays["prompt"]` holds the best variables,
+      `.arrays["nearest_tokens"]` each soft vector's nearest vocabulary token (input prompts only) and
+      `.arrays["kl_path"]` [N, ⌈max_steps / segment_steps⌉] the best KL after every `segment_steps` steps.
+      `.save_peft(directory, target_ids)` writes PEFT PROMPT_TUNING adapters of input prompts; `.save(dir)`
+      the results in an experiment's files.
     """
-    return run_gradient_method(SoftMethod(lm, config or SoftPromptConfig()), lm, targets, with_bound, devices=devices)
+    return run_gradient_method(SoftMethod(lm, config or SoftPromptConfig()), lm, targets, with_bound, devices=devices,
+                               progress=progress)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -173,6 +173,19 @@ def compiled(problem: Problem) -> Compiled:
     return entry
 
 
+def progress_postfix(info: SegmentInfo, finished_best: np.ndarray) -> dict[str, object]:
+    """What the progress bar shows after a segment: the running slots, the mean best objective over those that
+    have one, and the mean over finished targets. A mean with nothing to average is left out (between segments
+    every running slot may have just started, and at the end none runs), never shown as nan."""
+    postfix: dict[str, object] = {"active": info.active}
+    if np.isfinite(info.mean_best):
+        postfix["mean_best"] = f"{info.mean_best:.4g}"
+    finished_best = finished_best[np.isfinite(finished_best)]
+    if len(finished_best):
+        postfix["mean_done"] = f"{finished_best.mean():.4g}"
+    return postfix
+
+
 def with_floors(inputs: dict[str, np.ndarray], floors: np.ndarray | None) -> tuple[dict, np.ndarray]:
     """The problem's inputs with the driver's `floor` input added, and the floors as float64 [N] (given ones,
     NaN read as 0 (unknown), or zeros)."""
@@ -257,7 +270,7 @@ class Driver:
             info = pool.info(ran)  # of the pool this segment ran in
             pool.compact()
             bar.update(pool.targets_done() - done_before)
-            bar.set_postfix(active=info.active, mean_best=f"{info.mean_best:.4g}")
+            bar.set_postfix(progress_postfix(info, pool.best[pool.done]))
             if checkpoint is not None and self.stats.segments % self.options.checkpoint_every == 0 and pool.has_work():
                 pool.save(checkpoint)
             if on_segment is not None:
