@@ -16,6 +16,7 @@ import pytest
 from conftest import build_tiny_hf_model
 
 from distprompt_jax.bounds import BoundConfig
+from distprompt_jax.results import PromptResults
 
 CONFIG = """
 from ml_collections import ConfigDict
@@ -80,6 +81,14 @@ def test_run_writes_results_prompts_logs_and_report(experiment, tmp_path):
     with np.load(tmp_path / "prompts" / "soft.npz") as prompts:
         assert prompts["prompt"].shape == (7, 3, 64)
         np.testing.assert_array_equal(prompts["target_id"], results.target_id)
+    # The targets' own seed, steps, learning rate ... join under `target_`; the method's keep their names.
+    assert {"target_seed", "target_max_steps", "target_learning_rate", "learning_rate"} <= set(results.columns)
+    assert "seed" not in results.columns and "max_steps" not in results.columns
+    # A sweep's method output is a PromptResults' files: it loads, with its KL history.
+    loaded = PromptResults.load(tmp_path, "soft")
+    assert loaded.method == "soft" and loaded.arrays["kl_path"].shape == (7, 4)  # 20 steps, every 5
+    np.testing.assert_array_equal(loaded.columns["kl"], results.kl)
+    np.testing.assert_array_equal(loaded.arrays["kl_path"][:, -1], results.kl)
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["config"]["soft"]["max_steps"] == 20 and run["versions"]["jax"]
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
