@@ -340,7 +340,7 @@ def run_strategy(lm, targets, name: str, budget: int, soft_steps: int, bos: bool
         spent = spent + chosen.restarts * chosen.init_samples
     iterations = int((budget - spent.max()) // (per_iteration * chosen.restarts))  # per attempt
     config = HardPromptConfig(max_steps=iterations, patience=max(iterations, PROMPT_LEN), **fields)
-    result = hard_prompt(lm, targets, config, init_ids=init_ids)
+    result = hard_prompt(lm, targets, config, init_ids=init_ids, with_bound=False)  # the search alone, as before
     seconds = time.perf_counter() - start
     path = result.arrays["kl_path"]
     table = pd.DataFrame({"strategy": name, "entropy": targets.metadata["entropy"].to_numpy(),

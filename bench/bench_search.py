@@ -116,7 +116,9 @@ def gap_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 def markdown(frame: pd.DataFrame) -> str:
     header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
-    cells = lambda row: " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row)
+    def cells(row):
+        return " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row)
+
     return header + "\n".join(f"| {cells(row)} |" for row in frame.itertuples(index=False))
 
 

@@ -174,7 +174,8 @@ def peak_rss_gb(n: int) -> float:
     code = (
         "import resource, numpy as np, sys; sys.path.insert(0, 'bench');"
         "from bench_soft import random_targets; from distprompt_jax import load_model, soft_prompt, SoftPromptConfig;"
-        f"lm = load_model({MODEL!r}); soft_prompt(lm, random_targets({n}, lm.vocab_size), SoftPromptConfig(max_steps=1));"
+        f"lm = load_model({MODEL!r});"
+        f"soft_prompt(lm, random_targets({n}, lm.vocab_size), SoftPromptConfig(max_steps=1));"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -239,7 +240,8 @@ def main():
     loop_rate = None
     print(f"dense float32 matmul peak: {peak / 1e9:.1f} GFLOP/s; one step is "
           f"{step_flops(lm.config, 10) / 1e9:.2f} GFLOP per target\n")
-    print("| N | distprompt_jax target·steps/s | MFU | PyTorch batched | PyTorch per-target loop | vs batched | vs loop |")
+    print("| N | distprompt_jax target·steps/s | MFU | PyTorch batched | PyTorch per-target loop | vs batched "
+          "| vs loop |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for n in sizes:

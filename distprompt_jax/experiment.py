@@ -24,7 +24,6 @@ import dataclasses
 import difflib
 import math
 import os
-import types
 import typing
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import numpy as np
 import pandas as pd
 from ml_collections import ConfigDict, FieldReference, config_dict
 
-from distprompt_jax import metrics
+from distprompt_jax import field_types, metrics
 from distprompt_jax.prompting.prefix import PrefixPromptConfig
 from distprompt_jax.prompting.soft import SoftPromptConfig
 from distprompt_jax.targets import TargetSet
@@ -107,15 +106,8 @@ def _default(config_class, field: dataclasses.Field):
     raise TypeError(f"{config_class.__name__}.{field.name} has no default, so a config cannot leave it out")
 
 
-def _members(hint) -> tuple:
-    """The alternatives of a union type hint (`int | None` -> (int, NoneType)); a plain hint alone."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return typing.get_args(hint)
-    return (hint,)
-
-
 def _config_value(hint, default):
-    members = _members(hint)
+    members = field_types.members(hint)
     plain = [m for m in members if m is not type(None)]
     if len(plain) == 1 and len(members) == 1:
         return default
@@ -154,71 +146,14 @@ def convert_field(value, hint, name: str):
     Exact types are taken first; then an int becomes a float where a float is asked for, or text where only
     text is (`--config.soft.prefix=5` is the text "5"), and a list of ints a tuple. Floats must be finite.
     """
-    members = _members(hint)
-    if value is None:
-        if type(None) in members:
-            return None
-        raise ConfigError(f"{name} may not be None: give {_describe(hint)}")
-    for exact in (True, False):
-        for member in members:
-            converted = _as_member(value, member, exact, members)
-            if converted is not _MISMATCH:
-                if isinstance(converted, float) and not math.isfinite(converted):
-                    raise ConfigError(f"{name} = {converted}: must be a finite number")
-                return converted
-    raise ConfigError(f"{name} = {value!r}: expected {_describe(hint)}")
-
-
-_MISMATCH = object()
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _as_member(value, member, exact: bool, members: tuple):
-    if member is type(None):
-        return _MISMATCH  # None was handled before
-    if member is bool:
-        return value if isinstance(value, (bool, np.bool_)) else _MISMATCH
-    if member is int:
-        return int(value) if _is_int(value) else _MISMATCH
-    if member is float:
-        if isinstance(value, (float, np.floating)):
-            return float(value)
-        return float(value) if not exact and _is_int(value) else _MISMATCH
-    if member is str:
-        if isinstance(value, str):
-            return value
-        return str(value) if not exact and _is_int(value) and int not in members else _MISMATCH
-    if typing.get_origin(member) is tuple:
-        args = typing.get_args(member)
-        if not isinstance(value, (tuple, list)) or (isinstance(value, list) and exact):
-            return _MISMATCH
-        element = args[0] if len(args) == 2 and args[1] is Ellipsis else None
-        items = list(value)
-        if element is None:
-            if len(args) != len(items):
-                return _MISMATCH
-            converted = [_as_member(v, a, exact, (a,)) for v, a in zip(items, args)]
-        else:
-            converted = [_as_member(v, element, exact, (element,)) for v in items]
-        return _MISMATCH if any(c is _MISMATCH for c in converted) else tuple(converted)
-    raise TypeError(f"config fields of type {member!r} are not supported")
-
-
-def _describe(hint) -> str:
-    names = []
-    for member in _members(hint):
-        if member is type(None):
-            names.append("None")
-        elif typing.get_origin(member) is tuple:
-            args = typing.get_args(member)
-            names.append(f"a tuple of {args[0].__name__}" if len(args) == 2 and args[1] is Ellipsis
-                         else f"a tuple ({', '.join(a.__name__ for a in args)})")
-        else:
-            names.append(getattr(member, "__name__", str(member)))
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+    if value is None and type(None) not in field_types.members(hint):
+        raise ConfigError(f"{name} may not be None: give {field_types.describe(hint)}")
+    converted = field_types.convert(value, hint)
+    if converted is field_types.MISMATCH:
+        raise ConfigError(f"{name} = {value!r}: expected {field_types.describe(hint)}")
+    if isinstance(converted, float) and not math.isfinite(converted):
+        raise ConfigError(f"{name} = {converted}: must be a finite number")
+    return converted
 
 
 def soft_defaults() -> ConfigDict:
@@ -458,14 +393,14 @@ def validate(config, lm=None) -> None:
 
 
 def _check_int(value, name: str, minimum: int | None) -> None:
-    if not _is_int(value):
+    if not field_types.is_int(value):
         raise ConfigError(f"{name} = {value!r}: must be an integer")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name} = {value}: must be at least {minimum}")
 
 
 def _check_number(value, name: str) -> float:
-    if not (_is_int(value) or isinstance(value, (float, np.floating))) or not math.isfinite(value):
+    if not (field_types.is_int(value) or isinstance(value, (float, np.floating))) or not math.isfinite(value):
         raise ConfigError(f"{name} = {value!r}: must be a finite number")
     return float(value)
 

@@ -9,14 +9,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
+from absl import logging
+
 from distprompt_jax.checkpoints import hub, registry
 from distprompt_jax.checkpoints.cache import (
-    CACHE_ENV, cache_dir, file_sha256, held_lock, is_owned, make_owned_dir, manifest_problem, remove_owned,
-    remove_stale_scratch, scratch_path, write_manifest,
+    CACHE_ENV,
+    cache_dir,
+    file_sha256,
+    held_lock,
+    is_owned,
+    make_owned_dir,
+    manifest_problem,
+    remove_owned,
+    remove_stale_scratch,
+    scratch_path,
+    write_manifest,
 )
 from distprompt_jax.checkpoints.hf_safetensors import CheckpointError, ShardedTensors, read_config
 from distprompt_jax.lm import LanguageModel, build_language_model
@@ -136,7 +146,7 @@ def _convert(gguf_path: Path, target: Path, info: dict):
 
     from distprompt_jax.checkpoints.gguf import read_gguf
 
-    print(f"distprompt_jax: converting {gguf_path.name} to float32 safetensors in {target} (once) ...", file=sys.stderr)
+    logging.info("distprompt_jax: converting %s to float32 safetensors in %s (once) ...", gguf_path.name, target)
     hf_config, tensors, tokenizer = read_gguf(gguf_path)
     staging = make_owned_dir(scratch_path(target, "tmp"))
     try:

@@ -1,9 +1,12 @@
-"""Command line entry point (`distprompt`).
+"""distprompt: run a distribution-prompting experiment, or check a model.
 
     distprompt --config=configs/quickstart.py --workdir=runs/quick [--config.soft.max_steps=300 ...]
-        runs (or resumes) an experiment and writes its results and report into the workdir;
+        runs (or resumes) an experiment and writes its results and report into the workdir; any config field
+        can be overridden with --config.<section>.<field>=value;
     distprompt --prompt="The capital of France is" [--model=...]
         prints a model's next-token distribution: a quick end-to-end check of an install.
+
+`distprompt-report --workdir=DIR` (re)writes the report of a run; --helpfull lists every flag, absl's too.
 """
 
 from __future__ import annotations
@@ -67,8 +70,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
-        # absl logs at INFO by default, which surfaces JAX's backend probing.
-        logging.set_verbosity(logging.WARNING)
+        # Our status lines (a model fetched or converted, a finished run) are INFO; other libraries' INFO (JAX's
+        # backend probing, orbax's checkpoints) stays hidden unless --verbosity asks for it.
+        logging.set_verbosity(logging.INFO)
+        logging.get_absl_handler().addFilter(_own_or_warning)
     try:
         if _COMPILATION_CACHE.value:
             from distprompt_jax import compilation_cache
@@ -95,6 +100,14 @@ def main(argv):
         sys.exit(f"distprompt: {os_error_message(err)}")
     except (ValueError, KeyError, RuntimeError) as err:
         sys.exit(f"distprompt: {err}")
+
+
+def _own_or_warning(record) -> bool:
+    """A log record to show by default: a warning or worse, or a line of this package's."""
+    return record.levelno >= logging.WARNING or Path(record.pathname).resolve().is_relative_to(_PACKAGE_DIR)
+
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def run_experiment(config, workdir: str | None):
@@ -176,6 +189,11 @@ def unknown_override(path: str, argv: list[str]) -> str | None:
 
 
 def run():
+    from distprompt_jax.flag_help import show_in_help
+
+    # Every flag this module defines, and the config file's (defined by ml_collections, so not among them).
+    ours = [flag.name for flag in flags.FLAGS.get_flags_for_module(__name__)]
+    show_in_help(__doc__, [*ours, _CONFIG.name])
     app.run(main, flags_parser=parse_flags)
 
 

@@ -38,7 +38,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import warnings
 import zipfile
@@ -48,25 +47,34 @@ from pathlib import Path
 import jax
 import numpy as np
 import pandas as pd
+from absl import logging
 
 from distprompt_jax import parallel
 from distprompt_jax.experiment import (
-    BOUND_METHODS, bound_config, final_norm_config, hard_config, prefix_config, run_order, soft_config, validate,
+    BOUND_METHODS,
+    bound_config,
+    final_norm_config,
+    hard_config,
+    prefix_config,
+    run_order,
+    soft_config,
+    validate,
 )
 from distprompt_jax.files import (
-    LinkedPathError, append_line, atomic_write, named_os_error, open_no_follow, real_dir, remove_stale_temporaries,
+    LinkedPathError,
+    append_line,
+    atomic_write,
+    named_os_error,
+    open_no_follow,
+    real_dir,
+    remove_stale_temporaries,
 )
 from distprompt_jax.metrics import segment_scalars
 from distprompt_jax.prompting.engine import Method, run_method
-from distprompt_jax.results import PromptResults, with_bound_columns
+from distprompt_jax.results import RUN_INFO, PromptResults, with_bound_columns
 from distprompt_jax.solve import PoolCheckpoint, SegmentInfo
 from distprompt_jax.targets import validate_probs
 from distprompt_jax.targets.io import METADATA_FILE, PROBS_FILE
-
-
-# The key, in a method's finished-results files and its prompts file, of a JSON object {"engine": the engine's
-# name, "run_info": what the engine records beside its rows (GradientMethod.run_info; {} where it records none)}.
-RUN_INFO = "run_info"
 
 
 class WorkdirError(ValueError):
@@ -92,7 +100,7 @@ def run(config, workdir: str | os.PathLike) -> pd.DataFrame | None:
         _remove_leftovers(workdir)
         if results_path.is_file():
             if leader:
-                print(f"distprompt: {workdir} already holds the finished run; nothing to do", file=sys.stderr)
+                logging.info("distprompt: %s already holds the finished run; nothing to do", workdir)
             return pd.read_parquet(results_path) if leader else None
 
         from distprompt_jax import load_model
@@ -363,32 +371,12 @@ def _read_done(done_dir: Path, n_targets: int) -> tuple[dict, dict, str]:
 
 def load_prompts(workdir: str | os.PathLike, label: str) -> PromptResults:
     """The prompts a finished experiment in `workdir` found with the method `label` ("soft", "prefix",
-    "final_norm", "soft-L5", ...) as PromptResults that `save_peft` takes: prompts/<label>.npz's arrays and
-    run_info, results.parquet's rows of `label` as columns (with kl_bound where the bound ran), and the targets'
-    metadata. Its `method` is the engine's name ("soft" for "soft-L5" and for the final-norm rung, whose
-    intervention `save_peft` refuses by name).
+    "final_norm", "soft-L5", ...) as PromptResults that `save_peft` takes: `PromptResults.load(workdir, label)`
+    (prompts/<label>.npz's arrays and run_info, results.parquet's rows of `label`, the targets' metadata). Its
+    `method` is the engine's name ("soft" for "soft-L5" and for the final-norm rung, whose intervention
+    `save_peft` refuses by name).
     """
-    workdir = Path(workdir)
-    path, results_path = workdir / "prompts" / f"{label}.npz", workdir / "results.parquet"
-    if not path.is_file() or not results_path.is_file():
-        raise FileNotFoundError(f"{path if not path.is_file() else results_path} does not exist: run the experiment "
-                                f"with {label.split('-L')[0]!r} in config.methods to the end first")
-    with np.load(path) as saved:
-        if RUN_INFO not in saved.files:
-            raise ValueError(f"{path} was written before prompts files recorded the model and fixed tokens their "
-                             "prompts belong to (run_info); rerun the experiment in a new workdir to export them")
-        target_id = saved["target_id"]
-        arrays = {k: saved[k] for k in saved.files if k not in ("target_id", RUN_INFO)}
-        recorded = json.loads(str(saved[RUN_INFO]))
-    metadata = pd.read_parquet(workdir / "targets" / METADATA_FILE).set_index("target_id").loc[target_id]
-    metadata = metadata.reset_index()
-    rows = pd.read_parquet(results_path).query("method == @label").set_index("target_id").loc[target_id]
-    # The method's own columns: not the metadata, and not other methods' columns (all missing in its rows).
-    rows = rows.drop(columns=[c for c in rows.columns if c in metadata.columns or c in ("method", "model")])
-    rows = rows.dropna(axis=1, how="all")
-    columns = {name: rows[name].to_numpy() for name in rows.columns}
-    return PromptResults(method=recorded["engine"] or label, columns=columns, arrays=arrays, metadata=metadata,
-                         run_info=recorded["run_info"])
+    return PromptResults.load(workdir, label)
 
 
 def _log(workdir: Path, label: str, info: SegmentInfo) -> None:

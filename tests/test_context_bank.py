@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from test_targets_generated import WORDS, word_tokenizer
 
 from distprompt_jax import load_model
 from distprompt_jax.prompting.context import FixedContext
 from distprompt_jax.prompting.context_bank import ContextBank, windows_of_text
-from test_targets_generated import WORDS, word_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -199,11 +199,12 @@ def test_non_finite_floats_are_refused_naming_the_field(monkeypatch, field, valu
 def test_values_of_the_wrong_type_are_refused_naming_the_field():
     config = quick_config()
     config.soft.intervention_layer = 1.5
-    with pytest.raises(ConfigError, match=r"config\.soft\.intervention_layer = 1\.5: expected int, str or None"):
+    expected = r"config\.soft\.intervention_layer = 1\.5: expected an int, a string or None"
+    with pytest.raises(ConfigError, match=expected):
         validate(config)
     config = quick_config()
     config.hard.prefix = (1, "a")
-    with pytest.raises(ConfigError, match=r"config\.hard\.prefix = \(1, 'a'\): expected str or a tuple of int"):
+    with pytest.raises(ConfigError, match=r"config\.hard\.prefix = \(1, 'a'\): expected a string or a tuple of ints"):
         validate(config)
 
 

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import TINY_VOCAB, build_tiny_hf_model
+from gguf_writer import tiny_byte_level_bpe, write_gguf
 from ml_collections import ConfigDict
 
-from conftest import TINY_VOCAB, build_tiny_hf_model
 from distprompt_jax import compilation_cache, files, sweep
 from distprompt_jax.checkpoints import cache
 from distprompt_jax.experiment import ConfigError, bound_defaults, hard_defaults, soft_defaults
@@ -31,7 +32,6 @@ from distprompt_jax.loading import converted_gguf_dir
 from distprompt_jax.prompting.engine import with_diverged_flag
 from distprompt_jax.report import page
 from distprompt_jax.solve import PoolCheckpoint, blown_up
-from gguf_writer import tiny_byte_level_bpe, write_gguf
 
 N_TARGETS = 4
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -10,15 +11,25 @@ import pandas as pd
 import pytest
 
 from distprompt_jax import SoftPromptConfig, load_model, soft_prompt
+from distprompt_jax.prompting import hard
 from distprompt_jax.prompting.hard import (
-    HardProblem, HardPromptConfig, _init_token, candidate_mask, hard_prompt, project_soft_prompts, projection_loss,
-    round_trips, token_prompt_kl,
+    HardProblem,
+    HardPromptConfig,
+    _init_token,
+    candidate_mask,
+    project_soft_prompts,
+    projection_loss,
+    round_trips,
+    token_prompt_kl,
 )
 from distprompt_jax.prompting.objective import safe_log
 from distprompt_jax.results import PromptResults
 from distprompt_jax.tokens import special_token_ids
 
 SPECIAL = (1, 2)  # the tiny models' BOS and EOS
+# These tests are of the search itself, without the certified bound as its floor (the bound beside prompts is
+# tested with soft prompts and in test_bounds).
+hard_prompt = functools.partial(hard.hard_prompt, with_bound=False)
 
 
 def targets_of(lm, prompts) -> np.ndarray:
@@ -415,9 +426,10 @@ def test_widening_ends_at_a_local_optimum_of_every_single_swap(peaked_lm):
         assert kl.min() >= widened.columns["kl"][row] - 1e-5, row
     with pytest.raises(ValueError, match="widen applies to mode='hotflip' only"):
         hard_prompt(lm, targets, dataclasses.replace(GCG, widen=1))
-    for bad in (-1, 1.5):
-        with pytest.raises(ValueError, match="widen must be a non-negative integer"):
-            hard_prompt(lm, targets, dataclasses.replace(narrow, widen=bad))
+    with pytest.raises(ValueError, match="widen must be a non-negative integer"):
+        hard_prompt(lm, targets, dataclasses.replace(narrow, widen=-1))
+    with pytest.raises(TypeError, match="HardPromptConfig: widen must be an int, got 1.5"):
+        dataclasses.replace(narrow, widen=1.5)
 
 
 def test_kicks_go_on_from_the_best_prompt_and_never_lose_it(peaked_lm):

@@ -7,8 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import build_tiny_hf_model, kl_rows, torch_last_logits
+
 from distprompt_jax import load_model
 from distprompt_jax.checkpoints.hf_safetensors import CheckpointError
 from distprompt_jax.models import config_from_hf
@@ -84,9 +84,8 @@ def test_index_naming_a_missing_shard(tmp_path):
 def test_tokenizer_asking_for_custom_code_never_runs_it(tiny_hf_dir, tmp_path, monkeypatch):
     # transformers, left to decide, asks on the terminal whether to run a directory's tokenizer code;
     # answer "y" to any question, and check that none is asked and the code never runs.
-    from transformers import PreTrainedTokenizerFast
-
     from gguf_writer import tiny_byte_level_bpe
+    from transformers import PreTrainedTokenizerFast
 
     model_dir, evil = tmp_path / "model", tmp_path / "tokenizer"
     model_dir.mkdir()

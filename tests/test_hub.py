@@ -14,12 +14,12 @@ import types
 import huggingface_hub
 import numpy as np
 import pytest
+from conftest import TINY_VOCAB
+from gguf_writer import tiny_byte_level_bpe
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from conftest import TINY_VOCAB
 from distprompt_jax import load_model
 from distprompt_jax.checkpoints import cache, hub
-from gguf_writer import tiny_byte_level_bpe
 
 REPO = "SomeOrg/tiny-model"
 

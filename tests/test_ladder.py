@@ -13,12 +13,12 @@ import jax
 import numpy as np
 import pandas as pd
 import pytest
-from ml_collections import ConfigDict
-
 from conftest import build_tiny_hf_model
+from ml_collections import ConfigDict
+from test_targets_generated import WORDS, word_tokenizer
+
 from distprompt_jax import experiment, sweep
 from distprompt_jax.prompting import peft_export
-from test_targets_generated import WORDS, word_tokenizer
 
 ROOT = Path(__file__).parent.parent
 N_TARGETS = 10  # 4 vanilla, 2 outlier, 2 model, 2 cross_model

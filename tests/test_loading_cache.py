@@ -12,13 +12,13 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import TINY_VOCAB, build_tiny_hf_model
+from gguf_writer import tiny_byte_level_bpe, write_gguf
+
 from distprompt_jax import load_model
 from distprompt_jax.checkpoints import cache
 from distprompt_jax.checkpoints.hf_safetensors import CheckpointError
 from distprompt_jax.loading import converted_gguf_dir
-from gguf_writer import tiny_byte_level_bpe, write_gguf
 
 
 @pytest.fixture(scope="module")

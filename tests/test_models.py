@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import FAMILIES, TINY_VOCAB, kl_rows, torch_last_logits
+
 from distprompt_jax import load_model
 from distprompt_jax.lm import abstract_language_model
 from distprompt_jax.models import UnsupportedConfigError, config_from_hf
@@ -129,7 +129,8 @@ def test_big_configs_by_eval_shape(name):
     n_ref = sum(p.numel() for p in reference.parameters())
     assert n_ours == n_ref
     x = jax.ShapeDtypeStruct((10, lm.d_model), jnp.float32)
-    out = jax.eval_shape(jax.vmap(lm.logits, in_axes=(None, 0)), lm.params, jax.ShapeDtypeStruct((4, 10, lm.d_model), jnp.float32))
+    batch = jax.ShapeDtypeStruct((4, 10, lm.d_model), jnp.float32)
+    out = jax.eval_shape(jax.vmap(lm.logits, in_axes=(None, 0)), lm.params, batch)
     assert out.shape == (4, lm.vocab_size) and out.dtype == jnp.float32
     assert jax.eval_shape(lm.logits, lm.params, x).shape == (lm.vocab_size,)
 

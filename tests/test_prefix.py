@@ -105,6 +105,11 @@ def test_reported_kl_is_the_kl_of_the_returned_keys_and_values(peaked_lm, repara
     np.testing.assert_allclose(result.columns["kl"], direct, atol=2e-5)
     assert np.all(result.columns["kl"] <= result.columns["initial_kl"])
     assert result.run_info["prefix_ids"] == list(fixed) and result.run_info["suffix_ids"] == [5, BOS]
+    # The KL history: the best KL after steps 10, 20 and the last (25 steps, segment_steps 10).
+    path = result.arrays["kl_path"]
+    assert path.shape == (3, 3) and "kl_path" not in result.columns
+    np.testing.assert_array_equal(path[:, -1], result.columns["kl"])
+    assert np.all(np.diff(path, axis=1) <= 0) and np.all(path[:, 0] <= result.columns["initial_kl"])
 
 
 def test_a_prefix_does_at_least_as_well_as_a_soft_prompt_read_at_the_same_token(peaked_lm):

@@ -9,8 +9,8 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-
 from conftest import kl_rows, torch_last_logits
+
 from distprompt_jax import load_model
 from distprompt_jax.checkpoints import registry
 from distprompt_jax.checkpoints.hf_safetensors import ShardedTensors

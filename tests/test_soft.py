@@ -279,7 +279,7 @@ def test_warmup_starts_the_learning_rate_at_zero_and_reaches_it_after_the_warmup
 
 
 def test_the_default_learning_rate_is_relative_to_the_embeddings_scale(peaked_lm):
-    from distprompt_jax import PrefixPromptConfig, prefix_prompt
+    from distprompt_jax import PrefixPromptConfig
     from distprompt_jax.prompting.soft import LEARNING_RATE_PER_STD, SoftProblem
 
     lm = peaked_lm("llama")
@@ -291,5 +291,5 @@ def test_the_default_learning_rate_is_relative_to_the_embeddings_scale(peaked_lm
     # Results say which step ran.
     ran = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=3, max_steps=2, slots=1)).columns["learning_rate"]
     np.testing.assert_allclose(ran, LEARNING_RATE_PER_STD * sigma, rtol=1e-5)
-    with pytest.raises(ValueError, match="PrefixPromptConfig: learning_rate must be a positive number, got None"):
-        prefix_prompt(lm, targets, PrefixPromptConfig(learning_rate=None))
+    with pytest.raises(TypeError, match="PrefixPromptConfig: learning_rate must be a number, got None"):
+        PrefixPromptConfig(learning_rate=None)

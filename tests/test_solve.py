@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,7 +95,9 @@ def test_a_segment_ends_early_to_refill_freed_slots():
     fixed, _ = run(n=11, slots=4, segment_steps=20, refill_at=5)  # never early: slots + 1
     early, out = run(n=11, slots=4, segment_steps=20, refill_at=1)
     assert early.stats.target_steps == fixed.stats.target_steps == out["steps"].sum()
-    waste = lambda d: d.stats.slot_steps - d.stats.target_steps
+    def waste(d):
+        return d.stats.slot_steps - d.stats.target_steps
+
     assert waste(early) < waste(fixed)
     # Refilling at each finish leaves idle only the tail, once no target is left to take a slot.
     assert waste(early) <= 3 * int(inputs(11)["limit"].max())
@@ -104,9 +107,8 @@ def test_results_do_not_depend_on_slots_or_devices_for_an_exact_problem():
     _, a = run(slots=4)
     _, b = run(slots=8, devices=jax.devices()[:1])
     _, again = run(slots=4)
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=1e-6)
-        np.testing.assert_array_equal(a[name], again[name])
+    chex.assert_trees_all_close(a, b, rtol=1e-6)
+    chex.assert_trees_all_equal(a, again)
 
 
 def test_attempts_keep_each_targets_best_and_differ_in_their_start():
@@ -170,8 +172,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_results(tmp_
     driver, resumed = run(n=13, slots=4, segment_steps=3, checkpoint=PoolCheckpoint(tmp_path / "pool"),
                           on_segment=lambda info: told.append(info.segment), checkpoint_every=2, attempts=2)
     assert told[0] == stopped_at[0] + 1  # went on from the checkpoint
-    for name in straight:
-        np.testing.assert_array_equal(straight[name], resumed[name])
+    chex.assert_trees_all_equal(straight, resumed)
 
 
 def interrupted_at(segment: int, directory) -> PoolCheckpoint:
@@ -199,8 +200,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
         _, resumed = run(n=13, slots=4, segment_steps=3, checkpoint=PoolCheckpoint(tmp_path / "pool"),
                          on_segment=lambda info: told.append(info.segment), checkpoint_every=2)
     assert told[0] == 3
-    for name in straight:
-        np.testing.assert_array_equal(straight[name], resumed[name])
+    chex.assert_trees_all_equal(straight, resumed)
 
 
 def test_a_compacted_tail_computes_only_the_running_slots_and_gives_the_same_results():
@@ -214,8 +214,7 @@ def test_a_compacted_tail_computes_only_the_running_slots_and_gives_the_same_res
     assert all(active <= size for size, active in sizes)
     assert compacted.stats.target_steps == plain.stats.target_steps
     assert compacted.stats.slot_steps < plain.stats.slot_steps
-    for name in full:  # an exact problem: moving a state to another slot changes nothing
-        np.testing.assert_allclose(out[name], full[name], rtol=1e-6)
+    chex.assert_trees_all_close(out, full, rtol=1e-6)  # an exact problem: moving a state changes nothing
 
 
 def test_a_run_interrupted_after_compacting_resumes_to_the_same_results(tmp_path):
@@ -233,8 +232,7 @@ def test_a_run_interrupted_after_compacting_resumes_to_the_same_results(tmp_path
     _, resumed = run(**options, checkpoint=PoolCheckpoint(tmp_path / "pool"),
                      on_segment=lambda info: sizes.append(info.slots))
     assert sizes[0] < 16  # the restored pool is the compacted one
-    for name in straight:
-        np.testing.assert_array_equal(straight[name], resumed[name])
+    chex.assert_trees_all_equal(straight, resumed)
 
 
 def test_a_checkpoint_of_another_pool_is_refused(tmp_path):

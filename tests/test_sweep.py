@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import build_tiny_hf_model
+
 from distprompt_jax.bounds import BoundConfig
+from distprompt_jax.results import PromptResults
 
 CONFIG = """
 from ml_collections import ConfigDict
@@ -80,6 +81,14 @@ def test_run_writes_results_prompts_logs_and_report(experiment, tmp_path):
     with np.load(tmp_path / "prompts" / "soft.npz") as prompts:
         assert prompts["prompt"].shape == (7, 3, 64)
         np.testing.assert_array_equal(prompts["target_id"], results.target_id)
+    # The targets' own seed, steps, learning rate ... join under `target_`; the method's keep their names.
+    assert {"target_seed", "target_max_steps", "target_learning_rate", "learning_rate"} <= set(results.columns)
+    assert "seed" not in results.columns and "max_steps" not in results.columns
+    # A sweep's method output is a PromptResults' files: it loads, with its KL history.
+    loaded = PromptResults.load(tmp_path, "soft")
+    assert loaded.method == "soft" and loaded.arrays["kl_path"].shape == (7, 4)  # 20 steps, every 5
+    np.testing.assert_array_equal(loaded.columns["kl"], results.kl)
+    np.testing.assert_array_equal(loaded.arrays["kl_path"][:, -1], results.kl)
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["config"]["soft"]["max_steps"] == 20 and run["versions"]["jax"]
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -184,14 +193,16 @@ def test_leftovers_and_damaged_results_are_handled(experiment, tmp_path):
 def test_config_errors_are_named(experiment, tmp_path):
     code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path}", "--config.soft.bogus=1"))
     assert code != 0 and "bogus" in err
-    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path / 'b'}", "--config.soft.max_steps=many"))
+    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path / 'b'}",
+                                     "--config.soft.max_steps=many"))
     assert code != 0 and "max_steps" in err
     # A refused config claims nothing: the corrected command then runs in the same workdir.
     code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path / 'b'}",
                                      "--config.soft.learning_rate=inf"))
     assert code != 0 and "learning_rate" in err and "finite" in err
     assert not (tmp_path / "b" / "config.json").exists()
-    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path / 'c'}", "--config.targets.vanilla.kind=weird"))
+    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path / 'c'}",
+                                     "--config.targets.vanilla.kind=weird"))
     assert code != 0 and "known kinds" in err
     code, _, err = finish(distprompt(f"--config={experiment()}"))
     assert code != 0 and "--workdir is required" in err

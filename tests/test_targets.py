@@ -13,8 +13,17 @@ import pytest
 from distprompt_jax.parallel import local_mesh
 from distprompt_jax.solve import Driver, DriverOptions, Problem
 from distprompt_jax.targets import (
-    TargetError, TargetSet, as_target_set, entropy_grid, entropy_nats, load_targets, max_entropy_at_mass,
-    outlier_mass_bound, outlier_targets, validate_probs, vanilla_targets,
+    TargetError,
+    TargetSet,
+    as_target_set,
+    entropy_grid,
+    entropy_nats,
+    load_targets,
+    max_entropy_at_mass,
+    outlier_mass_bound,
+    outlier_targets,
+    validate_probs,
+    vanilla_targets,
 )
 from distprompt_jax.targets.batching import RowProblem, default_slots, map_rows, slot_count
 from distprompt_jax.targets.entropy import EntropyProblem, EntropySettings
@@ -417,7 +426,8 @@ def test_a_truncated_probs_file_is_named_and_called_truncated(tmp_path, mmap_mod
     probs = path / "probs.npy"
     np.testing.assert_array_equal(read_npy(probs, mmap_mode), np.full((4, 8), 1 / 8, np.float32))
     probs.write_bytes(probs.read_bytes()[:-10])
-    with pytest.raises(TargetError, match=rf"{probs} is truncated: .* shape \(4, 8\) \(\d+ bytes .*\), but the file has"):
+    truncated = rf"{probs} is truncated: .* shape \(4, 8\) \(\d+ bytes .*\), but the file has"
+    with pytest.raises(TargetError, match=truncated):
         read_npy(probs, mmap_mode)
     with pytest.raises(TargetError, match="is truncated"):
         TargetSet.load(path, 8)

@@ -7,11 +7,16 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-
 from conftest import TINY_VOCAB
+
 from distprompt_jax import load_model
 from distprompt_jax.targets import (
-    TargetError, TargetSet, build_token_mapping, cross_model_targets, map_distribution, model_targets,
+    TargetError,
+    TargetSet,
+    build_token_mapping,
+    cross_model_targets,
+    map_distribution,
+    model_targets,
 )
 from distprompt_jax.targets.mapping import UNMAPPED
 
@@ -117,7 +122,9 @@ def test_contexts_inside_the_chat_template(tiny_lm, tmp_path):
         "{% for m in messages %}w20 {{ m['content'] }} w21{% endfor %}{% if add_generation_prompt %} w22{% endif %}"
     )
     lm = dataclasses.replace(tiny_lm, tokenizer=tokenizer)
-    w = lambda *names: [int(lm.encode(n, add_special_tokens=False)[0]) for n in names]
+    def w(*names):
+        return [int(lm.encode(n, add_special_tokens=False)[0]) for n in names]
+
     path = tmp_path / "contexts.txt"
     path.write_text("w1 w2\nw3\n", encoding="utf-8")
     from_file = model_targets(lm, 2, contexts_file=path, template="chat", progress=False)

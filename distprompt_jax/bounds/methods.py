@@ -18,6 +18,7 @@ from distprompt_jax.bounds.certificate import Unembedding, certify_and_refine, e
 from distprompt_jax.bounds.geometry import NormImage, certify_norm
 from distprompt_jax.bounds.host import HostJobs
 from distprompt_jax.bounds.problems import INITS, BoundProblem, LeastSquaresInit, NormProblem
+from distprompt_jax.field_types import check_field_types
 from distprompt_jax.prompting.engine import check_slots, run_method
 from distprompt_jax.results import PromptResults
 from distprompt_jax.solve import DriverOptions
@@ -53,6 +54,9 @@ class BoundConfig:
     refill_at: int | None = None  # end a segment early once this many slots are free (None: slots // 16, ≥ 1)
     host_threads: int | None = None  # threads certifying targets on the host (None: min(8, CPU count))
 
+    def __post_init__(self):
+        check_field_types(self)
+
     def validate(self, lm=None) -> None:
         """Check the fields (and, given the model, that the bound applies to it and `support` is enough)."""
 
@@ -61,18 +65,17 @@ class BoundConfig:
 
         for name in ("max_steps", "memory", "support", "restarts", "norm_steps", "segment_steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            if value < 1:
                 fail(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.refine_steps, (int, np.integer)) or self.refine_steps < 0:
+        if self.refine_steps < 0:
             fail(f"refine_steps must be a non-negative integer, got {self.refine_steps!r}")
         if self.init not in INITS:
             fail(f"init must be one of {INITS}, got {self.init!r}")
         for name in ("tolerance", "gap_tolerance", "max_gap"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (math.isfinite(value) and value > 0):
                 fail(f"{name} must be a positive finite number, got {value!r}")
-        if self.host_threads is not None and (not isinstance(self.host_threads, (int, np.integer))
-                                              or self.host_threads < 1):
+        if self.host_threads is not None and self.host_threads < 1:
             fail(f"host_threads must be a positive integer or None, got {self.host_threads!r}")
         if self.gap_tolerance > self.max_gap:
             fail(f"gap_tolerance ({self.gap_tolerance}) must not exceed max_gap ({self.max_gap})")
@@ -91,7 +94,7 @@ class BoundConfig:
 
 
 def unembedding_bound(
-    lm, targets, config: BoundConfig | None = None, *, devices=None, take_share: bool = True
+    lm, targets, config: BoundConfig | None = None, *, devices=None, take_share: bool = True, progress: bool = True,
 ) -> PromptResults:
     """Certified lower bound on the KL any prompt of `lm` can reach, for each target.
 
@@ -102,6 +105,7 @@ def unembedding_bound(
       devices: devices to shard the slots over (default: this process's devices). In a multi-host run
         each process bounds its own contiguous share of the targets and returns results for those.
       take_share: False when `targets` already are this process's share (as in a sweep).
+      progress: show a progress bar (tqdm) while targets are solved.
     Returns:
       PromptResults with method "bound". Columns: `kl` the certified lower bound (NaN where uncertified),
       `primal` the KL at the solver's h (an upper bound on the infimum), `gap` = primal − the best proven
@@ -110,17 +114,18 @@ def unembedding_bound(
       float64, the final-normed hidden vector the primal value belongs to.
     """
     method = BoundMethod(lm, config)
-    return run_method(method, lm, targets, devices=devices, take_share=take_share, on_finished=method.finished)
+    return run_method(method, lm, targets, devices=devices, take_share=take_share, on_finished=method.finished,
+                      progress=progress)
 
 
 def norm_bound_estimate(
     lm, targets, config: BoundConfig | None = None, *, devices=None, take_share: bool = True,
-    unconstrained: PromptResults | None = None,
+    unconstrained: PromptResults | None = None, progress: bool = True,
 ) -> PromptResults:
     """Best KL over h restricted to the final norm's image (an estimate), with a Frank–Wolfe lower bound.
 
     Args:
-      lm, targets, config, devices, take_share: as for `unembedding_bound`.
+      lm, targets, config, devices, take_share, progress: as for `unembedding_bound`.
       unconstrained: optional `unembedding_bound` results on the same targets: its `h` starts the first
         restart and its certified bound (also valid here) joins the lower bound.
     Returns:
@@ -144,7 +149,7 @@ def norm_bound_estimate(
         prior_lower = (np.asarray(unconstrained.columns["primal"], np.float64)
                        - np.asarray(unconstrained.columns["gap"], np.float64))
     method = NormMethod(lm, config, start_h=start_h, prior_lower=prior_lower)
-    return run_method(method, lm, target_set, devices=devices, take_share=take_share)
+    return run_method(method, lm, target_set, devices=devices, take_share=take_share, progress=progress)
 
 
 class BoundMethod:

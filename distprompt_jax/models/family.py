@@ -96,7 +96,8 @@ def register(family: Family) -> Family:
         raise ValueError(f"model family {family.name!r} claims {clashes}, already claimed by another family")
     wrong = [a.name for a in family.gguf if a.model_type not in family.model_types]
     if wrong:
-        raise ValueError(f"model family {family.name!r}: GGUF architectures {wrong} convert to a model_type it does not read")
+        raise ValueError(f"model family {family.name!r}: GGUF architectures {wrong} convert to a model_type it "
+                         "does not read")
     _REGISTRY[family.name] = family
     return family
 

@@ -80,7 +80,8 @@ def params_from_hf(cfg: ModelConfig, tensors: hf_config.TensorSource) -> dict:
     n = cfg.n_layers
 
     def norm(name: str) -> dict:
-        return {"scale": tensors.stacked(layer + name + ".weight", n), "bias": tensors.stacked(layer + name + ".bias", n)}
+        return {"scale": tensors.stacked(layer + name + ".weight", n),
+                "bias": tensors.stacked(layer + name + ".bias", n)}
 
     fused = tensors.stacked_linear(layer + "attn.c_attn", n, transpose=False)
     q_kernel, k_kernel, v_kernel = np.split(fused["kernel"], 3, axis=-1)

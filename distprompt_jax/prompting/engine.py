@@ -24,7 +24,6 @@ from distprompt_jax.lm import LanguageModel
 from distprompt_jax.prompting.context import TEMPLATES
 from distprompt_jax.results import PromptResults
 from distprompt_jax.solve import Driver, DriverOptions, PoolCheckpoint, Problem, SegmentInfo, compiled, with_floors
-
 from distprompt_jax.targets import as_target_set, entropy_nats
 
 # Slot counts by platform when a config leaves them to us: deterministic, so a rerun (or a resume) on the
@@ -109,12 +108,12 @@ def check_finite_floats(config) -> None:
 
 def check_slots(config) -> None:
     refill_at = config.refill_at
-    if refill_at is not None and (isinstance(refill_at, bool) or not isinstance(refill_at, int) or refill_at < 1):
+    if refill_at is not None and refill_at < 1:
         raise ValueError(f"{type(config).__name__}: refill_at must be a positive integer or None, got {refill_at!r}")
     slots = config.slots
     if slots is None or slots == "auto":
         return
-    if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
+    if isinstance(slots, str) or slots < 1:
         raise ValueError(f"{type(config).__name__}: slots must be a positive integer, 'auto' or None, got {slots!r}")
 
 
@@ -151,7 +150,9 @@ def auto_slots(problem: Problem, params, mesh, example_inputs: dict, n_targets: 
         index = abstract((), np.int32)
         targets, states = jax.eval_shape(functions.start, params, inputs, np.uint32(0), index, index,
                                          abstract((), bool))
-        placed = lambda a: abstract(a.shape[1:], a.dtype)
+        def placed(a):
+            return abstract(a.shape[1:], a.dtype)
+
         return functions.segment.lower(params, jax.tree.map(placed, targets), jax.tree.map(placed, states),
                                        np.int32(1), num_steps=1)
 

@@ -10,6 +10,7 @@ restarts, and the targets as inputs.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -26,20 +27,17 @@ from distprompt_jax.solve import DriverOptions, Patience, Progress, blown_up, tr
 SCHEDULES = ("constant", "cosine", "linear")
 
 
-def check_recipe_fields(config, learning_rate_may_be_none: bool = False) -> None:
+def check_recipe_fields(config) -> None:
     """The optimizer fields' checks (schedule, learning_rate, warmup, restart_above, clip_norm) for any config
-    with them; a ValueError names the config class and the field. `learning_rate_may_be_none`: the config
-    resolves None to a default of its own."""
+    with them; a ValueError names the config class and the field. A config whose learning_rate may be None
+    (its type says so) resolves it to a default of its own."""
 
     def fail(message):
         raise ValueError(f"{type(config).__name__}: {message}")
 
     if config.schedule not in SCHEDULES:
         fail(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
-    if config.learning_rate is None:
-        if not learning_rate_may_be_none:
-            fail("learning_rate must be a positive number, got None")
-    elif not config.learning_rate > 0:
+    if config.learning_rate is not None and not config.learning_rate > 0:
         fail(f"learning_rate must be positive, got {config.learning_rate}")
     if not 0 <= config.warmup < 1:
         fail(f"warmup must be a fraction of max_steps in [0, 1), got {config.warmup}")
@@ -61,6 +59,7 @@ class GradientState(NamedTuple):
     initial_kl: jax.Array  # KL of the initial variable
     final_kl: jax.Array  # KL at the last step the target was still running
     diverged: jax.Array  # the KL or the variable blew up (solve.blown_up; the target stopped, its best point kept)
+    kl_path: jax.Array  # [Recipe.path_length] the best KL after every `record_every` steps (inf until reached)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +74,7 @@ class Recipe:
     patience: int
     min_delta: float
     floor_tolerance: float
+    record_every: int  # steps between the entries of the KL history (the config's segment_steps)
 
     @classmethod
     def from_config(cls, config, learning_rate: float | None = None) -> Recipe:
@@ -83,8 +83,13 @@ class Recipe:
             learning_rate=config.learning_rate if learning_rate is None else learning_rate, schedule=config.schedule,
             warmup_steps=int(round(config.warmup * config.max_steps)), clip_norm=config.clip_norm,
             max_steps=config.max_steps, patience=config.patience, min_delta=config.min_delta,
-            floor_tolerance=config.floor_tolerance,
+            floor_tolerance=config.floor_tolerance, record_every=config.segment_steps,
         )
+
+    @property
+    def path_length(self) -> int:
+        """Entries of the KL history: one per `record_every` steps of the most a target runs."""
+        return -(-self.max_steps // self.record_every)
 
     def optimizer(self) -> optax.GradientTransformation:
         rate, warmup = self.learning_rate, self.warmup_steps
@@ -104,6 +109,7 @@ class Recipe:
         return GradientState(
             progress=Progress.start(), patience=Patience.start(), v=v, opt_state=self.optimizer().init(v),
             best_v=v, best_step=jnp.int32(0), initial_kl=inf, final_kl=inf, diverged=jnp.asarray(False),
+            kl_path=jnp.full((self.path_length,), inf),
         )
 
     def step(self, s: GradientState, loss: Callable[[Any], jax.Array], floor) -> GradientState:
@@ -127,12 +133,23 @@ class Recipe:
             initial_kl=jnp.where(s.progress.steps == 0, kl, s.initial_kl),
             final_kl=kl,
             diverged=diverged,
+            kl_path=self._recorded(s.kl_path, progress),
         )
 
+    def _recorded(self, path: jax.Array, progress) -> jax.Array:
+        """The KL history with the best KL entered where this step completes `record_every` steps."""
+        due = progress.steps % self.record_every == 0
+        entry = jnp.where(due, progress.steps // self.record_every - 1, self.path_length)  # out of range: none
+        return path.at[entry].set(progress.best, mode="drop")
+
     def history(self, s: GradientState) -> dict:
-        """The per-target figures every gradient engine reports about its search."""
+        """The per-target figures every gradient engine reports about its search, and its KL history
+        `kl_path`: entry i is the best KL after (i + 1) · record_every steps, or after the last step where the
+        target stopped before that."""
+        reached = (jnp.arange(self.path_length) + 1) * self.record_every <= s.progress.steps
         return dict(kl=s.progress.best, initial_kl=s.initial_kl, final_kl=s.final_kl, best_step=s.best_step,
-                    steps=s.progress.steps, diverged=s.diverged)
+                    steps=s.progress.steps, diverged=s.diverged,
+                    kl_path=jnp.where(reached, s.kl_path, s.progress.best))
 
 
 def prepare_target(inputs):
@@ -165,7 +182,9 @@ class GradientMethod:
                       prompt_len: int) -> tuple[dict, dict]:
         """(columns, arrays) of the driver's reports: `kl` first (the figure every table is read for), then the
         other scalars, the config's template and `prompt_len`, and the learning rate the search ran with (a
-        config's default may be resolved from the model); `array_results` (prompts, keys) as arrays."""
+        config's default may be resolved from the model); `array_results` (prompts, keys) and the KL history
+        `kl_path` as arrays."""
+        array_results = (*array_results, "kl_path")
         columns = {"kl": reports["kl"]} | {k: v for k, v in reports.items() if k not in array_results}
         n = len(columns["kl"])
         columns["template"] = np.full(n, self.config.template)
@@ -181,13 +200,15 @@ class GradientMethod:
             "model": self.lm.name, "family": cfg.family, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
             "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "d_model": cfg.d_model,
             "prefix_ids": list(context.prefix_ids), "suffix_ids": list(context.suffix_ids),
-            "config": dataclasses.asdict(self.config),
+            # As JSON reads it back (tuples as lists), so that a saved and loaded result is equal.
+            "config": json.loads(json.dumps(dataclasses.asdict(self.config))),
         }
 
 
-def run_gradient_method(method: GradientMethod, lm, targets, with_bound, *, devices=None) -> PromptResults:
+def run_gradient_method(method: GradientMethod, lm, targets, with_bound, *, devices=None,
+                        progress: bool = True) -> PromptResults:
     """`method` over `targets` with the certified bound as floor (sandwich.run_with_bound), its results
     carrying the method's `run_info`."""
-    result = run_with_bound(method, lm, targets, with_bound, devices=devices)
+    result = run_with_bound(method, lm, targets, with_bound, devices=devices, progress=progress)
     result.run_info = method.run_info()
     return result

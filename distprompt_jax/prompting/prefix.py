@@ -34,12 +34,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from distprompt_jax.bounds import BoundConfig
+from distprompt_jax.field_types import check_field_types
 from distprompt_jax.lm import LanguageModel
 from distprompt_jax.models.kv_cache import KVCache
 from distprompt_jax.prompting import context as context_lib
 from distprompt_jax.prompting.engine import check_shared_fields, model_structure
 from distprompt_jax.prompting.gradient import (
-    GradientMethod, GradientState, Recipe, check_recipe_fields, prepare_target, run_gradient_method,
+    GradientMethod,
+    GradientState,
+    Recipe,
+    check_recipe_fields,
+    prepare_target,
+    run_gradient_method,
 )
 from distprompt_jax.prompting.objective import distribution_report, kl_from_logits
 from distprompt_jax.results import PromptResults
@@ -87,6 +93,9 @@ class PrefixPromptConfig:
     top_k: int = 10
     shard_params: bool = False
 
+    def __post_init__(self):
+        check_field_types(self)
+
     def validate(self, lm: LanguageModel) -> None:
         def fail(message):
             raise ValueError(f"PrefixPromptConfig: {message}")
@@ -96,7 +105,7 @@ class PrefixPromptConfig:
         )
         check_recipe_fields(self)
         hidden = self.reparam_hidden
-        if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
+        if hidden is not None and hidden < 1:
             fail(f"reparam_hidden must be a positive integer or None, got {hidden!r}")
         if self.suffix is None and self.template == "none" and lm.config.bos_token_id is None:
             fail(f"suffix=None reads the prefix with the BOS token, but {lm.name} has none: give suffix, the "
@@ -120,7 +129,7 @@ def context_of(lm: LanguageModel, config: PrefixPromptConfig) -> context_lib.Fix
 
 def prefix_prompt(
     lm: LanguageModel, targets, config: PrefixPromptConfig | None = None, *, devices=None,
-    with_bound: bool | BoundConfig = True,
+    with_bound: bool | BoundConfig = True, progress: bool = True,
 ) -> PromptResults:
     """Optimize a prefix (keys and values at every layer for P positions) for each target.
 
@@ -128,15 +137,16 @@ def prefix_prompt(
       lm: a LanguageModel.
       targets: a TargetSet or an [N, V] array of probabilities over lm's vocabulary.
       config: PrefixPromptConfig (defaults as documented there).
-      devices, with_bound: as for `soft_prompt` (the certified bound runs first by default and is every
-        target's floor).
+      devices, with_bound, progress: as for `soft_prompt` (the certified bound runs first by default and is
+        every target's floor).
     Returns:
       PromptResults with method "prefix"; `.arrays["keys"]`, `.arrays["values"]` hold each target's best
       prefix, float32 [N, n_layers, P, n_kv_heads, head_dim], keys after the rotary embedding (module
-      docstring). `.save_peft(directory, target_ids)` writes PEFT PREFIX_TUNING adapters of them.
+      docstring); `.arrays["kl_path"]` [N, ⌈max_steps / segment_steps⌉] the best KL after every
+      `segment_steps` steps. `.save_peft(directory, target_ids)` writes PEFT PREFIX_TUNING adapters of them.
     """
     method = PrefixMethod(lm, config or PrefixPromptConfig())
-    return run_gradient_method(method, lm, targets, with_bound, devices=devices)
+    return run_gradient_method(method, lm, targets, with_bound, devices=devices, progress=progress)
 
 
 class Reparam(NamedTuple):

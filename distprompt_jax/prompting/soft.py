@@ -18,17 +18,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from distprompt_jax.bounds import BoundConfig
+from distprompt_jax.field_types import check_field_types
+from distprompt_jax.lm import LanguageModel
 from distprompt_jax.prompting import context as context_lib
 from distprompt_jax.prompting.context_bank import ContextBank
 from distprompt_jax.prompting.engine import check_shared_fields, model_structure
 from distprompt_jax.prompting.gradient import (
-    GradientMethod, GradientState, Recipe, check_recipe_fields, prepare_target, run_gradient_method,
+    GradientMethod,
+    GradientState,
+    Recipe,
+    check_recipe_fields,
+    prepare_target,
+    run_gradient_method,
 )
 from distprompt_jax.prompting.objective import distribution_report, kl_from_logits
-from distprompt_jax.bounds import BoundConfig
-from distprompt_jax.lm import LanguageModel
 from distprompt_jax.results import PromptResults
-
 from distprompt_jax.tokens import ordinary_token_mask
 
 INITS = ("embedding_std", "normal", "vocab", "text", "bank")
@@ -80,6 +85,9 @@ class SoftPromptConfig:
     top_k: int = 10  # for the top-k overlap figure
     shard_params: bool = False  # split the weights over the devices (models too large for one device)
 
+    def __post_init__(self):
+        check_field_types(self)
+
     def validate(self, lm: LanguageModel) -> None:
         def fail(message):
             raise ValueError(f"SoftPromptConfig: {message}")
@@ -87,7 +95,7 @@ class SoftPromptConfig:
         check_shared_fields(
             self, lm, INITS, at_least_one=("max_steps", "patience", "restarts", "segment_steps", "top_k", "bank_size"),
         )
-        check_recipe_fields(self, learning_rate_may_be_none=True)
+        check_recipe_fields(self)
         if self.intervention_mode not in INTERVENTION_MODES:
             fail(f"intervention_mode must be one of {INTERVENTION_MODES}, got {self.intervention_mode!r}")
         layer = self.intervention_layer
@@ -102,7 +110,7 @@ class SoftPromptConfig:
 
 def soft_prompt(
     lm: LanguageModel, targets, config: SoftPromptConfig | None = None, *, devices=None,
-    with_bound: bool | BoundConfig = True,
+    with_bound: bool | BoundConfig = True, progress: bool = True,
 ) -> PromptResults:
     """Optimize a soft prompt (or intervention vector) for each target.
 
@@ -113,16 +121,22 @@ def soft_prompt(
       devices: devices to shard the slots over (default: this process's devices). In a multi-host run
         each process optimizes its own contiguous share of the targets (`parallel.process_slice`) and
         returns results for those only.
-      with_bound: True (the default, or a BoundConfig) runs the certified `unembedding_bound` first: each
-        target stops once within `config.floor_tolerance` of it, restarts go only to targets more than
-        `config.restart_above` above it, and the results gain `kl_bound` and `gap_to_bound`. False: no
-        bound (the floor is 0).
+      with_bound: True (the default of every prompt method, or a BoundConfig) runs the certified
+        `unembedding_bound` first: each target stops once within `config.floor_tolerance` of it, restarts go
+        only to targets more than `config.restart_above` above it, and the results gain `kl_bound` and
+        `gap_to_bound`, without which a found KL cannot be told from the search's shortfall. False: no bound
+        (the floor is 0), for the search alone.
+      progress: show progress bars (tqdm). Status lines (a model being fetched or converted) go through absl
+        logging at INFO (`absl.logging.set_verbosity(absl.logging.INFO)` shows them).
     Returns:
-      PromptResults with method "soft"; `.arrays["prompt"]` holds the best variables and
-      `.arrays["nearest_tokens"]` each soft vector's nearest vocabulary token (input prompts only).
-      `.save_peft(directory, target_ids)` writes PEFT PROMPT_TUNING adapters of input prompts.
+      PromptResults with method "soft"; `.arrays["prompt"]` holds the best variables,
+      `.arrays["nearest_tokens"]` each soft vector's nearest vocabulary token (input prompts only) and
+      `.arrays["kl_path"]` [N, ⌈max_steps / segment_steps⌉] the best KL after every `segment_steps` steps.
+      `.save_peft(directory, target_ids)` writes PEFT PROMPT_TUNING adapters of input prompts; `.save(dir)`
+      the results in an experiment's files.
     """
-    return run_gradient_method(SoftMethod(lm, config or SoftPromptConfig()), lm, targets, with_bound, devices=devices)
+    return run_gradient_method(SoftMethod(lm, config or SoftPromptConfig()), lm, targets, with_bound, devices=devices,
+                               progress=progress)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,12 +13,34 @@ over files the package did not write (see `page`).
 
 from distprompt_jax.report.figures import plot_bound_band, plot_ladder
 from distprompt_jax.report.page import (
-    ReportError, ReportLocationWarning, build_report, prompt_length_table, read_results, run, write_report,
+    ReportError,
+    ReportLocationWarning,
+    build_report,
+    prompt_length_table,
+    read_results,
+    run,
+    write_report,
 )
 from distprompt_jax.report.statistics import (
-    LADDER, LARGE_RUNG_GAP, MIN_N_BOOTSTRAP, MIN_N_INTERVAL, RUNG_INVERSION_TOLERANCE, Interval, adjust_p_values,
-    binned_summary, choose_bins, inversion_counts, kl_gap_table, ladder_rungs, ladder_table, mean_interval,
-    method_comparison, paired_comparison, rung_gap_table, rung_gaps, rung_inversions,
+    LADDER,
+    LARGE_RUNG_GAP,
+    MIN_N_BOOTSTRAP,
+    MIN_N_INTERVAL,
+    RUNG_INVERSION_TOLERANCE,
+    Interval,
+    adjust_p_values,
+    binned_summary,
+    choose_bins,
+    inversion_counts,
+    kl_gap_table,
+    ladder_rungs,
+    ladder_table,
+    mean_interval,
+    method_comparison,
+    paired_comparison,
+    rung_gap_table,
+    rung_gaps,
+    rung_inversions,
 )
 
 __all__ = [

@@ -565,9 +565,21 @@ def report_command(workdir) -> None:
         raise SystemExit(f"distprompt-report: cannot write the report: {os_error_message(err, workdir)}") from None
 
 
+USAGE = """distprompt-report: (re)write the report of an experiment.
+
+    distprompt-report --workdir=DIR
+
+reads DIR/results.parquet and writes DIR/report.md with its figures in DIR/figures/ (distprompt-report.md and
+distprompt-figures/ where those are files the package did not write).
+"""
+
+
 def run():
     from absl import app, flags
 
+    from distprompt_jax.flag_help import show_in_help
+
     # Defined here, not at import: the experiment CLI imports this module and has its own --workdir.
     flags.DEFINE_string("workdir", None, "Run directory holding results.parquet.", required=True)
+    show_in_help(USAGE, ["workdir"])
     app.run(main)

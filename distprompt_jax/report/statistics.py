@@ -373,7 +373,7 @@ def rung_gap_table(table: pd.DataFrame) -> pd.DataFrame:
     gaps = rung_gaps(table)
     gaps = gaps[np.isfinite(gaps["gap"].to_numpy(np.float64))]
     pair_order = {pair: i for i, pair in enumerate(itertools.pairwise([c for c in LADDER if c in table.columns]))}
-    gaps = gaps.assign(pair=[pair_order[(u, l)] for u, l in zip(gaps["upper"], gaps["lower"])],
+    gaps = gaps.assign(pair=[pair_order[pair] for pair in zip(gaps["upper"], gaps["lower"])],
                        entropy_band=entropy_band(gaps["target_entropy"]) if "target_entropy" in gaps else "all")
     by = ["pair", "upper", "lower", *(["kind"] if "kind" in gaps.columns else []), "entropy_band"]
     rows = []

@@ -30,6 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from distprompt_jax import parallel
+from distprompt_jax.field_types import check_field_types
 from distprompt_jax.solve.checkpoint import PoolCheckpoint
 from distprompt_jax.solve.problem import Problem, select
 
@@ -64,15 +65,18 @@ class DriverOptions:
     desc: str = "targets"
     progress: bool = True
 
+    def __post_init__(self):
+        check_field_types(self)
+
     def validate(self) -> None:
-        if self.refill_at is not None and (isinstance(self.refill_at, bool) or self.refill_at < 1):
+        if self.refill_at is not None and self.refill_at < 1:
             raise ValueError(f"DriverOptions: refill_at must be a positive integer or None, got {self.refill_at!r}")
         if self.retry_above is not None and not (np.isfinite(self.retry_above) and self.retry_above >= 0):
             raise ValueError(
                 f"DriverOptions: retry_above must be a non-negative number or None, got {self.retry_above!r}")
         for name in ("slots", "segment_steps", "attempts", "checkpoint_every"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            if value < 1:
                 raise ValueError(f"DriverOptions: {name} must be a positive integer, got {value!r}")
 
 
@@ -153,7 +157,9 @@ def compiled(problem: Problem) -> Compiled:
         return states, ran
 
     def report(params, targets, states, rows):
-        pick = lambda tree: jax.tree.map(lambda a: a[rows], tree)
+        def pick(tree):
+            return jax.tree.map(lambda a: a[rows], tree)
+
         out = jax.vmap(problem.report, in_axes=(None, 0, 0))(params, pick(targets), pick(states))
         return dict(out) | {_OBJECTIVE: states.progress.best[rows]}
 
@@ -165,6 +171,19 @@ def compiled(problem: Problem) -> Compiled:
     if len(_COMPILED) > _COMPILED_KEEP:
         _COMPILED.popitem(last=False)
     return entry
+
+
+def progress_postfix(info: SegmentInfo, finished_best: np.ndarray) -> dict[str, object]:
+    """What the progress bar shows after a segment: the running slots, the mean best objective over those that
+    have one, and the mean over finished targets. A mean with nothing to average is left out (between segments
+    every running slot may have just started, and at the end none runs), never shown as nan."""
+    postfix: dict[str, object] = {"active": info.active}
+    if np.isfinite(info.mean_best):
+        postfix["mean_best"] = f"{info.mean_best:.4g}"
+    finished_best = finished_best[np.isfinite(finished_best)]
+    if len(finished_best):
+        postfix["mean_done"] = f"{finished_best.mean():.4g}"
+    return postfix
 
 
 def with_floors(inputs: dict[str, np.ndarray], floors: np.ndarray | None) -> tuple[dict, np.ndarray]:
@@ -251,7 +270,7 @@ class Driver:
             info = pool.info(ran)  # of the pool this segment ran in
             pool.compact()
             bar.update(pool.targets_done() - done_before)
-            bar.set_postfix(active=info.active, mean_best=f"{info.mean_best:.4g}")
+            bar.set_postfix(progress_postfix(info, pool.best[pool.done]))
             if checkpoint is not None and self.stats.segments % self.options.checkpoint_every == 0 and pool.has_work():
                 pool.save(checkpoint)
             if on_segment is not None:
@@ -303,7 +322,9 @@ class _Pool:
     def _slot_data(self):
         occupied = self.slot_target >= 0
         rows = np.where(occupied, self.slot_target, 0)
-        put = lambda x, dtype: jax.device_put(np.asarray(x, dtype), self.driver.sharding)
+        def put(x, dtype):
+            return jax.device_put(np.asarray(x, dtype), self.driver.sharding)
+
         return (self._slot_inputs(rows), np.uint32(self.driver.options.seed),
                 put(self.first_index + rows, np.int32), put(self.slot_attempt, np.int32), put(occupied, bool))
 
@@ -405,7 +426,9 @@ class _Pool:
         spare = np.flatnonzero(self.slot_target < 0)[: size - len(occupied)]  # frozen slots fill the rest
         rows = np.sort(np.concatenate([occupied, spare]))
         gather = jax.device_put(rows.astype(np.int32), d.sharding)
-        pick = lambda tree: jax.device_put(jax.tree.map(lambda a: a[gather], tree), d.sharding)
+        def pick(tree):
+            return jax.device_put(jax.tree.map(lambda a: a[gather], tree), d.sharding)
+
         self.targets, self.states = pick(self.targets), pick(self.states)
         self.slot_target, self.slot_attempt = self.slot_target[rows], self.slot_attempt[rows]
         self.size = size

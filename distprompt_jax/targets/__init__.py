@@ -2,7 +2,12 @@
 
 from distprompt_jax.targets.generated import cross_model_targets, model_targets
 from distprompt_jax.targets.io import (
-    TargetError, TargetSet, as_target_set, entropy_nats, load_targets, validate_probs,
+    TargetError,
+    TargetSet,
+    as_target_set,
+    entropy_nats,
+    load_targets,
+    validate_probs,
 )
 from distprompt_jax.targets.mapping import TokenMapping, build_token_mapping, map_distribution
 from distprompt_jax.targets.outliers import max_entropy_at_mass, outlier_mass_bound, outlier_targets

@@ -17,10 +17,14 @@ import dataclasses
 import numpy as np
 
 from distprompt_jax import parallel
+from distprompt_jax.field_types import check_field_types
 from distprompt_jax.solve import Driver, DriverOptions
 from distprompt_jax.targets.batching import default_slots, slot_count
 from distprompt_jax.targets.entropy import (
-    EntropyProblem, EntropySettings, make_optimizer, match_entropy_by_temperature,
+    EntropyProblem,
+    EntropySettings,
+    make_optimizer,
+    match_entropy_by_temperature,
 )
 from distprompt_jax.targets.io import entropy_nats
 
@@ -40,6 +44,9 @@ class SolverOptions:
     max_steps: int = 1000
     # Vanilla rows stop once |H − h| ≤ tolerance; outlier rows run all max_steps (see entropy.py).
     stop_at_tolerance: bool = True
+
+    def __post_init__(self):
+        check_field_types(self)
 
     def validate(self) -> None:
         make_optimizer(self.optimizer, self.learning_rate)

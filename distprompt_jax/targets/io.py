@@ -164,12 +164,12 @@ class TargetSet:
         failures = path / FAILURES_FILE
         return cls(
             probs=probs,
-            metadata=_read_table(path / METADATA_FILE),
-            failures=_read_table(failures) if failures.exists() else None,
+            metadata=read_table(path / METADATA_FILE),
+            failures=read_table(failures) if failures.exists() else None,
         )
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path) -> pd.DataFrame:
     """A parquet table with list columns back as Python lists (pyarrow reads them as numpy arrays)."""
     table = pd.read_parquet(path)
     for column in table.columns:

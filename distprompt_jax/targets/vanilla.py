@@ -6,7 +6,11 @@ import numpy as np
 import pandas as pd
 
 from distprompt_jax.targets.controlled import (
-    SolverOptions, check_entropies, check_vocab_size, solve_requests, target_seeds,
+    SolverOptions,
+    check_entropies,
+    check_vocab_size,
+    solve_requests,
+    target_seeds,
 )
 from distprompt_jax.targets.io import TargetError, TargetSet
 
