@@ -23,7 +23,8 @@ from distprompt_jax.checkpoints import registry
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the experiment's files (resumed if it exists).")
 _MODEL = flags.DEFINE_string(
-    "model", registry.DEFAULT_MODEL, "Registry name, HF model directory, or .gguf path."
+    "model", registry.DEFAULT_MODEL,
+    "Registry name, HF model directory, .gguf path, hub id, or shape-only name (llama-3.1-8b, ...).",
 )
 _PROMPT = flags.DEFINE_string("prompt", None, "Without --config: text whose next token to predict.")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "How many of the most likely next tokens to print.", lower_bound=1)
