@@ -6,6 +6,7 @@ in our cache, so later loads skip dequantization.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from distprompt_jax.checkpoints.cache import (
     remove_stale_scratch, scratch_path, write_manifest,
 )
 from distprompt_jax.checkpoints.hf_safetensors import CheckpointError, ShardedTensors, read_config
-from distprompt_jax.lm import LanguageModel, build_language_model
+from distprompt_jax.lm import LanguageModel, abstract_language_model, build_language_model
 from distprompt_jax.models import config_from_hf, params_from_hf, published
 
 # Bump when the converted layout changes, so older conversions are rebuilt rather than misread.
@@ -37,6 +38,26 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "float32", token
       tokenizer: a tokenizer object or a path to a tokenizer directory / tokenizer.json, overriding the
         checkpoint's own (a HF directory without tokenizer files otherwise loads with `tokenizer=None`).
     """
+    path, name = checkpoint_dir(name_or_path)
+    config = config_from_hf(read_config(path))
+    params = params_from_hf(config, ShardedTensors(path))
+    return build_language_model(name, config, params, _load_tokenizer(tokenizer, path), dtype)
+
+
+def load_structure(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> LanguageModel:
+    """The model `load_model(name_or_path)` gives, without reading its weights: params as ShapeDtypeStructs (see
+    `abstract_language_model`), with the checkpoint's tokenizer. A shape-only name needs nothing but its
+    published config (and has no tokenizer); other sources are fetched or converted as `load_model` does."""
+    if published.is_published(str(name_or_path)) and not Path(str(name_or_path)).expanduser().exists():
+        return published.abstract_model(str(name_or_path), dtype)
+    path, name = checkpoint_dir(name_or_path)
+    model = abstract_language_model(config_from_hf(read_config(path)), dtype, name)
+    return dataclasses.replace(model, tokenizer=_load_tokenizer(None, path))
+
+
+def checkpoint_dir(name_or_path: str | os.PathLike) -> tuple[Path, str]:
+    """(the HF directory holding `name_or_path`'s checkpoint, the model's name), fetching, downloading or
+    converting it first where needed (see `load_model`)."""
     text = str(name_or_path)
     known_sha256 = None
     if registry.is_registered(text):
@@ -56,10 +77,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "float32", token
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path} is a file but not a .gguf; pass a .gguf file or a HF model directory")
         path = converted_gguf_dir(path, sha256=known_sha256)
-    raw_config = read_config(path)
-    config = config_from_hf(raw_config)
-    params = params_from_hf(config, ShardedTensors(path))
-    return build_language_model(name, config, params, _load_tokenizer(tokenizer, path), dtype)
+    return path, name
 
 
 def _published_weights(name: str) -> tuple[Path, str]:

@@ -1,10 +1,13 @@
 """The batched solver core: many independent per-target problems in one compiled pool (see driver.py)."""
 
 from distprompt_jax.solve.checkpoint import PoolCheckpoint
-from distprompt_jax.solve.driver import Driver, DriverOptions, RunStats, SegmentInfo, compiled, with_floors
+from distprompt_jax.solve.driver import (
+    Driver, DriverOptions, RunStats, SegmentInfo, abstract_pool, compiled, lower_refill, lower_segment, lower_step,
+    with_floors,
+)
 from distprompt_jax.solve.problem import Patience, Problem, Progress, select, track
 
 __all__ = [
     "Driver", "DriverOptions", "Patience", "PoolCheckpoint", "Problem", "Progress", "RunStats", "SegmentInfo",
-    "compiled", "select", "track", "with_floors",
+    "abstract_pool", "compiled", "lower_refill", "lower_segment", "lower_step", "select", "track", "with_floors",
 ]
