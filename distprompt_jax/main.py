@@ -2,6 +2,9 @@
 
     distprompt --config=configs/quickstart.py --workdir=runs/quick [--config.soft.max_steps=300 ...]
         runs (or resumes) an experiment and writes its results and report into the workdir;
+    distprompt --config=configs/entropy_sweep.py --plan=v5e-256 [--plan_json=plan.json]
+        plans the experiment without running it: every method's programs compiled for a TPU slice (or
+        `local`) on abstract weights, per-chip memory, slots, flops per step and a projected rate;
     distprompt --prompt="The capital of France is" [--model=...]
         prints a model's next-token distribution: a quick end-to-end check of an install.
 """
@@ -26,6 +29,12 @@ _MODEL = flags.DEFINE_string(
     "model", registry.DEFAULT_MODEL,
     "Registry name, HF model directory, .gguf path, hub id, or shape-only name (llama-3.1-8b, ...).",
 )
+_PLAN = flags.DEFINE_string(
+    "plan", None,
+    "With --config: plan the run for a TPU slice (v5e-256, v5p-128, v6e-8, 2xv5e-256, ...) or 'local' instead of "
+    "running it; writes nothing into --workdir.",
+)
+_PLAN_JSON = flags.DEFINE_string("plan_json", None, "With --plan: also write the plan as JSON to this file.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Without --config: text whose next token to predict.")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "How many of the most likely next tokens to print.", lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
@@ -78,7 +87,9 @@ def main(argv):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
-        if _CONFIG.value is not None:
+        if _PLAN.value is not None:
+            plan_experiment(_CONFIG.value, _PLAN.value, _PLAN_JSON.value)
+        elif _CONFIG.value is not None:
             run_experiment(_CONFIG.value, _WORKDIR.value)
         elif _PROMPT.value is not None:
             from distprompt_jax import load_model
@@ -89,6 +100,24 @@ def main(argv):
             raise app.UsageError("give --config and --workdir to run an experiment, or --prompt to check a model")
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         sys.exit(f"distprompt: {err}")
+
+
+def plan_experiment(config, topology: str, json_path: str | None):
+    """Print the plan of `config` on `topology` (and write its JSON); exit non-zero, saying why, where it does not
+    fit. Nothing is written anywhere else."""
+    if config is None:
+        raise app.UsageError("--plan needs --config: the experiment to plan")
+    import json
+
+    from distprompt_jax.planning import make_plan, report
+
+    plan = make_plan(config, topology)
+    print(report.table(plan))
+    if json_path:
+        Path(json_path).write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+    if not plan.fits:
+        failing = [m.label for m in plan.methods.values() if not m.fits]
+        sys.exit(f"distprompt: the plan does not fit {topology}: {', '.join(failing)} (see above)")
 
 
 def run_experiment(config, workdir: str | None):
@@ -170,6 +199,9 @@ def unknown_override(path: str, argv: list[str]) -> str | None:
 
 
 def run():
+    from distprompt_jax.platforms import skip_absent_tpu
+
+    skip_absent_tpu()  # before JAX starts a backend: no TPU probe where no TPU is
     app.run(main, flags_parser=parse_flags)
 
 

@@ -32,18 +32,17 @@ class Chip:
     hbm_bytes: int
     peak_flops: float
     hbm_bandwidth: float
-    ici_bandwidth: float  # all inter-chip links of one chip, bytes per second
     topology_prefix: str  # the generation in JAX's topology names ("v5e:2x2", "v5:2x2x1" for v5p)
     megacore: bool  # the slice name counts TensorCores, two per chip (v4, v5p)
 
 
 # Cloud TPU's system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): peak bf16 compute per
-# chip, HBM capacity and bandwidth, inter-chip interconnect bandwidth (Gbps there; bytes here).
+# chip, HBM capacity and bandwidth.
 CHIPS = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 1200e9, 2400e9 / 8, "v4", megacore=True),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 819e9, 1600e9 / 8, "v5e", megacore=False),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9, 4800e9 / 8, "v5", megacore=True),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 1640e9, 3584e9 / 8, "v6e", megacore=False),
+    "v4": Chip("v4", 32 * GiB, 275e12, 1200e9, "v4", megacore=True),
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 819e9, "v5e", megacore=False),
+    "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9, "v5", megacore=True),
+    "v6e": Chip("v6e", 32 * GiB, 918e12, 1640e9, "v6e", megacore=False),
 }
 # Chips of a slice -> its shape in JAX's topology names: 2-D tori for v5e/v6e, 3-D for v4/v5p.
 SHAPES_2D = {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 
 import jax
@@ -45,12 +46,10 @@ class PoolMemory:
 
 @dataclasses.dataclass(frozen=True)
 class StepCost:
-    """One step of a pool, per device: flops and bytes accessed (XLA's counts, layers counted n times), and the
-    bytes each device gathers of weights sharded over the others (once per step)."""
+    """One step of a pool, per device: flops and bytes accessed (XLA's counts, layers counted n times)."""
 
     flops: float
     bytes_accessed: float
-    gathered_bytes: int
 
 
 class Host:
@@ -90,7 +89,11 @@ class Host:
             lowered = lower(problem, params, inputs, slots, self.sharding)
             pool_args = sum(self._device_bytes(arg) for arg in jax.tree.leaves(lowered.args_info[0][1:]))
             state = pool_args if state is None else state  # the segment's: the pool's targets and states
-            m = self._compile(lowered).memory_analysis()
+            try:
+                m = self._compile(lowered).memory_analysis()
+            except jax.errors.JaxRuntimeError as err:  # the TPU compiler refuses a program larger than its HBM
+                peak = max(peak, pool_args + exhausted_temporaries(str(err)))
+                continue
             peak = max(peak, pool_args + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
         return PoolMemory(slots=slots, weights=weights, state=state, temp=peak - state)
 
@@ -111,10 +114,7 @@ class Host:
             costs.append((analysis.get("flops", 0.0), analysis.get("bytes accessed", 0.0)))
         (flops0, bytes0), (flops1, bytes1) = costs
         n = self.lm.n_layers
-        total_weights = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(self.lm.params))
-        gathered = total_weights - self.weight_bytes() if self.shard_params else 0
-        return StepCost(flops=flops0 + n * (flops1 - flops0), bytes_accessed=bytes0 + n * (bytes1 - bytes0),
-                        gathered_bytes=gathered)
+        return StepCost(flops=flops0 + n * (flops1 - flops0), bytes_accessed=bytes0 + n * (bytes1 - bytes0))
 
     def largest_fitting(self, budget: int, cap: int) -> tuple[PoolMemory | None, PoolMemory]:
         """(the largest pool, a multiple of the devices and at most `cap` rounded up to them, whose compiled total
@@ -142,6 +142,15 @@ class Host:
                 return tried, smallest
             slots = min(slots - devices, int(slots * budget / tried.total) // devices * devices)
         return best, smallest
+
+
+def exhausted_temporaries(message: str) -> int:
+    """The temporaries' bytes a TPU compile refused as out of memory ("RESOURCE_EXHAUSTED: Ran out of memory in
+    memory space hbm ... HLO temporaries (24.51G) exceeds ..."); other errors are raised again."""
+    found = re.search(r"RESOURCE_EXHAUSTED.*?temporaries \((\d+(?:\.\d+)?)([KMGT])\)", message, re.S)
+    if found is None:
+        raise jax.errors.JaxRuntimeError(message)
+    return int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2)))
 
 
 def with_layers(lm: LanguageModel, n_layers: int) -> LanguageModel:

@@ -118,16 +118,14 @@ def plan_method(program: programs.MethodProgram, lm, topology: hardware.Topology
 
 def projected_rate(topology: hardware.Topology, cost: StepCost, slots_per_host: int) -> tuple[float | None, str]:
     """(target·steps/s of the whole slice, the term that limits it): a roofline at `ASSUMED_UTILISATION` of the
-    chip's peak flops, HBM bandwidth (XLA's bytes accessed) and interconnect (gathering sharded weights, once a
-    step). None without published figures (`local`)."""
+    chip's peak flops and HBM bandwidth (XLA's bytes accessed). Traffic between chips (sharded weights, where
+    XLA moves activations between a host's chips) is not modelled. None without published figures (`local`)."""
     chip = topology.chip
     if chip is None:
         return None, ""
-    u = ASSUMED_UTILISATION
     terms = {
-        "compute": cost.flops / (chip.peak_flops * u),
-        "HBM bandwidth": cost.bytes_accessed / (chip.hbm_bandwidth * u),
-        "weight gathers": cost.gathered_bytes / (chip.ici_bandwidth * u),
+        "compute": cost.flops / (chip.peak_flops * ASSUMED_UTILISATION),
+        "HBM bandwidth": cost.bytes_accessed / (chip.hbm_bandwidth * ASSUMED_UTILISATION),
     }
     limit = max(terms, key=terms.get)
     return slots_per_host * topology.hosts / terms[limit], limit
