@@ -78,7 +78,7 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         # absl logs at INFO by default, which surfaces JAX's backend probing.
         logging.set_verbosity(logging.WARNING)
-    if _COMPILATION_CACHE.value:
+    if _COMPILATION_CACHE.value and _PLAN.value is None:  # a plan's compile-only programs are never run or kept
         from distprompt_jax import compilation_cache
 
         compilation_cache.enable(_COMPILATION_CACHE_DIR.value)
@@ -115,9 +115,11 @@ def plan_experiment(config, topology: str, json_path: str | None):
     print(report.table(plan))
     if json_path:
         Path(json_path).write_text(json.dumps(plan.to_json(), indent=2) + "\n")
-    if not plan.fits:
-        failing = [m.label for m in plan.methods.values() if not m.fits]
+    failing = [m.label for m in plan.methods.values() if not m.fits]
+    if failing:
         sys.exit(f"distprompt: the plan does not fit {topology}: {', '.join(failing)} (see above)")
+    if plan.unplanned:
+        sys.exit(f"distprompt: the plan is incomplete: {', '.join(plan.unplanned)} not planned yet (see above)")
 
 
 def run_experiment(config, workdir: str | None):

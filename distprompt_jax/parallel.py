@@ -98,12 +98,13 @@ def sharded_params(params, mesh: Mesh):
 
 def param_shardings(params, mesh: Mesh, shard: bool):
     """The sharding of every parameter leaf (arrays or ShapeDtypeStructs): replicated, or with `shard` split as
-    `sharded_params` splits it."""
+    `sharded_params` splits it, over the mesh's `targets` axis (replicated over any other: a plan's hosts)."""
+    parts = mesh.shape[TARGET_AXIS]
 
     def spec(leaf) -> NamedSharding:
         axes = sorted(range(len(leaf.shape)), key=lambda a: -leaf.shape[a])
         for axis in axes:
-            if leaf.shape[axis] % mesh.size == 0:
+            if leaf.shape[axis] % parts == 0:
                 return NamedSharding(mesh, PartitionSpec(*([None] * axis), TARGET_AXIS))
         return replicated(mesh)
 

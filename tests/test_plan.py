@@ -131,7 +131,7 @@ def test_slice_names_map_to_hosts_and_chips():
     for name, chips, hosts in (("v4-8", 4, 1), ("v5p-128", 64, 16), ("v6e-8", 8, 1), ("2xv5e-256", 512, 128)):
         topology = hardware.topology(name)
         assert (topology.chips, topology.hosts) == (chips, hosts), name
-        assert len(topology.devices) == chips // hosts
+        assert topology.devices.shape == (hosts, chips // hosts)
 
 
 def test_no_tpu_probe_where_no_tpu_chip_is(tmp_path):
@@ -141,3 +141,15 @@ def test_no_tpu_probe_where_no_tpu_chip_is(tmp_path):
     assert platforms.tpu_chips_present(tmp_path)
     environ = {"JAX_PLATFORMS": "cuda"}
     assert not platforms.skip_absent_tpu(environ) and environ == {"JAX_PLATFORMS": "cuda"}  # the user's choice
+
+
+def test_a_method_plans_do_not_cover_leaves_the_plan_incomplete():
+    from ml_collections import ConfigDict
+
+    cfg = ModelConfig(family="llama", vocab_size=300, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                      d_ff=96, norm_eps=1e-5, activation="silu", rope=(RopeSpec(theta=10000.0),) * 2)
+    config = base_config("tiny")
+    config.targets.vanilla = ConfigDict(dict(kind="vanilla", n=4, entropy_min=0.0, entropy_max=-1.0))
+    config.methods = ("hard",)
+    plan = make_plan(config, "v5e-4", lm=abstract_language_model(cfg))
+    assert plan.unplanned == ("hard",) and not plan.methods and not plan.fits

@@ -3,7 +3,10 @@
 A slice name is what Cloud TPU calls it: `v4-8` ... `v4-1024` and `v5p-8` ... `v5p-1024` count TensorCores
 (two per chip, run as one "megacore" device), `v5e-4` ... `v5e-256` and `v6e-4` ... `v6e-256` count chips;
 `2xv5e-256` is two slices joined over the data-center network. Each process of a run works on the chips of
-its own host (parallel.local_mesh), so a plan compiles for one host's devices and counts the hosts.
+its own host (parallel.local_mesh). The TPU compiler takes programs over a whole slice only ("device assignment
+should include all slice devices" on v5e), so a plan lays the devices out as [hosts, chips per host]: the pool
+split over both axes, weights replicated over hosts and split (shard_params) over a host's chips alone — per
+chip, the program each process of a run compiles for its own chips.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import re
 
 import jax
+import numpy as np
 
 from distprompt_jax import parallel
 
@@ -55,12 +59,12 @@ SINGLE_HOST_8 = (2, 4, 1)
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-    """Where a plan runs: `devices` are one host's (what each process of a run computes on)."""
+    """Where a plan runs."""
 
     name: str
     chips: int  # in the whole slice (all slices)
     hosts: int
-    devices: tuple  # one host's devices (compile-only for TPU slices)
+    devices: np.ndarray  # [hosts, chips per host] (compile-only devices for TPU slices)
     hbm_bytes_per_chip: int
     chip: Chip | None  # None for `local`: no published peak to project from
     # The share of a chip's memory a plan fills with slots: the rest is left to the runtime and fragmentation
@@ -79,8 +83,8 @@ def known_topologies() -> list[str]:
 def topology(name: str) -> Topology:
     """The hardware a plan named `name` is for (see the module docstring); PlanError lists the known names."""
     if name == "local":
-        devices = tuple(jax.local_devices())
-        return Topology("local", chips=len(devices), hosts=1, devices=devices,
+        devices = jax.local_devices()
+        return Topology("local", chips=len(devices), hosts=1, devices=np.asarray(devices).reshape(1, -1),
                         hbm_bytes_per_chip=parallel.available_bytes(devices[0]), chip=None, fill=0.5)
     match = re.fullmatch(r"(?:(\d+)x)?(v4|v5e|v5p|v6e)-(\d+)", name)
     chip = CHIPS.get(match.group(2)) if match else None
@@ -93,21 +97,25 @@ def topology(name: str) -> Topology:
     slices = int(match.group(1) or 1)
     host_bounds = SINGLE_HOST_8 if chips == 8 and not chip.megacore else HOST_BOUNDS
     devices = compile_only_devices(f"{chip.topology_prefix}:{shapes[chips]}", chip, host_bounds, slices)
-    host = tuple(d for d in devices if d.process_index == 0)
-    return Topology(name, chips=len(devices), hosts=len({d.process_index for d in devices}), devices=host,
-                    hbm_bytes_per_chip=chip.hbm_bytes, chip=chip, fill=0.9)
+    hosts = sorted({d.process_index for d in devices})
+    by_host = np.asarray([[d for d in devices if d.process_index == host] for host in hosts])
+    return Topology(name, chips=len(devices), hosts=len(hosts), devices=by_host, hbm_bytes_per_chip=chip.hbm_bytes,
+                    chip=chip, fill=0.9)
 
 
 def compile_only_devices(topology_name: str, chip: Chip, host_bounds: tuple, slices: int) -> list:
     """The devices of a TPU topology from JAX's compile-only TPU client (libtpu; no TPU needed).
 
     libtpu reads the accelerator type and worker hosts from the environment and complains where they are
-    unset (as on any machine without a TPU); placeholders are set in this process only, and only here."""
+    unset (as on any machine without a TPU); placeholders are set in this process only, and only here. It also
+    holds a lockfile that lets one process at a time load it, which two plans (or a plan and a test) would
+    contend for: compile-only clients touch no chip, so the planner allows several (ALLOW_MULTIPLE_LIBTPU_LOAD)."""
     if importlib.util.find_spec("libtpu") is None:
         raise PlanError("a plan for a TPU slice compiles with libtpu, which is not installed: pip install libtpu "
                         "(or pip install 'distprompt_jax[tpu]'); --plan=local needs neither")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{chip.name}-{1 if not chip.megacore else 2}")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     options = dict(chips_per_host_bounds=host_bounds, num_slices=slices)

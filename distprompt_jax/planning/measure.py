@@ -1,4 +1,4 @@
-"""What one method's pool costs on one host's devices, from compiled programs: memory, slots, flops and bytes.
+"""What one method's pool costs per chip, from compiled programs: memory, slots, flops and bytes.
 
 Memory is XLA's memory analysis of the programs a run executes at a pool size (the segment, whose states are
 donated, and the refill, which holds old and new states at once): per device, the weights (their shards), the
@@ -20,7 +20,7 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distprompt_jax import parallel
 from distprompt_jax.lm import DTYPES, LanguageModel, abstract_language_model
@@ -53,11 +53,16 @@ class StepCost:
 
 
 class Host:
-    """One host's devices and how a method's weights are placed on them; compiles a method's programs."""
+    """A topology's devices laid out as [hosts, chips per host] (hardware.Topology), a method's pool split over all
+    of them and its weights replicated over the hosts (split over a host's chips with shard_params), as each
+    process of a run places them on its own chips; compiles the method's programs. Slot counts are per host."""
 
-    def __init__(self, devices, lm: LanguageModel, build, shard_params: bool):
-        self.mesh = Mesh(np.asarray(devices), (parallel.TARGET_AXIS,))
-        self.sharding = parallel.target_sharding(self.mesh)
+    HOSTS_AXIS = "hosts"
+
+    def __init__(self, devices: np.ndarray, lm: LanguageModel, build, shard_params: bool):
+        self.mesh = Mesh(devices, (self.HOSTS_AXIS, parallel.TARGET_AXIS))
+        self.hosts, self.per_host = devices.shape
+        self.sharding = NamedSharding(self.mesh, PartitionSpec((self.HOSTS_AXIS, parallel.TARGET_AXIS)))
         self.lm, self.build, self.shard_params = lm, build, shard_params
         self.compile_seconds = 0.0
 
@@ -78,6 +83,7 @@ class Host:
         return result
 
     def memory(self, slots: int) -> PoolMemory:
+        """Per chip, a pool of `slots` slots on every host."""
         problem, inputs = self.build(self.lm)
         params = self.placed_params(self.lm)
         weights = self.weight_bytes()
@@ -86,7 +92,7 @@ class Host:
         # weights plus its own other arguments, outputs not aliased to them, and temporaries.
         peak, state = 0, None
         for lower in (lower_segment, lower_refill):
-            lowered = lower(problem, params, inputs, slots, self.sharding)
+            lowered = lower(problem, params, inputs, slots * self.hosts, self.sharding)
             pool_args = sum(self._device_bytes(arg) for arg in jax.tree.leaves(lowered.args_info[0][1:]))
             state = pool_args if state is None else state  # the segment's: the pool's targets and states
             try:
@@ -109,7 +115,7 @@ class Host:
         for n_layers in (0, 1):
             lm = with_layers(self.lm, n_layers)
             problem, inputs = self.build(lm)
-            lowered = lower_step(problem, self.placed_params(lm), inputs, slots, self.sharding)
+            lowered = lower_step(problem, self.placed_params(lm), inputs, slots * self.hosts, self.sharding)
             analysis = self._compile(lowered).cost_analysis() or {}
             costs.append((analysis.get("flops", 0.0), analysis.get("bytes accessed", 0.0)))
         (flops0, bytes0), (flops1, bytes1) = costs
@@ -122,7 +128,7 @@ class Host:
 
         Memory grows about linearly in the slots: two probes (one and two slots per device) give an estimate,
         and compiled sizes decide: a pool that does not fit steps down in proportion, `SEARCH_TRIES` times."""
-        devices = self.mesh.size
+        devices = self.per_host
         smallest = self.memory(devices)
         if smallest.total > budget:
             return None, smallest

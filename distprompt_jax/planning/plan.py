@@ -1,6 +1,6 @@
 """A plan: every method of a config compiled for a topology on abstract weights, and what its pool needs.
 
-For each method run (programs.method_programs) the driver's own programs are compiled for one host's devices
+For each method run (programs.method_programs) the driver's own programs are compiled for the topology's devices
 (hardware.topology) with the run's shardings and dtype; the pool is the largest that fits (measure.Host) or the
 config's own slot count. Where the weights do not fit a chip replicated, the plan shards them (`shard_params`)
 and says so. The rate is a projection (`projected_rate`), never a measurement.
@@ -48,10 +48,12 @@ class Plan:
     dtype: str
     utilisation: float
     methods: dict[str, MethodPlan]
+    unplanned: tuple[str, ...] = ()  # methods of the config plans do not cover yet (programs.PLANNED_METHODS)
 
     @property
     def fits(self) -> bool:
-        return all(m.fits for m in self.methods.values())
+        """Every method is planned and fits."""
+        return not self.unplanned and all(m.fits for m in self.methods.values())
 
     def to_json(self) -> dict:
         return {
@@ -83,13 +85,13 @@ def make_plan(config, topology_name: str, lm=None) -> Plan:
                for program in programs.method_programs(config, lm)}
     return Plan(topology=topology.name, chips=topology.chips, hosts=topology.hosts,
                 hbm_bytes_per_chip=topology.hbm_bytes_per_chip, model=lm.name, dtype=config.dtype,
-                utilisation=ASSUMED_UTILISATION, methods=methods)
+                utilisation=ASSUMED_UTILISATION, methods=methods, unplanned=programs.unplanned_methods(config))
 
 
 def plan_method(program: programs.MethodProgram, lm, topology: hardware.Topology, targets: int) -> MethodPlan:
     """One method's plan on one host of `topology`, for `targets` targets per host."""
     budget = int(topology.hbm_bytes_per_chip * topology.fill)
-    devices = len(topology.devices)
+    devices = topology.devices.shape[1]
     fixed = isinstance(program.slots, int)
     cap = min(program.slots, targets) if fixed else targets
     tried = []
@@ -135,7 +137,7 @@ def advice(program: programs.MethodProgram, topology: hardware.Topology, smalles
            fixed: bool, dtype) -> str:
     """Why a method does not fit, in bytes per chip, and what would make it fit."""
     gib = lambda b: f"{b / hardware.GiB:.2f} GiB"
-    devices = len(topology.devices)
+    devices = topology.devices.shape[1]
     section = program.label.split("-L")[0]
     if fixed and smallest.slots > devices:
         return (f"{program.label}: {smallest.slots} slots per host need {gib(smallest.total)} per chip, over the "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from distprompt_jax.planning.hardware import GiB
 from distprompt_jax.planning.plan import Plan
+from distprompt_jax.planning.programs import PLANNED_METHODS
 
 
 def _size(n: int) -> str:
@@ -16,8 +17,7 @@ def _size(n: int) -> str:
 
 def table(plan: Plan) -> str:
     """The plan as text: one row per method, the overrides that run it as planned, and why anything does not fit."""
-    first = next(iter(plan.methods.values()), None)
-    devices = "" if first is None else f"; compiled for one host's {plan.chips // plan.hosts} devices"
+    devices = f"; {plan.chips // plan.hosts} chips per host (the slots a run's config sets are per host)"
     lines = [
         f"plan: {plan.model} ({plan.dtype}) on {plan.topology}: {plan.chips} chips, {plan.hosts} host(s), "
         f"{_size(plan.hbm_bytes_per_chip)} of memory per chip{devices}",
@@ -51,4 +51,7 @@ def table(plan: Plan) -> str:
                          "(shard_params=True)")
         if not m.fits:
             lines.append(f"does not fit: {m.advice}")
+    if plan.unplanned:
+        lines.append(f"not planned: {', '.join(plan.unplanned)} (plans do not cover it yet; planned methods: "
+                     f"{', '.join(PLANNED_METHODS)})")
     return "\n".join(lines)
