@@ -26,8 +26,8 @@ from distprompt_jax import parallel
 from distprompt_jax.lm import DTYPES, LanguageModel, abstract_language_model
 from distprompt_jax.solve import lower_refill, lower_segment, lower_step
 
-# Compiles a slot search may spend after its two probes, stepping down from an estimate that did not fit.
-SEARCH_TRIES = 4
+# Compiles a slot search may spend after its two probes (an estimate, then bisection).
+SEARCH_TRIES = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,30 +123,35 @@ class Host:
         return StepCost(flops=flops0 + n * (flops1 - flops0), bytes_accessed=bytes0 + n * (bytes1 - bytes0))
 
     def largest_fitting(self, budget: int, cap: int) -> tuple[PoolMemory | None, PoolMemory]:
-        """(the largest pool, a multiple of the devices and at most `cap` rounded up to them, whose compiled total
-        fits `budget` bytes per device, or None when not even one slot per device does; the smallest pool).
+        """(the largest pool per host, a multiple of a host's chips and at most `cap` rounded up to them, whose
+        compiled total fits `budget` bytes per chip, or None when not even one slot per chip does; the smallest).
 
-        Memory grows about linearly in the slots: two probes (one and two slots per device) give an estimate,
-        and compiled sizes decide: a pool that does not fit steps down in proportion, `SEARCH_TRIES` times."""
-        devices = self.per_host
-        smallest = self.memory(devices)
+        Memory grows about linearly in the slots, with steps where XLA changes a program's layout: two probes (one
+        and two slots per chip) give a linear estimate, then compiled sizes decide, bisecting between the largest
+        pool that fitted and the smallest that did not, `SEARCH_TRIES` compiles at most."""
+        step = self.per_host
+        smallest = self.memory(step)
         if smallest.total > budget:
             return None, smallest
-        most = parallel.round_up(max(cap, 1), devices)
-        if most == devices:
+        most = parallel.round_up(max(cap, 1), step)
+        if most == step:
             return smallest, smallest
-        best = self.memory(2 * devices)
+        best = self.memory(2 * step)
         if best.total > budget:
             return smallest, smallest
-        per_slot = max(1.0, (best.total - smallest.total) / devices)
-        slots = min(most, devices + int((budget - smallest.total) / per_slot) // devices * devices)
+        per_slot = max(1.0, (best.total - smallest.total) / step)
+        slots = min(most, step + int((budget - smallest.total) / per_slot) // step * step)
+        too_many = most + step  # the smallest pool known not to fit (none yet: past the cap)
         for _ in range(SEARCH_TRIES):
-            if slots <= best.slots:
+            if slots <= best.slots or slots >= too_many:
                 break
             tried = self.memory(slots)
             if tried.total <= budget:
-                return tried, smallest
-            slots = min(slots - devices, int(slots * budget / tried.total) // devices * devices)
+                best = tried
+                slots = min(most, (slots + too_many) // 2 // step * step)
+            else:
+                too_many = slots
+                slots = (best.slots + slots) // 2 // step * step
         return best, smallest
 
 

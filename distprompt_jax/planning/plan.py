@@ -138,7 +138,7 @@ def advice(program: programs.MethodProgram, topology: hardware.Topology, smalles
     """Why a method does not fit, in bytes per chip, and what would make it fit."""
     gib = lambda b: f"{b / hardware.GiB:.2f} GiB"
     devices = topology.devices.shape[1]
-    section = program.label.split("-L")[0]
+    section = programs.config_section(program.label)
     if fixed and smallest.slots > devices:
         return (f"{program.label}: {smallest.slots} slots per host need {gib(smallest.total)} per chip, over the "
                 f"{gib(budget)} a plan fills; lower config.{section}.slots, or leave it None for the plan to size "

@@ -121,6 +121,12 @@ def method_programs(config, lm: LanguageModel) -> list[MethodProgram]:
     return programs
 
 
+def config_section(label: str) -> str:
+    """The config section a method run reads: "soft-L5" -> soft, "bound_norm" -> bound (BoundConfig serves both)."""
+    method = label.split("-L")[0]
+    return "bound" if method == "bound_norm" else method
+
+
 def _target_inputs(lm: LanguageModel) -> dict:
     return {"p": _shape((lm.vocab_size,), np.float32)}
 

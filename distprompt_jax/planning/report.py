@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from distprompt_jax.planning.hardware import GiB
 from distprompt_jax.planning.plan import Plan
-from distprompt_jax.planning.programs import PLANNED_METHODS
+from distprompt_jax.planning.programs import PLANNED_METHODS, config_section
 
 
 def _size(n: int) -> str:
@@ -13,6 +13,14 @@ def _size(n: int) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3g}{unit}"
     return f"{n}B"
+
+
+def _by_section(plan: Plan) -> dict[str, list]:
+    sections: dict[str, list] = {}
+    for m in plan.methods.values():
+        if m.fits:
+            sections.setdefault(config_section(m.label), []).append(m)
+    return sections
 
 
 def table(plan: Plan) -> str:
@@ -40,11 +48,15 @@ def table(plan: Plan) -> str:
         f"at an assumed {plan.utilisation:.0%} of the chip's published peak flops and HBM bandwidth (XLA's bytes "
         "accessed); traffic between chips (sharded weights) is not modelled.",
     ]
-    overrides = [f"--config.{m.label.split('-L')[0]}.slots={m.slots_per_host}"
-                 + (f" --config.{m.label.split('-L')[0]}.shard_params=True" if m.shard_chosen else "")
-                 for m in plan.methods.values() if m.fits]
+    overrides = []
+    for section, planned in _by_section(plan).items():
+        # Methods sharing a section (bound and bound_norm; one prompt method's lengths) share its slots: the
+        # smallest of their pools fits them all.
+        overrides.append(f"--config.{section}.slots={min(m.slots_per_host for m in planned)}")
+        if any(m.shard_chosen for m in planned):
+            overrides.append(f"--config.{section}.shard_params=True")
     if overrides:
-        lines.append("To run as planned: " + " ".join(dict.fromkeys(overrides)))
+        lines.append("To run as planned: " + " ".join(overrides))
     for m in plan.methods.values():
         if m.shard_chosen:
             lines.append(f"{m.label}: the weights do not fit a chip replicated, so the plan shards them "
