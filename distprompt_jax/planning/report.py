@@ -58,7 +58,7 @@ def table(plan: Plan) -> str:
     if overrides:
         lines.append("To run as planned: " + " ".join(overrides))
     for m in plan.methods.values():
-        if m.shard_chosen:
+        if m.shard_chosen and m.fits:
             lines.append(f"{m.label}: the weights do not fit a chip replicated, so the plan shards them "
                          "(shard_params=True)")
         if not m.fits:
