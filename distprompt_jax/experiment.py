@@ -246,7 +246,7 @@ def entropy_range(recipe, vocab_size: int) -> np.ndarray:
     return np.linspace(recipe.entropy_min, top, recipe.n)
 
 
-def _recipe_order(recipes) -> list[str]:
+def recipe_order(recipes) -> list[str]:
     """Recipe names sorted, except that a recipe comes after the one it takes its entropies from."""
     order: list[str] = []
 
@@ -273,7 +273,7 @@ def build_targets(config, lm) -> TargetSet:
 
     check_target_memory(config, lm.vocab_size)
     built: dict[str, TargetSet] = {}
-    for name in _recipe_order(config.targets):
+    for name in recipe_order(config.targets):
         recipe = config.targets[name]
         kind = recipe.kind
         seed = config.seed + recipe.get("seed_offset", 0)
@@ -440,7 +440,7 @@ def _check_recipes(recipes, vocab_size: int | None) -> None:
             _check_target_file(recipe.get("path"), where)
         if recipe.get("template", "none") not in ("none", "chat"):
             raise ConfigError(f"{where}.template = {recipe.template!r}: must be 'none' or 'chat'")
-    _recipe_order(recipes)
+    recipe_order(recipes)
 
 
 def _check_entropy_range(recipe, where: str, vocab_size: int | None) -> None:
@@ -477,7 +477,7 @@ def target_bytes(config, vocab_size: int) -> int:
     """
     recipes = config.targets
     sizes: dict[str, int] = {}
-    for name in _recipe_order(recipes):
+    for name in recipe_order(recipes):
         recipe = recipes[name]
         if recipe.kind == "file":
             path = Path(recipe.path)

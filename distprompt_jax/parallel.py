@@ -93,12 +93,19 @@ def sharded_params(params, mesh: Mesh):
     For models too large for one device: each device stores 1/n of the weights and XLA gathers them
     where the replicated-over-targets computation needs them (ZeRO-3 style), trading memory for traffic.
     """
+    return jax.device_put(params, param_shardings(params, mesh, shard=True))
+
+
+def param_shardings(params, mesh: Mesh, shard: bool):
+    """The sharding of every parameter leaf (arrays or ShapeDtypeStructs): replicated, or with `shard` split as
+    `sharded_params` splits it, over the mesh's `targets` axis (replicated over any other: a plan's hosts)."""
+    parts = mesh.shape[TARGET_AXIS]
 
     def spec(leaf) -> NamedSharding:
-        axes = sorted(range(leaf.ndim), key=lambda a: -leaf.shape[a])
+        axes = sorted(range(len(leaf.shape)), key=lambda a: -leaf.shape[a])
         for axis in axes:
-            if leaf.shape[axis] % mesh.size == 0:
+            if leaf.shape[axis] % parts == 0:
                 return NamedSharding(mesh, PartitionSpec(*([None] * axis), TARGET_AXIS))
         return replicated(mesh)
 
-    return jax.device_put(params, jax.tree.map(spec, params))
+    return jax.tree.map(spec if shard else lambda _: replicated(mesh), params)

@@ -8,6 +8,10 @@ import jax
 import numpy as np
 import pytest
 
+from distprompt_jax.platforms import skip_absent_tpu
+
+# Tests run on the CPU: with libtpu installed (the test extra, for compile-only plans) no TPU backend is probed.
+skip_absent_tpu()
 # Four fake CPU devices, so sharded code paths run (and can be compared with one device) in every test.
 jax.config.update("jax_num_cpu_devices", 4)
 

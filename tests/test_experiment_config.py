@@ -34,6 +34,8 @@ EXPECTED_SECTIONS = {
                "prefix": dict(max_steps=200, suffix="\n"), "final_norm": dict(suffix="\n", bos=False)},
     "lm_targets": {"soft": dict(max_steps=200)},
     "outliers": {"soft": dict(max_steps=200)},
+    "pod_entropy_sweep": {"soft": dict(slots=432, shard_params=True), "hard": dict(shard_params=True),
+                          "bound": dict(support=8192, slots=1024, shard_params=True)},
     "prompt_length": {"soft": dict(max_steps=150)},
     "quickstart": {"soft": dict(max_steps=200)},
 }
@@ -141,7 +143,7 @@ def test_every_shipped_config_converts_and_validates(monkeypatch, path):
     assert experiment.hard_config(config) == HardPromptConfig(**changes.get("hard", {}))
     assert experiment.prefix_config(config) == PrefixPromptConfig(**changes.get("prefix", {}))
     assert experiment.final_norm_config(config, n_layers=30) == final_norm_rung(30, **changes.get("final_norm", {}))
-    assert experiment.bound_config(config) == BoundConfig(host_threads=2)
+    assert experiment.bound_config(config) == BoundConfig(**changes.get("bound", {}), host_threads=2)
 
 
 def final_norm_rung(n_layers: int, **changes) -> SoftPromptConfig:

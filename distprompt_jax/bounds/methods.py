@@ -53,6 +53,7 @@ class BoundConfig:
     segment_steps: int = 50  # most iterations per compiled call (progress and checkpoint granularity)
     refill_at: int | None = None  # end a segment early once this many slots are free (None: slots // 16, ≥ 1)
     host_threads: int | None = None  # threads certifying targets on the host (None: min(8, CPU count))
+    shard_params: bool = False  # split the weights over the devices (models too large for one device)
 
     def __post_init__(self):
         check_field_types(self)

@@ -23,7 +23,9 @@ from distprompt_jax import parallel
 from distprompt_jax.lm import LanguageModel
 from distprompt_jax.prompting.context import TEMPLATES
 from distprompt_jax.results import PromptResults
-from distprompt_jax.solve import Driver, DriverOptions, PoolCheckpoint, Problem, SegmentInfo, compiled, with_floors
+from distprompt_jax.solve import (
+    Driver, DriverOptions, PoolCheckpoint, Problem, SegmentInfo, lower_segment, with_floors,
+)
 from distprompt_jax.targets import as_target_set, entropy_nats
 
 # Slot counts by platform when a config leaves them to us: deterministic, so a rerun (or a resume) on the
@@ -139,22 +141,11 @@ def resolve_slots(method: Method, params, mesh, example_inputs: dict, n_targets:
 
 def auto_slots(problem: Problem, params, mesh, example_inputs: dict, n_targets: int) -> int:
     """The largest pool whose compiled segment fits half the free device memory (XLA's memory analysis)."""
-    functions = compiled(problem)
     sharding = parallel.target_sharding(mesh)
+    example = {name: jax.ShapeDtypeStruct(np.shape(v)[1:], np.asarray(v).dtype) for name, v in example_inputs.items()}
 
     def lower(size: int):
-        def abstract(shape, dtype):
-            return jax.ShapeDtypeStruct((size,) + tuple(shape), dtype, sharding=sharding)
-
-        inputs = {name: abstract(np.shape(v)[1:], np.asarray(v).dtype) for name, v in example_inputs.items()}
-        index = abstract((), np.int32)
-        targets, states = jax.eval_shape(functions.start, params, inputs, np.uint32(0), index, index,
-                                         abstract((), bool))
-        def placed(a):
-            return abstract(a.shape[1:], a.dtype)
-
-        return functions.segment.lower(params, jax.tree.map(placed, targets), jax.tree.map(placed, states),
-                                       np.int32(1), num_steps=1)
+        return lower_segment(problem, params, example, size, sharding)
 
     fixed = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(params))
     return parallel.auto_chunk_size(lower, n_targets=n_targets, n_devices=mesh.size, fixed_bytes=fixed)

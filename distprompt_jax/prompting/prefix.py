@@ -200,7 +200,9 @@ class PrefixProblem:
     candidate_ids: np.ndarray = dataclasses.field(compare=False, repr=False)
 
     @classmethod
-    def build(cls, lm: LanguageModel, config: PrefixPromptConfig) -> PrefixProblem:
+    def build(cls, lm: LanguageModel, config: PrefixPromptConfig, kv_scale: np.ndarray | None = None) -> PrefixProblem:
+        """The problem of `config` on `lm`. `kv_scale` [2, n_layers] (init="normal"): the spread of the model's
+        keys and values, measured from its weights when None; a plan without weights passes a stand-in."""
         context = context_of(lm, config)
         init_ids = None
         if config.init == "text":
@@ -216,7 +218,8 @@ class PrefixProblem:
             context=context, init_ids=init_ids, kv_scale=None, candidate_ids=candidate_ids,
         )
         if config.init == "normal":
-            problem = dataclasses.replace(problem, kv_scale=problem.model_kv_scale(lm.params))
+            problem = dataclasses.replace(
+                problem, kv_scale=problem.model_kv_scale(lm.params) if kv_scale is None else kv_scale)
         return problem
 
     def cache_shape(self) -> tuple[int, ...]:

@@ -158,7 +158,9 @@ class SoftProblem:
     candidate_ids: np.ndarray = dataclasses.field(compare=False, repr=False)
 
     @classmethod
-    def build(cls, lm: LanguageModel, config: SoftPromptConfig) -> SoftProblem:
+    def build(cls, lm: LanguageModel, config: SoftPromptConfig, embed_std: float | None = None) -> SoftProblem:
+        """The problem of `config` on `lm`. `embed_std`: the std of lm's embedding matrix, measured from its
+        weights when None; a plan without weights passes a stand-in (a constant of the program, not a shape)."""
         context = context_lib.FixedContext.build(lm, config.prefix, config.suffix, config.bos, config.template)
         if config.intervention_layer is not None and context.is_empty:
             raise ValueError("an intervention needs fixed input tokens: set prefix (and/or bos=True)")
@@ -169,7 +171,8 @@ class SoftProblem:
                 raise ValueError(
                     f"init_text is {len(init_ids)} tokens, but prompt_len is {config.prompt_len}: make them equal"
                 )
-        embed_std = _embedding_std(lm)  # a pass over the whole embedding matrix: once
+        if embed_std is None:
+            embed_std = _embedding_std(lm)  # a pass over the whole embedding matrix: once
         return cls(
             lm=model_structure(lm), prompt_len=config.prompt_len, init_kind=config.init,
             intervention_layer=config.intervention_layer, intervention_mode=config.intervention_mode,

@@ -112,6 +112,7 @@ class Compiled:
     refill: Callable
     segment: Callable
     report: Callable
+    step: Callable  # one step of the whole pool: a segment's loop body, on its own (for cost analysis)
 
 
 def compiled(problem: Problem) -> Compiled:
@@ -139,14 +140,18 @@ def compiled(problem: Problem) -> Compiled:
         targets, states = select(take, new_targets, targets), select(take, new_states, states)
         return targets, _with_active(states, states.progress.active & occupied)
 
+    def pool_step(params, targets, states):
+        """One step of every running slot; finished slots stay as they are."""
+        stepped = jax.vmap(problem.step, in_axes=(None, 0, 0))(params, targets, states)
+        return select(states.progress.active, stepped, states)
+
     def segment(params, targets, states, stop_after, num_steps):
         """Up to num_steps steps; stops early once `stop_after` slots have finished (data, not traced in)."""
-        step = jax.vmap(problem.step, in_axes=(None, 0, 0))
         running_at_start = states.progress.active
 
         def body(carry):
             i, s = carry
-            return i + 1, select(s.progress.active, step(params, targets, s), s)
+            return i + 1, pool_step(params, targets, s)
 
         def more(carry):
             i, s = carry
@@ -166,6 +171,7 @@ def compiled(problem: Problem) -> Compiled:
     entry = Compiled(
         prepare=jax.jit(jax.vmap(problem.prepare)), start=jax.jit(start), refill=jax.jit(refill),
         segment=jax.jit(segment, static_argnames="num_steps", donate_argnums=2), report=jax.jit(report),
+        step=jax.jit(pool_step),
     )
     _COMPILED[problem] = entry
     if len(_COMPILED) > _COMPILED_KEEP:
@@ -184,6 +190,44 @@ def progress_postfix(info: SegmentInfo, finished_best: np.ndarray) -> dict[str, 
     if len(finished_best):
         postfix["mean_done"] = f"{finished_best.mean():.4g}"
     return postfix
+
+
+def abstract_pool(problem: Problem, params, example_inputs: dict, size: int, sharding) -> tuple[dict, object, object]:
+    """(inputs, targets, states) of a pool of `size` slots as ShapeDtypeStructs placed with `sharding` (the
+    slot axis split as a run places it): nothing is computed. `example_inputs` holds one target's inputs (arrays
+    or ShapeDtypeStructs without the slot axis); the driver's `floor` input is added."""
+
+    def placed(shape, dtype):
+        return jax.ShapeDtypeStruct((size,) + tuple(shape), dtype, sharding=sharding)
+
+    example = dict(example_inputs) | {"floor": jax.ShapeDtypeStruct((), np.float32)}
+    inputs = {name: placed(np.shape(v), v.dtype) for name, v in example.items()}
+    index = placed((), np.int32)
+    targets, states = jax.eval_shape(compiled(problem).start, params, inputs, np.uint32(0), index, index,
+                                     placed((), bool))
+    as_placed = lambda tree: jax.tree.map(lambda a: placed(a.shape[1:], a.dtype), tree)
+    return inputs, as_placed(targets), as_placed(states)
+
+
+def lower_segment(problem: Problem, params, example_inputs: dict, size: int, sharding, num_steps: int = 1):
+    """The compiled-to-be segment a Driver runs for a pool of `size` slots (`jax.stages.Lowered`), from shapes
+    alone: `params` may be ShapeDtypeStructs carrying their shardings (a plan for hardware not at hand)."""
+    _, targets, states = abstract_pool(problem, params, example_inputs, size, sharding)
+    return compiled(problem).segment.lower(params, targets, states, np.int32(1), num_steps=num_steps)
+
+
+def lower_refill(problem: Problem, params, example_inputs: dict, size: int, sharding):
+    """The refill (every slot's init, the new jobs' taken) of a pool of `size` slots, lowered from shapes."""
+    inputs, targets, states = abstract_pool(problem, params, example_inputs, size, sharding)
+    slot = lambda dtype: jax.ShapeDtypeStruct((size,), dtype, sharding=sharding)
+    return compiled(problem).refill.lower(params, targets, states, inputs, np.uint32(0), slot(np.int32),
+                                          slot(np.int32), slot(bool), slot(bool))
+
+
+def lower_step(problem: Problem, params, example_inputs: dict, size: int, sharding):
+    """One step of a pool of `size` slots (a segment's loop body), lowered from shapes: what a step costs."""
+    _, targets, states = abstract_pool(problem, params, example_inputs, size, sharding)
+    return compiled(problem).step.lower(params, targets, states)
 
 
 def with_floors(inputs: dict[str, np.ndarray], floors: np.ndarray | None) -> tuple[dict, np.ndarray]:
@@ -302,12 +346,10 @@ class _Pool:
 
     def _abstract_pool(self, size: int):
         """(targets, states) of a pool of `size` slots as shapes and dtypes (nothing runs)."""
-        inputs = {name: jax.ShapeDtypeStruct((size,) + values.shape[1:], values.dtype)
-                  for name, values in self.inputs.items()}
-        index = jax.ShapeDtypeStruct((size,), np.int32)
-        occupied = jax.ShapeDtypeStruct((size,), bool)
-        return jax.eval_shape(self.driver.functions.start, self.driver.params, inputs, np.uint32(0), index, index,
-                              occupied)
+        example = {name: jax.ShapeDtypeStruct(values.shape[1:], values.dtype) for name, values in self.inputs.items()}
+        _, targets, states = abstract_pool(self.driver.problem, self.driver.params, example, size,
+                                           self.driver.sharding)
+        return targets, states
 
     def _empty_results(self) -> dict[str, np.ndarray]:
         """Zeroed result arrays [n, ...] shaped as a target's report, found without running anything."""
