@@ -260,7 +260,7 @@ def test_two_processes_split_the_targets_and_match_one(experiment, tmp_path):
 def test_every_shipped_config_loads():
     import importlib.util
 
-    from distprompt_jax.experiment import TARGET_KINDS, recipe_order, bound_config, hard_config, soft_config
+    from distprompt_jax.experiment import TARGET_KINDS, bound_config, hard_config, recipe_order, soft_config
 
     configs = sorted(Path(__file__).parent.parent.glob("configs/*.py"))
     assert {p.stem for p in configs} >= {

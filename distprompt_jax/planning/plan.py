@@ -136,7 +136,9 @@ def projected_rate(topology: hardware.Topology, cost: StepCost, slots_per_host: 
 def advice(program: programs.MethodProgram, topology: hardware.Topology, smallest: PoolMemory, budget: int,
            fixed: bool, dtype) -> str:
     """Why a method does not fit, in bytes per chip, and what would make it fit."""
-    gib = lambda b: f"{b / hardware.GiB:.2f} GiB"
+    def gib(b):
+        return f"{b / hardware.GiB:.2f} GiB"
+
     devices = topology.devices.shape[1]
     section = programs.config_section(program.label)
     if fixed and smallest.slots > devices:

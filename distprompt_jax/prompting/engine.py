@@ -24,7 +24,13 @@ from distprompt_jax.lm import LanguageModel
 from distprompt_jax.prompting.context import TEMPLATES
 from distprompt_jax.results import PromptResults
 from distprompt_jax.solve import (
-    Driver, DriverOptions, PoolCheckpoint, Problem, SegmentInfo, lower_segment, with_floors,
+    Driver,
+    DriverOptions,
+    PoolCheckpoint,
+    Problem,
+    SegmentInfo,
+    lower_segment,
+    with_floors,
 )
 from distprompt_jax.targets import as_target_set, entropy_nats
 

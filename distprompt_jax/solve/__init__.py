@@ -2,7 +2,15 @@
 
 from distprompt_jax.solve.checkpoint import PoolCheckpoint
 from distprompt_jax.solve.driver import (
-    Driver, DriverOptions, RunStats, SegmentInfo, abstract_pool, compiled, lower_refill, lower_segment, lower_step,
+    Driver,
+    DriverOptions,
+    RunStats,
+    SegmentInfo,
+    abstract_pool,
+    compiled,
+    lower_refill,
+    lower_segment,
+    lower_step,
     with_floors,
 )
 from distprompt_jax.solve.problem import Patience, Problem, Progress, blown_up, select, track

@@ -205,7 +205,9 @@ def abstract_pool(problem: Problem, params, example_inputs: dict, size: int, sha
     index = placed((), np.int32)
     targets, states = jax.eval_shape(compiled(problem).start, params, inputs, np.uint32(0), index, index,
                                      placed((), bool))
-    as_placed = lambda tree: jax.tree.map(lambda a: placed(a.shape[1:], a.dtype), tree)
+    def as_placed(tree):
+        return jax.tree.map(lambda a: placed(a.shape[1:], a.dtype), tree)
+
     return inputs, as_placed(targets), as_placed(states)
 
 
@@ -219,7 +221,9 @@ def lower_segment(problem: Problem, params, example_inputs: dict, size: int, sha
 def lower_refill(problem: Problem, params, example_inputs: dict, size: int, sharding):
     """The refill (every slot's init, the new jobs' taken) of a pool of `size` slots, lowered from shapes."""
     inputs, targets, states = abstract_pool(problem, params, example_inputs, size, sharding)
-    slot = lambda dtype: jax.ShapeDtypeStruct((size,), dtype, sharding=sharding)
+    def slot(dtype):
+        return jax.ShapeDtypeStruct((size,), dtype, sharding=sharding)
+
     return compiled(problem).refill.lower(params, targets, states, inputs, np.uint32(0), slot(np.int32),
                                           slot(np.int32), slot(bool), slot(bool))
 
