@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -67,12 +68,18 @@ def test_a_users_directory_beside_the_gguf_survives(gguf_file, cache_root, tmp_p
     assert converted_gguf_dir(user / "M.gguf").parent == cache_root / "converted"
 
 
-def test_copies_of_one_gguf_share_one_conversion(gguf_file, cache_root, tmp_path, capsys):
+def _conversions(caplog) -> int:
+    """How many conversions were announced (absl logs them at INFO through the `absl` logger)."""
+    return sum("converting" in record.getMessage() for record in caplog.records)
+
+
+def test_copies_of_one_gguf_share_one_conversion(gguf_file, cache_root, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="absl")
     copy = tmp_path / "elsewhere" / "renamed.gguf"
     copy.parent.mkdir()
     shutil.copy(gguf_file, copy)
     assert converted_gguf_dir(gguf_file) == converted_gguf_dir(copy)
-    assert capsys.readouterr().err.count("converting") == 1
+    assert _conversions(caplog) == 1
     assert len([p for p in (cache_root / "converted").iterdir() if not p.name.startswith(".")]) == 1
 
 
@@ -95,9 +102,11 @@ def test_an_incomplete_conversion_is_rebuilt(gguf_file, cache_root):
     assert (target / "tokenizer.json").is_file()
 
 
-def test_a_read_only_cache_with_a_valid_conversion_is_used_as_is(gguf_file, cache_root, capsys):
+def test_a_read_only_cache_with_a_valid_conversion_is_used_as_is(gguf_file, cache_root, caplog):
+    caplog.set_level(logging.INFO, logger="absl")
     expected = _logits(load_model(gguf_file))
-    capsys.readouterr()
+    assert _conversions(caplog) == 1
+    caplog.clear()
     before = _tree(cache_root)
     modes = {p: p.stat().st_mode for p in [cache_root, *cache_root.rglob("*")]}
     for path in modes:
@@ -107,7 +116,7 @@ def test_a_read_only_cache_with_a_valid_conversion_is_used_as_is(gguf_file, cach
     finally:
         for path, mode in modes.items():
             path.chmod(mode)
-    assert "converting" not in capsys.readouterr().err
+    assert _conversions(caplog) == 0
     assert _tree(cache_root) == before
 
 
