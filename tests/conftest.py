@@ -8,12 +8,25 @@ import jax
 import numpy as np
 import pytest
 
+from distprompt_jax import compilation_cache
 from distprompt_jax.platforms import skip_absent_tpu
 
 # Tests run on the CPU: with libtpu installed (the test extra, for compile-only plans) no TPU backend is probed.
 skip_absent_tpu()
 # Four fake CPU devices, so sharded code paths run (and can be compared with one device) in every test.
 jax.config.update("jax_num_cpu_devices", 4)
+
+# The package's persistent compilation cache, as the command line uses it: a program one test compiles (in either
+# test process, or in a CLI run in a subprocess) is read back from disk by the next test that compiles the same
+# program, instead of compiled again (XLA's compiles are most of the suite's time). The same environment
+# variables turn it off or move it (DISTPROMPT_JAX_COMPILATION_CACHE=off).
+compilation_cache.enable()
+
+
+def pytest_collection_modifyitems(items):
+    """Modules with real-model tests first: they are the longest, and with `--dist loadfile` (the README's test
+    command) a long module handed out last would leave one test process working alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("real_weights") is None)  # stable: same order otherwise
 
 TINY_VOCAB = 300
 
