@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import socket
 import subprocess
 import sys
@@ -29,12 +30,13 @@ def cache(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_fetch_downloads_verifies_and_caches(cache, monkeypatch, capsys):
+def test_fetch_downloads_verifies_and_caches(cache, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="absl")  # the status line goes to absl's log at INFO
     monkeypatch.setitem(registry.REGISTRY, SIX.name, SIX)
     path = registry.fetch(SIX.name)
     assert path == cache / SIX.name / "six.py"
     assert path.stat().st_size == 34549
-    assert "fetching six-module" in capsys.readouterr().err
+    assert any("fetching six-module" in record.getMessage() for record in caplog.records)
     # Second call: served from the cache, nothing downloaded.
     monkeypatch.setattr(registry, "_pip_download", lambda *a: pytest.fail("downloaded again"))
     assert registry.fetch(SIX.name) == path
