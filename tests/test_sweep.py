@@ -145,7 +145,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(experiment, tmp_path):
 
 def test_a_bound_run_killed_mid_pool_resumes_to_the_same_results(experiment, tmp_path):
     config = experiment()
-    args = ["--config.methods=('bound',)", "--config.targets.vanilla.n=24", "--config.bound.slots=4",
+    args = ["--config.methods=('bound',)", "--config.targets.vanilla.n=12", "--config.bound.slots=4",
             "--config.bound.segment_steps=2"]
     code, _, err = finish(distprompt(f"--config={config}", f"--workdir={tmp_path / 'straight'}", *args))
     assert code == 0, err[-3000:]
