@@ -115,11 +115,16 @@ class Compiled:
     step: Callable  # one step of the whole pool: a segment's loop body, on its own (for cost analysis)
 
 
-def compiled(problem: Problem) -> Compiled:
-    """The jitted functions of `problem`, cached by the problem's value."""
-    if problem in _COMPILED:
-        _COMPILED.move_to_end(problem)
-        return _COMPILED[problem]
+def compiled(problem: Problem, sharding: jax.sharding.NamedSharding | None = None) -> Compiled:
+    """The jitted functions of `problem` for a pool placed with `sharding` (the slot axis split over its mesh),
+    cached by both. Every function returns the pool in that placement, so a segment sees the same input shardings
+    whichever function made its pool and compiles once (left to XLA's propagation, `start`'s and `refill`'s
+    outputs came back in different shardings — optimizer moments replicated, say — and each compiled a segment of
+    its own). None (one device, a benchmark's direct call): placement is left to XLA."""
+    key = (problem, sharding)
+    if key in _COMPILED:
+        _COMPILED.move_to_end(key)
+        return _COMPILED[key]
 
     def fresh(params, inputs, seed, index, attempt):
         targets = jax.vmap(problem.prepare)(inputs)
@@ -168,12 +173,16 @@ def compiled(problem: Problem) -> Compiled:
         out = jax.vmap(problem.report, in_axes=(None, 0, 0))(params, pick(targets), pick(states))
         return dict(out) | {_OBJECTIVE: states.progress.best[rows]}
 
+    pool = {} if sharding is None else {"out_shardings": sharding}
+    # The segment's second output, the steps it ran, is a scalar: replicated.
+    segment_out = {} if sharding is None else {
+        "out_shardings": (sharding, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))}
     entry = Compiled(
-        prepare=jax.jit(jax.vmap(problem.prepare)), start=jax.jit(start), refill=jax.jit(refill),
-        segment=jax.jit(segment, static_argnames="num_steps", donate_argnums=2), report=jax.jit(report),
-        step=jax.jit(pool_step),
+        prepare=jax.jit(jax.vmap(problem.prepare)), start=jax.jit(start, **pool), refill=jax.jit(refill, **pool),
+        segment=jax.jit(segment, static_argnames="num_steps", donate_argnums=2, **segment_out),
+        report=jax.jit(report), step=jax.jit(pool_step, **pool),
     )
-    _COMPILED[problem] = entry
+    _COMPILED[key] = entry
     if len(_COMPILED) > _COMPILED_KEEP:
         _COMPILED.popitem(last=False)
     return entry
@@ -203,7 +212,7 @@ def abstract_pool(problem: Problem, params, example_inputs: dict, size: int, sha
     example = dict(example_inputs) | {"floor": jax.ShapeDtypeStruct((), np.float32)}
     inputs = {name: placed(np.shape(v), v.dtype) for name, v in example.items()}
     index = placed((), np.int32)
-    targets, states = jax.eval_shape(compiled(problem).start, params, inputs, np.uint32(0), index, index,
+    targets, states = jax.eval_shape(compiled(problem, sharding).start, params, inputs, np.uint32(0), index, index,
                                      placed((), bool))
     def as_placed(tree):
         return jax.tree.map(lambda a: placed(a.shape[1:], a.dtype), tree)
@@ -215,7 +224,7 @@ def lower_segment(problem: Problem, params, example_inputs: dict, size: int, sha
     """The compiled-to-be segment a Driver runs for a pool of `size` slots (`jax.stages.Lowered`), from shapes
     alone: `params` may be ShapeDtypeStructs carrying their shardings (a plan for hardware not at hand)."""
     _, targets, states = abstract_pool(problem, params, example_inputs, size, sharding)
-    return compiled(problem).segment.lower(params, targets, states, np.int32(1), num_steps=num_steps)
+    return compiled(problem, sharding).segment.lower(params, targets, states, np.int32(1), num_steps=num_steps)
 
 
 def lower_refill(problem: Problem, params, example_inputs: dict, size: int, sharding):
@@ -224,14 +233,14 @@ def lower_refill(problem: Problem, params, example_inputs: dict, size: int, shar
     def slot(dtype):
         return jax.ShapeDtypeStruct((size,), dtype, sharding=sharding)
 
-    return compiled(problem).refill.lower(params, targets, states, inputs, np.uint32(0), slot(np.int32),
+    return compiled(problem, sharding).refill.lower(params, targets, states, inputs, np.uint32(0), slot(np.int32),
                                           slot(np.int32), slot(bool), slot(bool))
 
 
 def lower_step(problem: Problem, params, example_inputs: dict, size: int, sharding):
     """One step of a pool of `size` slots (a segment's loop body), lowered from shapes: what a step costs."""
     _, targets, states = abstract_pool(problem, params, example_inputs, size, sharding)
-    return compiled(problem).step.lower(params, targets, states)
+    return compiled(problem, sharding).step.lower(params, targets, states)
 
 
 def with_floors(inputs: dict[str, np.ndarray], floors: np.ndarray | None) -> tuple[dict, np.ndarray]:
@@ -272,7 +281,7 @@ class Driver:
         self.compact_tail = (mesh.devices.flat[0].platform == "cpu" if options.compact_tail is None
                              else options.compact_tail)
         self.sharding = parallel.target_sharding(mesh)
-        self.functions = compiled(problem)
+        self.functions = compiled(problem, self.sharding)
         self.stats = RunStats()
 
     def run(
