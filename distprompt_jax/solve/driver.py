@@ -40,6 +40,7 @@ from distprompt_jax.solve.problem import Problem, select
 _COMPILED: collections.OrderedDict = collections.OrderedDict()
 _COMPILED_KEEP = 16
 _OBJECTIVE = "__objective__"
+REPORT_ROWS = 16  # finished slots reported per call (fewer slots: all of them)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,10 +254,9 @@ def with_floors(inputs: dict[str, np.ndarray], floors: np.ndarray | None) -> tup
     return inputs | {"floor": floors.astype(np.float32)}, floors
 
 
-def _bucketed(rows: np.ndarray) -> np.ndarray:
-    """`rows` padded to a power of two by repeating the first (few compiled shapes; a repeat is harmless)."""
-    bucket = 1 << int(len(rows) - 1).bit_length()
-    return np.concatenate([rows, np.repeat(rows[:1], bucket - len(rows))]).astype(np.int32)
+def _padded(rows: np.ndarray, size: int) -> np.ndarray:
+    """`rows` padded to `size` by repeating the first (one compiled shape; a repeat is harmless)."""
+    return np.concatenate([rows, np.repeat(rows[:1], size - len(rows))]).astype(np.int32)
 
 
 def _state_layout(states) -> list[str]:
@@ -431,8 +431,7 @@ class _Pool:
         finished = np.flatnonzero((self.slot_target >= 0) & ~active)
         if not len(finished):
             return
-        out = jax.device_get(self.driver.functions.report(self.driver.params, self.targets, self.states,
-                                                          _bucketed(finished)))
+        out = self._reports(finished)
         for i, slot in enumerate(finished):
             target = self.slot_target[slot]
             objective = float(out[_OBJECTIVE][i])
@@ -447,6 +446,19 @@ class _Pool:
                 self.done[target] = True
                 self.pending.append(target)
         self.slot_target[finished] = -1
+
+    def _reports(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        """The reports of `slots`, in padded batches of one size: a pool compiles one report program (a batch of
+        each size that finished compiled up to log2(slots) + 1), and a segment computes at most REPORT_ROWS - 1
+        reports in vain, beside its slots x segment_steps steps."""
+        d = self.driver
+        size = min(REPORT_ROWS, d.slots)
+        batches = [jax.device_get(d.functions.report(d.params, self.targets, self.states,
+                                                     _padded(slots[i : i + size], size)))
+                   for i in range(0, len(slots), size)]
+        counts = [len(slots[i : i + size]) for i in range(0, len(slots), size)]
+        return {name: np.concatenate([batch[name][:count] for batch, count in zip(batches, counts)])
+                for name in batches[0]}
 
     def announce_pending(self):
         rows, self.pending = np.asarray(self.pending, np.int64), []
