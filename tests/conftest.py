@@ -23,10 +23,21 @@ jax.config.update("jax_num_cpu_devices", 4)
 compilation_cache.enable()
 
 
+# The longest modules, longest first (seconds of one test process in a full run, BUILD.md "Tests and CI"). The two
+# test processes take modules whole (`--dist loadfile`, setup.cfg) in collection order, so these go first: a long
+# module handed out last would leave one process working alone at the end. Only the order depends on this list.
+LONGEST_MODULES = (
+    "test_hard.py", "test_sweep.py", "test_prefix.py", "test_soft.py", "test_kv_cache.py", "test_real_models.py",
+    "test_real_searches.py", "test_peft_export.py", "test_ladder.py", "test_bounds.py", "test_targets_generated.py",
+)
+
+
 def pytest_collection_modifyitems(items):
-    """Modules with real-model tests first: they are the longest, and with `--dist loadfile` (the README's test
-    command) a long module handed out last would leave one test process working alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("real_weights") is None)  # stable: same order otherwise
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
+
+    items.sort(key=rank)  # stable: the other modules, and the tests within a module, keep their order
 
 TINY_VOCAB = 300
 

@@ -131,9 +131,10 @@ def test_four_devices_give_the_same_results_as_one_and_slots_and_sharded_weights
     config = PrefixPromptConfig(prompt_len=3, max_steps=15, slots=8, reparam_hidden=8)
     four = prefix_prompt(lm, targets, config, with_bound=False)
     one = prefix_prompt(lm, targets, config, devices=jax.devices()[:1], with_bound=False)
-    fewer_slots = prefix_prompt(lm, targets, dataclasses.replace(config, slots=4), with_bound=False)
-    sharded = prefix_prompt(lm, targets, dataclasses.replace(config, shard_params=True), with_bound=False)
-    for other in (one, fewer_slots, sharded):
+    # Half the slots and the weights split over the devices, in one run (each is a compile of its own).
+    fewer_slots_sharded = prefix_prompt(lm, targets, dataclasses.replace(config, slots=4, shard_params=True),
+                                        with_bound=False)
+    for other in (one, fewer_slots_sharded):
         np.testing.assert_allclose(four.columns["kl"], other.columns["kl"], rtol=1e-4, atol=1e-6)
         for name in ("keys", "values"):
             np.testing.assert_allclose(four.arrays[name], other.arrays[name], rtol=1e-4, atol=1e-5)
