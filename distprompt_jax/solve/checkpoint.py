@@ -12,9 +12,12 @@ traceback for each read still in flight once its event loop had closed).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
+import signal
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -58,17 +61,19 @@ class PoolCheckpoint:
         """Arrays (a pytree of numpy/jax arrays) and JSON-able host bookkeeping, as checkpoint `step`.
 
         A full disk raises OSError(ENOSPC) naming the directory (orbax raises a ValueError from its writer
-        thread and logs ~100 lines of traceback, which are kept quiet here: the error says it all)."""
+        thread and logs ~100 lines of traceback, which are kept quiet here: the error says it all). A Ctrl-C
+        during the save takes effect once the save is complete (`_interrupts_held`)."""
         absl_logger = logging.getLogger("absl")
         level = absl_logger.level
         absl_logger.setLevel(logging.CRITICAL)
         try:
-            self.manager.save(step, args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta),
-            ), force=True)
-            self.manager.wait_until_finished()
-            sums = json.dumps(_file_sums(self._step_dir(step)))
-            atomic_write(self._step_dir(step) / SUMS_FILE, lambda file: file.write(sums.encode()))
+            with _interrupts_held():
+                self.manager.save(step, args=ocp.args.Composite(
+                    arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta),
+                ), force=True)
+                self.manager.wait_until_finished()
+                sums = json.dumps(_file_sums(self._step_dir(step)))
+                atomic_write(self._step_dir(step) / SUMS_FILE, lambda file: file.write(sums.encode()))
         except Exception as err:
             if "No space left on device" in str(err) or getattr(err, "errno", None) == errno.ENOSPC:
                 raise OSError(errno.ENOSPC, f"no space left on the disk of {self.directory} while saving a checkpoint; "
@@ -112,6 +117,25 @@ class PoolCheckpoint:
 
     def close(self) -> None:
         self.manager.close()
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """SIGINT held back until the block ends, then delivered to the handler it would have reached. Interrupted
+    mid-save, orbax's writer threads failed at the interpreter's exit ("cannot schedule new futures after
+    interpreter shutdown", "Event loop is closed") with tracebacks below the run's own message; a save takes
+    well under a second. Signal handlers belong to the main thread: elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+        if received:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _file_sums(step_dir: Path) -> dict[str, list]:
