@@ -26,8 +26,9 @@ compilation_cache.enable()
 # The longest modules first (seconds of one test process in a full run, BUILD.md "Tests and CI"). The two test
 # processes take modules whole (`--dist loadfile`, setup.cfg) in collection order, so these go first: a long module
 # handed out last would leave one process working alone at the end. The two real-model modules, which stream
-# hundreds of MB of weights a step, go to the two processes one after the other rather than side by side (side by
-# side in one full run, their searches took 1.6-1.9x as long as in the run before). Only the order depends on this list.
+# hundreds of MB of weights a step, go to the two processes one after the other rather than side by side (side
+# by side in one full run, their searches took 1.6-1.9x as long as in the run before). Only the order depends on
+# this list.
 LONGEST_MODULES = (
     "test_real_searches.py", "test_hard.py", "test_real_models.py", "test_sweep.py", "test_prefix.py",
     "test_soft.py", "test_kv_cache.py", "test_peft_export.py", "test_ladder.py", "test_bounds.py",

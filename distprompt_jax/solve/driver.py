@@ -235,7 +235,7 @@ def lower_refill(problem: Problem, params, example_inputs: dict, size: int, shar
         return jax.ShapeDtypeStruct((size,), dtype, sharding=sharding)
 
     return compiled(problem, sharding).refill.lower(params, targets, states, inputs, np.uint32(0), slot(np.int32),
-                                          slot(np.int32), slot(bool), slot(bool))
+                                                    slot(np.int32), slot(bool), slot(bool))
 
 
 def lower_step(problem: Problem, params, example_inputs: dict, size: int, sharding):
