@@ -453,11 +453,10 @@ class _Pool:
         reports in vain, beside its slots x segment_steps steps."""
         d = self.driver
         size = min(REPORT_ROWS, d.slots)
-        batches = [jax.device_get(d.functions.report(d.params, self.targets, self.states,
-                                                     _padded(slots[i : i + size], size)))
-                   for i in range(0, len(slots), size)]
-        counts = [len(slots[i : i + size]) for i in range(0, len(slots), size)]
-        return {name: np.concatenate([batch[name][:count] for batch, count in zip(batches, counts)])
+        chunks = [slots[i : i + size] for i in range(0, len(slots), size)]
+        batches = [jax.device_get(d.functions.report(d.params, self.targets, self.states, _padded(chunk, size)))
+                   for chunk in chunks]
+        return {name: np.concatenate([batch[name][: len(chunk)] for batch, chunk in zip(batches, chunks)])
                 for name in batches[0]}
 
     def announce_pending(self):
