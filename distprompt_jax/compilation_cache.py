@@ -27,11 +27,13 @@ def default_dir() -> Path | None:
     return Path(value).expanduser() if value else cache_dir() / "jax_compilation"
 
 
-def enable(directory: str | os.PathLike | None = None, *, min_compile_seconds: float = 1.0) -> Path | None:
+def enable(directory: str | os.PathLike | None = None, *, min_compile_seconds: float = 0.0) -> Path | None:
     """Use a persistent compilation cache in `directory` (default: `default_dir()`); returns it, or None
     when the environment turned it off. Programs that compile faster than `min_compile_seconds` are not
-    stored (reading them back would cost about as much). A directory that cannot be created or written (a
-    read-only cache) leaves the cache off, with a warning: compiling again is slower, never wrong."""
+    stored; by default all are: besides its segments, a command line run compiles ~70 small programs of ~0.1 s
+    each (target solves, reductions), and reading those back too took a tiny model's rerun from 21 s to 15 s.
+    A directory that cannot be created or written (a read-only cache) leaves the cache off, with a warning:
+    compiling again is slower, never wrong."""
     path = Path(directory).expanduser() if directory is not None else default_dir()
     if path is None:
         return None

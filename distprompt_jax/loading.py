@@ -107,28 +107,32 @@ def _published_weights(name: str) -> tuple[Path, str]:
 
 
 def _load_tokenizer(tokenizer, model_dir: Path):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
     source = Path(tokenizer) if tokenizer is not None else model_dir
+    files = source.is_file() or any(
+        (source / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    if not files:
+        if tokenizer is not None:
+            raise FileNotFoundError(f"no tokenizer files in {source}")
+        return None
+    # Imported only when there is a tokenizer to read: transformers (and torch, where installed) is ~7 s of a
+    # command line run's start.
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     if source.is_file():
         return PreTrainedTokenizerFast(tokenizer_file=str(source))
-    if any((source / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        try:
-            # Explicit: left unset, transformers asks on a terminal whether to run a directory's own code.
-            return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
-        except ValueError as err:
-            if "auto_map" in _json_or_empty(source / "tokenizer_config.json"):
-                raise CheckpointError(
-                    f"{source / 'tokenizer_config.json'} asks for custom tokenizer code (auto_map); distprompt_jax "
-                    "never runs code shipped with a model. Pass tokenizer= a directory or tokenizer.json that "
-                    "a standard transformers tokenizer reads."
-                ) from err
-            raise
-    if tokenizer is not None:
-        raise FileNotFoundError(f"no tokenizer files in {source}")
-    return None
+    try:
+        # Explicit: left unset, transformers asks on a terminal whether to run a directory's own code.
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
+    except ValueError as err:
+        if "auto_map" in _json_or_empty(source / "tokenizer_config.json"):
+            raise CheckpointError(
+                f"{source / 'tokenizer_config.json'} asks for custom tokenizer code (auto_map); distprompt_jax "
+                "never runs code shipped with a model. Pass tokenizer= a directory or tokenizer.json that "
+                "a standard transformers tokenizer reads."
+            ) from err
+        raise
 
 
 def _json_or_empty(path: Path) -> dict:

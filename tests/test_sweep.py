@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,38 +71,46 @@ def finish(process, timeout=600):
     return process.returncode, out, err
 
 
-def test_run_writes_results_prompts_logs_and_report(experiment, tmp_path):
-    code, out, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path}"))
+@pytest.fixture(scope="module")
+def finished(experiment, tmp_path_factory) -> Path:
+    """The workdir of one finished run of the default config; tests that change it work on a copy."""
+    workdir = tmp_path_factory.mktemp("finished") / "run"
+    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={workdir}"))
     assert code == 0, err[-3000:]
-    results = pd.read_parquet(tmp_path / "results.parquet")
+    return workdir
+
+
+def test_run_writes_results_prompts_logs_and_report(experiment, finished, tmp_path):
+    workdir = shutil.copytree(finished, tmp_path / "run")
+    results = pd.read_parquet(workdir / "results.parquet")
     assert len(results) == 7
     for column in ("target_id", "kind", "target_entropy", "method", "model", "prompt_len", "kl", "steps", "recipe"):
         assert column in results.columns, column
     assert (results.method == "soft").all() and (results.steps == 20).all()
-    with np.load(tmp_path / "prompts" / "soft.npz") as prompts:
+    with np.load(workdir / "prompts" / "soft.npz") as prompts:
         assert prompts["prompt"].shape == (7, 3, 64)
         np.testing.assert_array_equal(prompts["target_id"], results.target_id)
     # The targets' own seed, steps, learning rate ... join under `target_`; the method's keep their names.
     assert {"target_seed", "target_max_steps", "target_learning_rate", "learning_rate"} <= set(results.columns)
     assert "seed" not in results.columns and "max_steps" not in results.columns
     # A sweep's method output is a PromptResults' files: it loads, with its KL history.
-    loaded = PromptResults.load(tmp_path, "soft")
+    loaded = PromptResults.load(workdir, "soft")
     assert loaded.method == "soft" and loaded.arrays["kl_path"].shape == (7, 4)  # 20 steps, every 5
     np.testing.assert_array_equal(loaded.columns["kl"], results.kl)
     np.testing.assert_array_equal(loaded.arrays["kl_path"][:, -1], results.kl)
-    run = json.loads((tmp_path / "run.json").read_text())
+    run = json.loads((workdir / "run.json").read_text())
     assert run["config"]["soft"]["max_steps"] == 20 and run["versions"]["jax"]
-    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (workdir / "log.jsonl").read_text().splitlines()]
     assert log and {"method", "segment", "steps", "mean_best", "active", "target_steps", "slot_steps"} <= set(log[0])
-    assert (tmp_path / "figures" / "kl_vs_entropy.png").stat().st_size > 10_000
-    assert (tmp_path / "figures" / "kl_vs_entropy.svg").is_file()
-    assert "mean KL" in (tmp_path / "report.md").read_text()
+    assert (workdir / "figures" / "kl_vs_entropy.png").stat().st_size > 10_000
+    assert (workdir / "figures" / "kl_vs_entropy.svg").is_file()
+    assert "mean KL" in (workdir / "report.md").read_text()
 
     # Finished: a rerun does nothing and says so.
-    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path}"))
+    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={workdir}"))
     assert code == 0 and "already holds the finished run" in err
     # A different config refuses to mix into this workdir.
-    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path}", "--config.soft.max_steps=30"))
+    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={workdir}", "--config.soft.max_steps=30"))
     assert code != 0 and "different config" in err and "soft.max_steps" in err
 
 
@@ -173,9 +182,8 @@ def test_a_second_run_on_a_busy_workdir_is_refused(experiment, tmp_path):
     assert not (tmp_path / "targets").exists()
 
 
-def test_leftovers_and_damaged_results_are_handled(experiment, tmp_path):
-    code, _, err = finish(distprompt(f"--config={experiment()}", f"--workdir={tmp_path}"))
-    assert code == 0, err[-3000:]
+def test_leftovers_and_damaged_results_are_handled(experiment, finished, tmp_path):
+    tmp_path = shutil.copytree(finished, tmp_path / "run")
     expected = pd.read_parquet(tmp_path / "results.parquet")
     done = tmp_path / "done" / "soft" / "00000000.npz"
     assert json.loads((tmp_path / "slots" / "soft.p0.json").read_text()) == {"slots": 4}
