@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -52,16 +53,29 @@ def check_round_trip(lm, path, targets, result, directory):
     np.testing.assert_allclose(np.sum(targets[1] * (np.log(targets[1]) - log_q)), result.columns["kl"][1], rtol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def found(tiny_hf_dir):
+    """family -> (model, its directory, 3 targets, a soft prompt and a prefix found for them): searched once per
+    family for the tests below (each search is a compile of its own)."""
+    @functools.cache
+    def get(family: str):
+        _, path = tiny_hf_dir(family)
+        lm = load_model(path)
+        targets = targets_for(lm, 3)
+        # 4 virtual tokens, 3 layers: an exported array with the two axes swapped has the wrong shape.
+        short = dict(prompt_len=4, max_steps=3, slots=4)
+        # A soft prompt alone (PEFT reads after its virtual tokens) and a prefix read by BOS (the default).
+        soft = soft_prompt(lm, targets, SoftPromptConfig(**short), with_bound=False)
+        prefix = prefix_prompt(lm, targets, PrefixPromptConfig(**short), with_bound=False)
+        return lm, path, targets, soft, prefix
+
+    return get
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_found_prompts_and_prefixes_load_in_peft_and_give_our_distribution(family, tiny_hf_dir, tmp_path):
-    _, path = tiny_hf_dir(family)
-    lm = load_model(path)
-    targets = targets_for(lm)
-    short = dict(prompt_len=3, max_steps=3, slots=2)
-    # A soft prompt alone (PEFT reads after its virtual tokens) and a prefix read by BOS (the default).
-    soft = soft_prompt(lm, targets, SoftPromptConfig(**short), with_bound=False)
+def test_found_prompts_and_prefixes_load_in_peft_and_give_our_distribution(family, found, tmp_path):
+    lm, path, targets, soft, prefix = found(family)
     check_round_trip(lm, path, targets, soft, tmp_path / "soft")
-    prefix = prefix_prompt(lm, targets, PrefixPromptConfig(**short), with_bound=False)
     check_round_trip(lm, path, targets, prefix, tmp_path / "prefix")
 
 
@@ -77,29 +91,26 @@ def test_fixed_suffixes_are_the_input_and_a_reparameterized_prefix_exports_its_k
     check_round_trip(lm, path, targets, prefix, tmp_path / "prefix")
 
 
-def test_one_directory_per_target_and_the_layout_peft_reads(tiny_hf_dir, tmp_path):
+def test_one_directory_per_target_and_the_layout_peft_reads(found, tmp_path):
     from safetensors.numpy import load_file
 
-    lm = load_model(tiny_hf_dir("llama")[1])  # grouped-query: 4 query heads, 2 key/value heads of 16
-    targets = targets_for(lm, 3)
-    prefix = prefix_prompt(lm, targets, PrefixPromptConfig(prompt_len=5, max_steps=2, slots=4), with_bound=False)
+    _, _, _, soft, prefix = found("llama")  # grouped-query: 4 query heads, 2 key/value heads of 16
     paths = prefix.save_peft(tmp_path / "prefixes", target_ids=[2, 0])
     assert paths == [tmp_path / "prefixes" / "target_2", tmp_path / "prefixes" / "target_0"]
     config = json.loads((paths[0] / "adapter_config.json").read_text())
     assert config["peft_type"] == "PREFIX_TUNING" and config["task_type"] == "CAUSAL_LM"
     assert (config["num_virtual_tokens"], config["num_layers"], config["num_attention_heads"], config["token_dim"]) \
-        == (5, 3, 2, 32)
+        == (4, 3, 2, 32)
     rows = load_file(str(paths[0] / "adapter_model.safetensors"))["prompt_embeddings"]
-    assert rows.shape == (5, 3 * 2 * 32) and rows.dtype == np.float32
+    assert rows.shape == (4, 3 * 2 * 32) and rows.dtype == np.float32
     # PEFT's view of a row: [n_layers * 2, n_kv_heads, head_dim], layer l's keys at 2l and values at 2l + 1
-    view = rows.reshape(5, 6, 2, 16)
+    view = rows.reshape(4, 6, 2, 16)
     np.testing.assert_array_equal(view[:, 2], prefix.arrays["keys"][2][1])
     np.testing.assert_array_equal(view[:, 5], prefix.arrays["values"][2][2])
     usage = json.loads((paths[0] / "distprompt.json").read_text())
     assert usage["target_id"] == 2 and usage["input_ids"] == [1] and usage["method"] == "prefix"
     assert usage["kl"] == pytest.approx(float(prefix.columns["kl"][2]))
 
-    soft = soft_prompt(lm, targets, SoftPromptConfig(prompt_len=4, max_steps=2, slots=4), with_bound=False)
     paths = soft.save_peft(tmp_path / "soft")  # every target
     assert [p.name for p in paths] == ["target_0", "target_1", "target_2"]
     config = json.loads((paths[1] / "adapter_config.json").read_text())
