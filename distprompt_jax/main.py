@@ -222,12 +222,10 @@ def unknown_override(path: str, argv: list[str]) -> str | None:
 
 def run():
     from distprompt_jax.flag_help import show_in_help
-    from distprompt_jax.platforms import skip_absent_tpu
 
     # Every flag this module defines, and the config file's (defined by ml_collections, so not among them).
     ours = [flag.name for flag in flags.FLAGS.get_flags_for_module(__name__)]
     show_in_help(__doc__, [*ours, _CONFIG.name])
-    skip_absent_tpu()  # before JAX starts a backend: no TPU probe where no TPU is
     app.run(main, flags_parser=parse_flags)
 
 

@@ -2,8 +2,8 @@
 
 With libtpu installed (the `[tpu]` extra, or the test extra for compile-only plans), JAX's first backend start
 asks libtpu for a TPU even where none is: ~0.1 s and five lines of libtpu warnings on every start of a CPU
-run (BUILD.md). A plan's compile-only TPU client does not need that backend. Entry points call
-`skip_absent_tpu()` before JAX starts its backends.
+run (BUILD.md). A plan's compile-only TPU client does not need that backend. Importing the package calls
+`skip_absent_tpu()` (distprompt_jax/__init__.py), before anything starts JAX's backends.
 """
 
 from __future__ import annotations

@@ -8,11 +8,10 @@ import jax
 import numpy as np
 import pytest
 
+# Importing the package starts JAX on the CPU where libtpu is installed (the test extra, for compile-only plans)
+# and no TPU chip is present (platforms.skip_absent_tpu).
 from distprompt_jax import compilation_cache
-from distprompt_jax.platforms import skip_absent_tpu
 
-# Tests run on the CPU: with libtpu installed (the test extra, for compile-only plans) no TPU backend is probed.
-skip_absent_tpu()
 # Four fake CPU devices, so sharded code paths run (and can be compared with one device) in every test.
 jax.config.update("jax_num_cpu_devices", 4)
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import pytest
@@ -141,6 +143,18 @@ def test_no_tpu_probe_where_no_tpu_chip_is(tmp_path):
     assert platforms.tpu_chips_present(tmp_path)
     environ = {"JAX_PLATFORMS": "cuda"}
     assert not platforms.skip_absent_tpu(environ) and environ == {"JAX_PLATFORMS": "cuda"}  # the user's choice
+
+
+def test_importing_the_package_starts_jax_on_the_cpu_without_asking_libtpu_for_a_tpu():
+    # libtpu comes with the test extra; on this TPU-less machine a plain `import jax` start probes for a TPU and
+    # prints libtpu's warnings. A notebook or script that imports the package first must not.
+    assert importlib.util.find_spec("libtpu") is not None and not platforms.tpu_chips_present()
+    env = {name: value for name, value in os.environ.items() if name != "JAX_PLATFORMS"}
+    program = "import distprompt_jax, jax, os; print(jax.devices()[0].platform, os.environ['JAX_PLATFORMS'])"
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).parent.parent, check=True)
+    assert run.stdout.split() == ["cpu", "cpu"]
+    assert "TPU" not in run.stderr, run.stderr[-2000:]
 
 
 def test_a_method_plans_do_not_cover_leaves_the_plan_incomplete():
