@@ -30,7 +30,7 @@ compilation_cache.enable()
 # this list.
 LONGEST_MODULES = (
     "test_real_searches.py", "test_hard.py", "test_real_models.py", "test_sweep.py", "test_prefix.py",
-    "test_soft.py", "test_kv_cache.py", "test_peft_export.py", "test_ladder.py", "test_bounds.py",
+    "test_soft.py", "test_notebook.py", "test_kv_cache.py", "test_peft_export.py", "test_ladder.py", "test_bounds.py",
     "test_targets_generated.py",
 )
 
