@@ -1,6 +1,6 @@
 """distprompt: run a distribution-prompting experiment, or check a model.
 
-    distprompt --config=configs/quickstart.py --workdir=runs/quick [--config.soft.max_steps=300 ...]
+    distprompt --config=configs/quickstart.py --workdir=runs/quick [--config.prefix.max_steps=300 ...]
         runs (or resumes) an experiment and writes its results and report into the workdir; any config field
         can be overridden with --config.<section>.<field>=value;
     distprompt --config=configs/entropy_sweep.py --plan=v5e-256 [--plan_json=plan.json]

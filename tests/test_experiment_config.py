@@ -37,7 +37,7 @@ EXPECTED_SECTIONS = {
     "pod_entropy_sweep": {"soft": dict(slots=432, shard_params=True), "hard": dict(shard_params=True),
                           "bound": dict(support=8192, slots=1024, shard_params=True)},
     "prompt_length": {"soft": dict(max_steps=150)},
-    "quickstart": {"soft": dict(max_steps=200)},
+    "quickstart": {"prefix": dict(max_steps=150)},
 }
 
 

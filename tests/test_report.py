@@ -109,7 +109,7 @@ def test_report_opens_with_found_kl_against_the_bound(tmp_path):
 
 
 def test_the_found_vs_bound_lines_follow_an_inverted_u_of_24_targets(tmp_path, monkeypatch):
-    """The quickstart's 24 targets: the bound rises and falls with entropy; its line must too, not join two bins."""
+    """Over 24 targets the bound rises and falls with entropy; its line must too, not join two bins."""
     entropy = np.linspace(0, 10.8, 24)
     bound = 3.7 * np.sin(np.pi * entropy / 10.8)
     gaps = pd.DataFrame({"target_id": np.arange(24), "method": "soft", "target_entropy": entropy,
