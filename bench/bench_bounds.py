@@ -64,6 +64,16 @@ def scipy_bound(w: np.ndarray, b: np.ndarray, p: np.ndarray, h0: np.ndarray) -> 
     return float(kl), seconds, int(result.nit)
 
 
+def bound_run(lm, probs: np.ndarray, config, on_slots=None):
+    """(the results, the host's certificate seconds summed over its threads): what `unembedding_bound` does,
+    keeping the method to read its host time; `on_slots` is told the pool's size."""
+    from distprompt_jax.bounds import BoundMethod
+    from distprompt_jax.prompting.engine import run_method
+
+    method = BoundMethod(lm, config)
+    return run_method(method, lm, probs, on_finished=method.finished, on_slots=on_slots), method.host_seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -78,14 +88,8 @@ def main() -> None:
     import jax
 
     from distprompt_jax import load_model
-    from distprompt_jax.bounds import BoundConfig, BoundMethod, norm_bound_estimate
-    from distprompt_jax.prompting.engine import run_method
+    from distprompt_jax.bounds import BoundConfig, norm_bound_estimate
     from distprompt_jax.results import PromptResults
-
-    def bound(lm, probs, config):
-        """What `unembedding_bound` does, keeping the method to read its host time."""
-        method = BoundMethod(lm, config)
-        return run_method(method, lm, probs, on_finished=method.finished), method.host_seconds
 
     lm = load_model(args.model)
     sigmas = [float(s) for s in args.sigmas.split(",")]
@@ -94,10 +98,10 @@ def main() -> None:
     config = BoundConfig(**overrides)
     load = os.getloadavg()
     start, cpu = time.perf_counter(), time.process_time()
-    result, first_host = bound(lm, probs, config)
+    result, first_host = bound_run(lm, probs, config)
     seconds, first_cpu = time.perf_counter() - start, time.process_time() - cpu
     start, cpu = time.perf_counter(), time.process_time()
-    _, warm_host = bound(lm, probs, config)
+    _, warm_host = bound_run(lm, probs, config)
     warm, warm_cpu = time.perf_counter() - start, time.process_time() - cpu
     table = result.to_pandas()
     table["sigma"] = sigma

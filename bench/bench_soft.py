@@ -128,15 +128,33 @@ def problem_kl(problem, params, v, p):
     return kl_from_logits(p, problem.logits(params, v), safe_log(p))
 
 
+def frozen_hf_model(dtype: str = "float32", device: str = "cpu"):
+    """The same GGUF as `load_model(MODEL)` in HF PyTorch, in `dtype` on `device`, weights frozen (the gradient
+    goes to the prompt only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distprompt_jax.checkpoints import registry
+
+    gguf = registry.fetch(MODEL)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+    hf = hf.to(device).eval()
+    for param in hf.parameters():
+        param.requires_grad_(False)
+    return hf
+
+
 def torch_steps(hf, targets: np.ndarray, steps: int, embed_std: float):
-    """Adam on inputs_embeds for a batch of targets (a batch of one: the per-target loop)."""
+    """Adam on inputs_embeds for a batch of targets (a batch of one: the per-target loop), on hf's device and in
+    its dtype."""
     import torch
 
-    p = torch.as_tensor(targets)
+    p = torch.as_tensor(targets, device=hf.device)
     log_p = torch.log(torch.where(p > 0, p, torch.ones_like(p)))
 
     def run():
-        x = (embed_std * torch.randn(len(targets), 10, hf.config.hidden_size)).requires_grad_(True)
+        x = embed_std * torch.randn(len(targets), 10, hf.config.hidden_size, device=hf.device, dtype=hf.dtype)
+        x.requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=0.1)
         for _ in range(steps):
             optimizer.zero_grad()
@@ -144,12 +162,15 @@ def torch_steps(hf, targets: np.ndarray, steps: int, embed_std: float):
             loss = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum()
             loss.backward()
             optimizer.step()
+        if x.is_cuda:  # CUDA runs asynchronously: the timer must wait for the last step
+            torch.cuda.synchronize()
 
     return run
 
 
-def matmul_peak_flops(config, n_targets: int, repeats: int = 10) -> float:
-    """The machine's dense float32 matmul peak: the fastest run of the fastest of a few shapes.
+def matmul_peak_flops(config, n_targets: int, repeats: int = 10, dtype=jnp.float32) -> float:
+    """The machine's dense matmul peak in `dtype` (float32 by default): the fastest run of the fastest of a few
+    shapes.
 
     Peak is a maximum, so the best run counts, not the median; and a single square size can miss the
     fastest path of the BLAS, which then reads as MFU above 100%. The shapes: squares, and the model's own
@@ -161,7 +182,7 @@ def matmul_peak_flops(config, n_targets: int, repeats: int = 10) -> float:
     dot = jax.jit(lambda a, b: a @ b)
     best = 0.0
     for m, k, n in shapes:
-        a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+        a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
         jax.block_until_ready(dot(a, b))
         for _ in range(repeats):
             start = time.perf_counter()
@@ -219,19 +240,14 @@ def main():
         return
 
     import torch
-    from transformers import AutoModelForCausalLM
 
     from distprompt_jax import load_model
-    from distprompt_jax.checkpoints import registry
 
     torch.set_num_threads(os.cpu_count())
     print(f"# {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.devices()[0].platform}), "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, load {os.getloadavg()[0]:.2f}\n")
     lm = load_model(MODEL)
-    gguf = registry.fetch(MODEL)
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    for param in hf.parameters():
-        param.requires_grad_(False)
+    hf = frozen_hf_model()
     embed_std = float(jnp.std(lm.embedding_matrix(lm.params)))
     sizes = [int(s) for s in args.sizes.split(",")]
     peak = matmul_peak_flops(lm.config, max(sizes))
